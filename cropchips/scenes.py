@@ -1,0 +1,224 @@
+"""Scene search: Sentinel-2 L2A items from a STAC API (one search per grid) or a local items file."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, time, timezone
+from pathlib import Path
+from typing import Any
+
+import shapely
+from shapely.geometry import box, shape
+
+from .errors import ConfigError, InputDataError, SceneSearchError
+from .messages import SCENE_ASSETS, Cell, MessageError, Scene
+
+log = logging.getLogger(__name__)
+
+#: Earth Search v1 asset keys (``sentinel-2-l2a`` and ``sentinel-2-c1-l2a``) for each band.
+EARTH_SEARCH_KEYS: dict[str, str] = {
+    "B02": "blue", "B03": "green", "B04": "red", "B08": "nir",
+    "B05": "rededge1", "B06": "rededge2", "B07": "rededge3", "B8A": "nir08",
+    "B11": "swir16", "B12": "swir22", "SCL": "scl",
+}
+
+
+# --------------------------------------------------------------------------- datetime
+
+
+def parse_datetime_range(text: str) -> tuple[datetime | None, datetime | None]:
+    """Parse ``start/end`` (dates or ISO datetimes, ``..`` for open) or a single date.
+
+    A date-only end is inclusive (the whole day). Raises ConfigError with an example.
+    """
+    def one(part: str, end: bool) -> datetime | None:
+        part = part.strip()
+        if part in ("", ".."):
+            return None
+        try:
+            if len(part) == 10:
+                day = datetime.strptime(part, "%Y-%m-%d").date()
+                return datetime.combine(day, time.max if end else time.min, tzinfo=timezone.utc)
+            value = datetime.fromisoformat(part.replace("Z", "+00:00"))
+        except ValueError:
+            raise ConfigError(f"--datetime {text!r}: {part!r} is not a date; use YYYY-MM-DD/YYYY-MM-DD, "
+                              "e.g. 2023-05-15/2023-06-30 (ISO datetimes and '..' for an open end work too)") from None
+        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError("--datetime is empty; use e.g. 2023-05-15/2023-06-30")
+    parts = text.split("/")
+    if len(parts) == 1:
+        return one(parts[0], False), one(parts[0], True)
+    if len(parts) != 2:
+        raise ConfigError(f"--datetime {text!r} has more than one '/'; use START/END, e.g. 2023-05-15/2023-06-30")
+    start, end = one(parts[0], False), one(parts[1], True)
+    if start is None and end is None:
+        raise ConfigError("--datetime '../..' selects everything; give at least one end")
+    if start and end and start > end:
+        raise ConfigError(f"--datetime {text!r}: start is after end")
+    return start, end
+
+
+def item_datetime(item: dict[str, Any]) -> datetime:
+    props = item.get("properties", {})
+    raw = props.get("datetime") or props.get("start_datetime")
+    if not raw:
+        raise InputDataError(f"item {item.get('id')!r} has no datetime")
+    value = datetime.fromisoformat(str(raw).replace("Z", "+00:00"))
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+# --------------------------------------------------------------------------- items -> scenes
+
+
+def item_epsg(item: dict[str, Any]) -> int:
+    """The item's EPSG code from ``proj:epsg`` or ``proj:code`` (item or asset level)."""
+    places = [item.get("properties", {})] + [a for a in item.get("assets", {}).values() if isinstance(a, dict)]
+    for place in places:
+        if place.get("proj:epsg"):
+            return int(place["proj:epsg"])
+        code = place.get("proj:code")
+        if isinstance(code, str) and code.upper().startswith("EPSG:"):
+            return int(code.split(":", 1)[1])
+    raise InputDataError(f"item {item.get('id')!r} has neither proj:epsg nor proj:code; cannot tell its UTM zone")
+
+
+def _asset(item: dict[str, Any], band: str) -> dict[str, Any] | None:
+    assets = item.get("assets", {})
+    # Earth Search names (blue, ..., scl) first, then the band names some catalogues use.
+    # Keys ending in -jp2 (JPEG2000 duplicates in sentinel-2-l2a) are never used.
+    for key in (EARTH_SEARCH_KEYS[band], band, band.lower()):
+        if key in assets:
+            return assets[key]
+    return None
+
+
+def scene_from_item(item: dict[str, Any]) -> Scene:
+    """Normalise an Earth Search-shaped STAC item (dict) to a :class:`Scene`."""
+    item_id = item.get("id")
+    assets: dict[str, str] = {}
+    offsets: dict[str, float] = {}
+    missing = []
+    for band in SCENE_ASSETS:
+        asset = _asset(item, band)
+        if asset is None or not asset.get("href"):
+            missing.append(EARTH_SEARCH_KEYS[band])
+            continue
+        assets[band] = asset["href"]
+        bands = asset.get("raster:bands") or []
+        if bands and isinstance(bands[0], dict) and bands[0].get("offset") is not None:
+            offsets[band] = float(bands[0]["offset"])
+    if missing:
+        raise InputDataError(f"item {item_id!r} lacks assets {missing}; is it a Sentinel-2 L2A item?")
+    props = item.get("properties", {})
+    try:
+        return Scene(
+            id=str(item_id), collection=str(item.get("collection") or ""), datetime=item_datetime(item).isoformat().replace("+00:00", "Z"),
+            cloud_cover=props.get("eo:cloud_cover"), epsg=item_epsg(item), assets=assets,
+            bbox=tuple(item["bbox"]) if item.get("bbox") else None,
+            processing_baseline=props.get("s2:processing_baseline"), offsets=offsets)
+    except MessageError as exc:
+        raise InputDataError(f"item {item_id!r} cannot be used: {exc}") from exc
+
+
+def footprint(item: dict[str, Any]) -> shapely.Geometry:
+    if item.get("geometry"):
+        return shape(item["geometry"])
+    bbox = item.get("bbox")
+    if bbox:
+        # A 3-D bbox is (minx, miny, minz, maxx, maxy, maxz).
+        return box(bbox[0], bbox[1], bbox[3], bbox[4]) if len(bbox) == 6 else box(*bbox)
+    raise InputDataError(f"item {item.get('id')!r} has no geometry or bbox")
+
+
+@dataclass(frozen=True)
+class SceneFootprint:
+    """A scene and its footprint polygon (EPSG:4326), for cell intersection."""
+
+    scene: Scene
+    geometry: shapely.Geometry
+
+
+def to_scenes(items: Iterable[dict[str, Any]]) -> list[SceneFootprint]:
+    out = [SceneFootprint(scene_from_item(item), footprint(item)) for item in items]
+    out.sort(key=lambda s: (s.scene.datetime, s.scene.id))
+    return out
+
+
+def scenes_for_cell(cell: Cell, scenes: Sequence[SceneFootprint]) -> list[Scene]:
+    """Scenes whose footprint intersects the cell, oldest first."""
+    cell_box = box(*cell.bbox)
+    return [s.scene for s in scenes if s.geometry.intersects(cell_box)]
+
+
+# --------------------------------------------------------------------------- search
+
+
+def filter_items(items: Iterable[dict[str, Any]], *, collection: str | None, bbox: Sequence[float],
+                 datetime_range: str, max_cloud: float) -> list[dict[str, Any]]:
+    """Apply the STAC search's filters locally (for ``--stac-items``)."""
+    start, end = parse_datetime_range(datetime_range)
+    area = box(*bbox)
+    kept = []
+    for item in items:
+        if collection and item.get("collection") not in (None, collection):
+            continue
+        when = item_datetime(item)
+        if (start and when < start) or (end and when > end):
+            continue
+        cloud = item.get("properties", {}).get("eo:cloud_cover")
+        if cloud is not None and not float(cloud) < max_cloud:
+            continue
+        if not footprint(item).intersects(area):
+            continue
+        kept.append(item)
+    return kept
+
+
+def load_items_file(path: str | Path) -> list[dict[str, Any]]:
+    """Items of a local STAC ItemCollection / FeatureCollection JSON (or a single Item)."""
+    p = Path(path)
+    if not p.exists():
+        raise InputDataError(f"STAC items file not found: {p}")
+    try:
+        doc = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputDataError(f"cannot read STAC items from {p}: {exc}") from exc
+    if isinstance(doc, dict) and doc.get("type") == "FeatureCollection":
+        items = doc.get("features", [])
+    elif isinstance(doc, dict) and doc.get("type") == "Feature":
+        items = [doc]
+    elif isinstance(doc, list):
+        items = doc
+    else:
+        raise InputDataError(f"{p} is not a STAC ItemCollection/FeatureCollection (type {doc.get('type') if isinstance(doc, dict) else type(doc).__name__})")
+    return [i for i in items if isinstance(i, dict)]
+
+
+def search_stac(api_url: str, *, collection: str, bbox: Sequence[float], datetime_range: str, max_cloud: float,
+                timeout: float = 60.0, page_size: int = 100) -> list[dict[str, Any]]:
+    """One paginated search for the whole grid; HTTP retries are left to pystac-client (urllib3 Retry)."""
+    from pystac_client import Client
+    from pystac_client.stac_api_io import StacApiIO
+    from urllib3.util.retry import Retry
+
+    parse_datetime_range(datetime_range)  # fail early with a readable message
+    # Retries with exponential backoff for 5xx and throttling answers, a bounded number of times.
+    # A refused connection is retried less: an unreachable API should fail fast with a clear message.
+    retry = Retry(total=5, connect=2, backoff_factor=1.0, status_forcelist=(429, 500, 502, 503, 504),
+                  allowed_methods=None, respect_retry_after_header=True)
+    try:
+        client = Client.open(api_url, stac_io=StacApiIO(max_retries=retry, timeout=timeout))
+        search = client.search(collections=[collection], bbox=list(bbox), datetime=datetime_range,
+                               query={"eo:cloud_cover": {"lt": max_cloud}}, limit=page_size)
+        items = list(search.items_as_dicts())
+    except Exception as exc:  # APIError (also wraps connection errors), requests/urllib3 errors, bad JSON
+        raise SceneSearchError(
+            f"cannot search the STAC API {api_url} ({exc.__class__.__name__}: {exc}); "
+            "check --stac-api and the network, or pass a local --stac-items file") from exc
+    log.info("STAC search at %s: %d items in %s, cloud < %s%%", api_url, len(items), datetime_range, max_cloud)
+    return items

@@ -1,0 +1,64 @@
+"""Shared fixtures: the real reference data in ../shared/data, a real Kafka-protocol broker, a sample area."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def shared_data(*parts: str) -> Path:
+    """Path into ../shared/data; skip when it is absent (a user's clone), fail in CI where it must exist."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        if IN_CI:
+            pytest.fail(f"{path} is missing, and CI=true requires the shared reference data")
+        pytest.skip(f"{path} not present (the shared reference data sits beside the checkout in CI)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def broker():
+    """A real Kafka-protocol broker (Tansu) on a free loopback port, for the whole session."""
+    from cropchips.embedded_broker import EmbeddedBroker
+
+    with EmbeddedBroker() as running:
+        yield running
+
+
+_counter = itertools.count()
+
+
+@pytest.fixture
+def topics(broker):
+    """Fresh topic names and group id for one test, created with the right partition counts."""
+    from cropchips.kafka_io import KafkaSettings, ensure_topics
+
+    n = next(_counter)
+    names = {"tasks": f"tasks-{n}", "results": f"results-{n}", "dlq": f"dlq-{n}", "group": f"workers-{n}"}
+    ensure_topics(KafkaSettings(broker.bootstrap_servers),
+                  {names["tasks"]: 10, names["results"]: 1, names["dlq"]: 1})
+    return names
+
+
+@pytest.fixture(scope="session")
+def sample_area(tmp_path_factory):
+    from cropchips.sample import generate_sample
+
+    return generate_sample(tmp_path_factory.mktemp("sample"))
+
+
+def run_script(name: str, *args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run one of the top-level scripts the way a user does."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, str(REPO / name), *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=REPO)

@@ -1,0 +1,95 @@
+"""Message schemas: round trips, determinism, and readable rejection of bad messages."""
+
+import json
+
+import pytest
+
+from cropchips.errors import MessageError
+from cropchips.messages import (BANDS, SCENE_ASSETS, ChipRecord, Cell, Result, RunHeader, Scene, Task, check_safe_id,
+                                decode, encode)
+
+
+def make_scene(scene_id="S2A_30SUG_20230520_0_L2A", **over):
+    fields = dict(id=scene_id, collection="sentinel-2-l2a", datetime="2023-05-20T11:00:00Z", cloud_cover=3.5,
+                  epsg=32630, assets={b: f"https://example.com/{scene_id}/{b}.tif" for b in SCENE_ASSETS},
+                  bbox=(-6.0, 37.0, -4.8, 38.0), processing_baseline="05.09", offsets={"B02": -0.1})
+    fields.update(over)
+    return Scene(**fields)
+
+
+def make_task(run_id="run-1"):
+    cell = Cell(id="gabc123-r000-c001", row=0, col=1, bbox=(-5.75, 37.2, -5.7, 37.25))
+    scenes = (make_scene(),)
+    return Task(run_id=run_id, task_id=Task.make_id(cell, scenes), cell=cell, scenes=scenes)
+
+
+def test_band_order_is_the_seed_order():
+    assert BANDS == ("B02", "B03", "B04", "B08", "B05", "B06", "B07", "B8A", "B11", "B12")
+
+
+def test_task_round_trip_and_deterministic_bytes():
+    task = make_task()
+    raw = encode(task)
+    assert decode(raw) == task
+    assert encode(decode(raw)) == raw
+    assert json.loads(raw)["type"] == "task" and json.loads(raw)["schema_version"] == 1
+
+
+def test_task_id_ignores_run_but_follows_scenes():
+    a, b = make_task("run-1"), make_task("run-2")
+    assert a.task_id == b.task_id
+    other = Task.make_id(a.cell, (make_scene("S2B_30SUG_20230525_0_L2A"),))
+    assert other != a.task_id and other.startswith(a.cell.id)
+
+
+def test_result_and_header_round_trip():
+    chip = ChipRecord(name="c-chip00", image="images/c-chip00.tif", mask="masks/c-chip00.tif", crs="EPSG:32630",
+                      bounds=(0.0, 0.0, 10.0, 10.0), class_pixels={"0": 5, "5": 95}, field_id="7")
+    result = Result(run_id="run-1", task_id="t-1", cell_id="c", worker_id="1@host", status="ok", chips=(chip,),
+                    scenes_used=("S",), seconds={"total": 1.5})
+    assert decode(encode(result)) == result
+    assert result.class_pixels() == {0: 5, 5: 95}
+    header = RunHeader(run_id="run-1", task_count=3, created_at="2026-01-01T00:00:00Z", cells_dropped={"x": 1})
+    assert decode(encode(header)) == header
+
+
+@pytest.mark.parametrize("raw, needle", [
+    (b"{not json", "not valid JSON"),
+    (b"[1, 2]", "JSON object"),
+    (json.dumps({"type": "task", "schema_version": 99}).encode(), "unsupported schema_version 99"),
+    (json.dumps({"type": "weird", "schema_version": 1}).encode(), "unknown message type"),
+    (json.dumps({"type": "result", "schema_version": 1, "run_id": "r", "task_id": "t", "cell_id": "c",
+                 "worker_id": "w", "status": "great"}).encode(), "status must be one of"),
+])
+def test_bad_messages_are_rejected_with_a_reason(raw, needle):
+    with pytest.raises(MessageError, match=needle):
+        decode(raw)
+
+
+def test_task_with_traversal_cell_id_is_rejected():
+    body = json.loads(encode(make_task()))
+    body["cell"]["id"] = "../../etc"
+    with pytest.raises(MessageError, match="not a safe identifier"):
+        decode(json.dumps(body).encode())
+
+
+def test_task_with_unknown_field_or_missing_asset_is_rejected():
+    body = json.loads(encode(make_task()))
+    body["surprise"] = 1
+    with pytest.raises(MessageError, match="unknown fields"):
+        decode(json.dumps(body).encode())
+    body = json.loads(encode(make_task()))
+    del body["scenes"][0]["assets"]["SCL"]
+    with pytest.raises(MessageError, match="lacks assets"):
+        decode(json.dumps(body).encode())
+
+
+@pytest.mark.parametrize("value", ["", "..", "a/b", "/abs", "a..b", ".hidden", "x" * 200, None, 5])
+def test_unsafe_ids(value):
+    with pytest.raises(MessageError):
+        check_safe_id(value, "id")
+
+
+def test_bad_cell_bbox():
+    with pytest.raises(MessageError, match="not a valid lon/lat box"):
+        Cell(id="c", row=0, col=0, bbox=(1.0, 1.0, 0.0, 2.0))

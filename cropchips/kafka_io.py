@@ -1,0 +1,167 @@
+"""Kafka plumbing: connection settings, waiting for the broker, topics, producers and consumers.
+
+Works against any Kafka-protocol broker (Redpanda, Apache Kafka, the embedded Tansu).
+Known broker differences are handled here, in one place (see docs in the README):
+
+* Touching an unknown topic may auto-create it with the wrong partition count, so
+  topics are created explicitly before any producer or consumer uses them, and
+  consumers never auto-create.
+* Some brokers answer "latest offset" look-ups wrongly; nothing here relies on them.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+from .errors import BrokerError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    """How to reach the broker."""
+
+    bootstrap_servers: str
+    """Comma-separated host:port list."""
+    client_id: str = "cropchips"
+    """Client id shown in broker logs."""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    """Further kafka-python client settings (security, timeouts)."""
+
+    @property
+    def servers(self) -> list[str]:
+        return [s.strip() for s in self.bootstrap_servers.split(",") if s.strip()]
+
+    def client_config(self) -> dict[str, Any]:
+        return {"bootstrap_servers": self.servers, "client_id": self.client_id, **self.extra}
+
+
+def backoff_delays(base: float = 0.5, cap: float = 10.0) -> Iterable[float]:
+    """Exponential backoff with full jitter: 0.5, 1, 2, ... capped, each randomised."""
+    attempt = 0
+    while True:
+        yield random.uniform(base, min(cap, base * 2**attempt))
+        attempt += 1
+
+
+def connect(factory: Callable[..., T], settings: KafkaSettings, wait: float) -> T:
+    """Call ``factory(bootstrap_timeout_ms=...)`` until the broker answers, with logged backoff.
+
+    Gives up after ``wait`` seconds with a BrokerError that says what to check.
+    """
+    deadline = time.monotonic() + wait
+    delays = backoff_delays()
+    while True:
+        # Each attempt is bounded so the total stays near ``wait`` (kafka-python's own default is 30 s).
+        attempt_ms = int(1000 * min(10.0, max(1.0, deadline - time.monotonic())))
+        try:
+            return factory(bootstrap_timeout_ms=attempt_ms)
+        except (KafkaError, OSError) as exc:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BrokerError(
+                    f"cannot reach the Kafka broker at {settings.bootstrap_servers} ({exc.__class__.__name__}); "
+                    "check --bootstrap-servers, that the broker runs, and the firewall (port 9092)"
+                ) from exc
+            delay = min(next(delays), remaining)
+            log.warning("broker %s not reachable (%s); retrying in %.1f s", settings.bootstrap_servers,
+                        exc.__class__.__name__, delay)
+            time.sleep(delay)
+
+
+def admin_client(settings: KafkaSettings, wait: float = 60.0) -> KafkaAdminClient:
+    """An admin client, retrying with backoff until the broker answers or ``wait`` runs out."""
+    return connect(lambda **kw: KafkaAdminClient(**settings.client_config(), request_timeout_ms=10000, **kw),
+                   settings, wait)
+
+
+def ensure_topics(settings: KafkaSettings, partitions: Mapping[str, int], wait: float = 60.0) -> list[str]:
+    """Create the topics that do not exist yet; return the ones created.
+
+    Existing topics are left alone (their partition count is not changed).
+    """
+    admin = admin_client(settings, wait)
+    try:
+        existing = set(admin.list_topics())
+        missing = [NewTopic(name, num_partitions=n, replication_factor=1) for name, n in partitions.items()
+                   if name not in existing]
+        created = []
+        for topic in missing:
+            try:
+                admin.create_topics([topic])
+                created.append(topic.name)
+                log.info("created topic %s with %d partitions", topic.name, topic.num_partitions)
+            except TopicAlreadyExistsError:
+                pass  # another process created it first: fine
+        return created
+    finally:
+        admin.close()
+
+
+def make_producer(settings: KafkaSettings, wait: float = 60.0) -> KafkaProducer:
+    """A producer that waits for all in-sync replicas (acks=all) and retries sends."""
+    return connect(lambda **kw: KafkaProducer(
+        **settings.client_config(),
+        **kw,
+        acks="all",
+        retries=5,
+        linger_ms=5,
+        # One request in flight keeps per-partition order even when a send is retried.
+        max_in_flight_requests_per_connection=1,
+    ), settings, wait)
+
+
+def make_consumer(settings: KafkaSettings, *, group_id: str | None, wait: float = 60.0,
+                  **overrides: Any) -> KafkaConsumer:
+    """A consumer with manual commits that never auto-creates topics."""
+    config: dict[str, Any] = dict(
+        **settings.client_config(),
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        allow_auto_create_topics=False,
+        # kafka-python 3 defaults to a 45 s session (first join ~23 s); 10 s detects a
+        # dead worker quickly while tolerating a stalled machine.
+        session_timeout_ms=10000,
+        heartbeat_interval_ms=1500,
+        fetch_max_wait_ms=100,
+    )
+    config.update(overrides)
+    return connect(lambda **kw: KafkaConsumer(**config, **kw), settings, wait)
+
+
+def read_topic(settings: KafkaSettings, topic: str, *, idle_s: float = 1.0, timeout_s: float = 30.0) -> list[Any]:
+    """Every record of ``topic`` from the start, until nothing new arrives for ``idle_s``.
+
+    For tests and administration; uses no consumer group and commits nothing.
+    """
+    from kafka import TopicPartition
+
+    consumer = make_consumer(settings, group_id=None)
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        records: list[Any] = []
+        deadline = time.monotonic() + timeout_s
+        last = time.monotonic()
+        while time.monotonic() < deadline and time.monotonic() - last < idle_s:
+            batch = consumer.poll(timeout_ms=200)
+            for recs in batch.values():
+                records.extend(recs)
+                last = time.monotonic()
+        return records
+    finally:
+        consumer.close()

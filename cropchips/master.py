@@ -1,0 +1,168 @@
+"""The master: grid the area, count fields per cell, find scenes once, publish one task per useful cell."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .errors import BrokerError, InputDataError
+from .fields import open_layer, read_points
+from .grid import Grid
+from .kafka_io import KafkaSettings, ensure_topics, make_producer
+from .messages import RunHeader, Task, encode
+from .scenes import filter_items, load_items_file, parse_datetime_range, scenes_for_cell, search_stac, to_scenes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MasterOptions:
+    """Everything the master needs; built by ``master.py`` from flags and environment."""
+
+    gpkg: str
+    """EuroCrops GeoPackage."""
+    grid: Grid
+    """The area to process."""
+    layer: str | None = None
+    """GeoPackage layer (None: the first with EuroCrops columns)."""
+    min_polygons: int = 5
+    """Cells with fewer polygons are not published."""
+    stac_api: str | None = "https://earth-search.aws.element84.com/v1"
+    """STAC API to search (ignored when ``stac_items`` is set)."""
+    stac_items: str | None = None
+    """Local ItemCollection JSON to use instead of the API."""
+    collection: str = "sentinel-2-l2a"
+    """STAC collection."""
+    datetime: str = "2023-05-15/2023-06-30"
+    """Date range START/END."""
+    max_cloud: float = 10.0
+    """Scenes with ``eo:cloud_cover`` >= this percentage are not used."""
+    kafka: KafkaSettings = field(default_factory=lambda: KafkaSettings("localhost:9092"))
+    """Broker connection."""
+    tasks_topic: str = "satellite-tasks"
+    """Topic for tasks."""
+    results_topic: str = "satellite-results"
+    """Topic for the run header (workers publish results there too)."""
+    dlq_topic: str = "satellite-tasks-dlq"
+    """Dead-letter topic, created with the others."""
+    tasks_partitions: int = 10
+    """Partitions of the tasks topic when it is created."""
+    run_id: str | None = None
+    """Run identifier (None: generated from the time)."""
+    broker_wait_s: float = 60.0
+    """How long to wait for an unreachable broker."""
+
+
+@dataclass
+class Plan:
+    """What the master will publish."""
+
+    run_id: str
+    tasks: list[Task]
+    cells_total: int
+    dropped: Counter
+    polygons: int
+    scenes: int
+
+    def header(self, params: dict[str, Any]) -> RunHeader:
+        return RunHeader(run_id=self.run_id, task_count=len(self.tasks),
+                         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+                         cells_total=self.cells_total, cells_dropped=dict(self.dropped), params=params)
+
+
+def new_run_id() -> str:
+    return f"run-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(2)}"
+
+
+def make_plan(options: MasterOptions) -> Plan:
+    """Read the GeoPackage and the scenes and build the tasks; nothing is published.
+
+    Raises a CropChipsError subclass with a readable message for every bad input.
+    """
+    grid = options.grid
+    parse_datetime_range(options.datetime)  # a bad --datetime fails before any I/O
+    layer = open_layer(options.gpkg, options.layer)
+    lon, lat = read_points(layer, grid.bbox)
+    counts = grid.count(lon, lat)
+    log.info("%d polygons in the grid bbox %s of %s (layer %s)", int(counts.sum()), grid.bbox, options.gpkg,
+             layer.layer)
+    dropped: Counter = Counter()
+    kept = []
+    for cell in grid.cells():
+        if counts[cell.row, cell.col] >= options.min_polygons:
+            kept.append(cell)
+        else:
+            dropped["too_few_polygons"] += 1
+    if not kept:
+        raise InputDataError(
+            f"no cell of the {grid.x_cells}x{grid.y_cells} grid at {grid.bbox} has at least {options.min_polygons} "
+            f"polygons (most in one cell: {int(counts.max())}, total {int(counts.sum())}). Check --start-x/--start-y "
+            "(south-west corner, degrees), --grid-step and that the GeoPackage covers the area, or lower --min-polygons.")
+    log.info("kept %d of %d cells; dropped %d with fewer than %d polygons", len(kept), grid.x_cells * grid.y_cells,
+             dropped["too_few_polygons"], options.min_polygons)
+
+    if options.stac_items:
+        items = filter_items(load_items_file(options.stac_items), collection=options.collection, bbox=grid.bbox,
+                             datetime_range=options.datetime, max_cloud=options.max_cloud)
+        log.info("%d items from %s match the grid, %s and cloud < %s%%", len(items), options.stac_items,
+                 options.datetime, options.max_cloud)
+    else:
+        if not options.stac_api:
+            raise InputDataError("give --stac-api or --stac-items")
+        items = search_stac(options.stac_api, collection=options.collection, bbox=grid.bbox,
+                            datetime_range=options.datetime, max_cloud=options.max_cloud)
+    scenes = to_scenes(items)
+    if not scenes:
+        raise InputDataError(
+            f"no {options.collection} scene covers {grid.bbox} in {options.datetime} with cloud cover < "
+            f"{options.max_cloud}%. Widen --datetime, raise --max-cloud or check --collection.")
+
+    run_id = options.run_id or new_run_id()
+    tasks = []
+    for cell in kept:
+        cell_scenes = scenes_for_cell(cell, scenes)
+        if not cell_scenes:
+            log.warning("cell %s: no scene covers it; its task will report no_scenes", cell.id)
+        tasks.append(Task(run_id=run_id, task_id=Task.make_id(cell, cell_scenes), cell=cell, scenes=tuple(cell_scenes)))
+    return Plan(run_id=run_id, tasks=tasks, cells_total=grid.x_cells * grid.y_cells, dropped=dropped,
+                polygons=int(counts.sum()), scenes=len(scenes))
+
+
+def record_params(options: MasterOptions) -> dict[str, Any]:
+    params = asdict(options)
+    params["kafka"] = {"bootstrap_servers": options.kafka.bootstrap_servers}
+    params["gpkg"] = str(Path(options.gpkg))
+    return params
+
+
+def publish(plan: Plan, options: MasterOptions) -> None:
+    """Publish every task (acks=all), then the run header; raise BrokerError if any send failed."""
+    ensure_topics(options.kafka, {options.tasks_topic: options.tasks_partitions, options.results_topic: 1,
+                                  options.dlq_topic: 1}, wait=options.broker_wait_s)
+    producer = make_producer(options.kafka, wait=options.broker_wait_s)
+    failures = []
+    try:
+        futures = [(task, producer.send(options.tasks_topic, key=task.cell.id.encode(), value=encode(task)))
+                   for task in plan.tasks]
+        producer.flush(timeout=60)
+        for task, future in futures:
+            try:
+                future.get(timeout=30)
+            except Exception as exc:
+                failures.append(f"{task.task_id}: {exc}")
+        if failures:
+            for line in failures[:20]:
+                log.error("send failed: %s", line)
+            raise BrokerError(f"{len(failures)} of {len(plan.tasks)} tasks were not acknowledged by the broker; "
+                              "re-run the master (task ids are stable, finished cells are skipped)")
+        producer.send(options.results_topic, key=plan.run_id.encode(),
+                      value=encode(plan.header(record_params(options)))).get(timeout=30)
+    finally:
+        producer.close(timeout=10)
+    log.info("published %d tasks to %s and the run header %s to %s", len(plan.tasks), options.tasks_topic,
+             plan.run_id, options.results_topic)

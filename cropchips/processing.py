@@ -1,0 +1,169 @@
+"""One task from start to end: fields, read, composite, rasterize, chip, write -> a Result."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from affine import Affine
+from pyproj import Transformer
+
+from .chips import plan_chips
+from .classes import ClassMap, load_class_map
+from .composite import composite
+from .errors import CropChipsError
+from .fields import FieldLayer, open_layer, read_fields
+from .grid import cell_contains
+from .labels import rasterize_classes
+from .messages import ChipRecord, Result, Task
+from .reading import cell_grid, choose_epsg, grid_origin, read_stack
+from .writing import write_chip
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProcessingOptions:
+    """How a worker turns a task into chips."""
+
+    output_dir: Path
+    """Where ``images/`` and ``masks/`` are written (the shared NFS folder)."""
+    gpkg: str
+    """The EuroCrops GeoPackage."""
+    layer: str | None = None
+    """Its layer (None: the first with EuroCrops columns)."""
+    chip_size: int = 256
+    """Chip width and height in pixels."""
+    max_chips_per_cell: int = 5
+    """At most this many chips per cell."""
+    composite: str = "median"
+    """``median`` or ``least-cloudy``."""
+    resolution: float = 10.0
+    """Output pixel size in metres."""
+    read_threads: int = 8
+    """Band files read concurrently."""
+    class_map: str | None = None
+    """HCAT -> class CSV (None: the packaged one)."""
+
+    def __post_init__(self) -> None:
+        if self.chip_size < 1:
+            raise ValueError(f"--chip-size must be >= 1, got {self.chip_size}")
+        if self.composite not in ("median", "least-cloudy"):
+            raise ValueError(f"--composite must be median or least-cloudy, got {self.composite!r}")
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class Stopwatch:
+    """Seconds per named stage."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 4)
+
+
+class TaskProcessor:
+    """Processes tasks for one worker; opens the GeoPackage and class map once."""
+
+    def __init__(self, options: ProcessingOptions, worker_id: str,
+                 layer: FieldLayer | None = None, class_map: ClassMap | None = None):
+        self.options = options
+        self.worker_id = worker_id
+        self.layer = layer or open_layer(options.gpkg, options.layer)
+        self.class_map = class_map or load_class_map(options.class_map)
+
+    def _result(self, task: Task, status: str, watch: Stopwatch, **kwargs) -> Result:
+        return Result(run_id=task.run_id, task_id=task.task_id, cell_id=task.cell.id, worker_id=self.worker_id,
+                      status=status, seconds=dict(watch.seconds), finished_at=utc_now(), **kwargs)
+
+    def process(self, task: Task) -> Result:
+        """Process ``task``; any failure becomes a ``failed`` result with a readable error."""
+        watch = Stopwatch()
+        start = time.perf_counter()
+        try:
+            result = self._process(task, watch)
+        except CropChipsError as exc:
+            log.warning("task %s failed: %s", task.task_id, exc)
+            result = self._result(task, "failed", watch, error=str(exc))
+        except Exception as exc:  # an unexpected bug must not kill the worker: report it
+            log.exception("task %s failed unexpectedly", task.task_id)
+            result = self._result(task, "failed", watch, error=f"internal error: {exc.__class__.__name__}: {exc}")
+        result.seconds["total"] = round(time.perf_counter() - start, 4)
+        return result
+
+    def _process(self, task: Task, watch: Stopwatch) -> Result:
+        opts = self.options
+        cell = task.cell
+        if not task.scenes:
+            return self._result(task, "no_scenes", watch, error="no Sentinel-2 scene covers the cell")
+        epsg = choose_epsg(cell, task.scenes)
+        in_zone = [s for s in task.scenes if s.epsg == epsg]
+        # Chips may reach half a chip beyond the cell, so a field near an edge still gets a whole chip.
+        margin = opts.chip_size // 2 + 1
+        grid = cell_grid(cell, epsg, grid_origin(in_zone[0].assets["B02"]), opts.resolution, margin)
+
+        with watch.stage("fields"):
+            to_lonlat = Transformer.from_crs(grid.crs, "EPSG:4326", always_xy=True)
+            grid_bbox = to_lonlat.transform_bounds(*grid.bounds, densify_pts=21)
+            fields = read_fields(self.layer, grid_bbox, self.class_map)
+            in_cell = int(cell_contains(cell, fields["lon"].to_numpy(), fields["lat"].to_numpy()).sum()) if len(fields) else 0
+        if in_cell == 0:
+            return self._result(task, "no_fields", watch, error="no field polygon lies in the cell")
+
+        with watch.stage("read"):
+            stack = read_stack(task.scenes, grid, threads=opts.read_threads)
+        with watch.stage("composite"):
+            comp = composite(stack.data, stack.scl, opts.composite)
+            if not comp.scene_indices:
+                return self._result(task, "no_scenes", watch,
+                                    error=f"all {len(task.scenes)} scenes are empty (nodata) over the cell")
+            # Valid data: pixels that some usable scene covers (outside the footprints, all are 0).
+            used = list(comp.scene_indices)
+            valid = (stack.scl[used] != 0).any(axis=0)
+            del stack  # the composite is all that is needed from here on
+        with watch.stage("rasterize"):
+            mask = rasterize_classes(fields, grid)
+
+        windows, skipped = plan_chips(fields, cell, grid, chip_size=opts.chip_size,
+                                      max_chips=opts.max_chips_per_cell, valid=valid)
+        records = []
+        with watch.stage("write"):
+            for k, window in enumerate(windows):
+                rows, cols = window.slices()
+                name = f"{cell.id}-chip{k:02d}"
+                chip_mask = mask[rows, cols]
+                transform = grid.transform * Affine.translation(window.col, window.row)
+                image_rel, mask_rel = write_chip(opts.output_dir, name, comp.image[:, rows, cols], chip_mask,
+                                                 crs=grid.crs, transform=transform)
+                classes, counts = np.unique(chip_mask, return_counts=True)
+                left, top = transform.c, transform.f
+                size = window.size * grid.resolution
+                records.append(ChipRecord(
+                    name=name, image=image_rel, mask=mask_rel, crs=grid.crs,
+                    bounds=(left, top - size, left + size, top),
+                    class_pixels={str(int(c)): int(n) for c, n in zip(classes, counts)}, field_id=window.field_id))
+        scene_ids = tuple(task.scenes[i].id for i in comp.scene_indices)
+        log.info("task %s: %d chips from %d scenes (%s)", task.task_id, len(records), len(scene_ids),
+                 ", ".join(f"{k} skipped: {v}" for k, v in skipped.items()) or "none skipped")
+        return self._result(task, "ok", watch, chips=tuple(records), scenes_used=scene_ids,
+                            chips_skipped=dict(Counter(skipped)))
+
+
+def default_worker_id(number: str) -> str:
+    return f"{number}@{socket.gethostname()}"

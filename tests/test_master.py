@@ -1,0 +1,129 @@
+"""master.py: seed defaults, environment twins, and bad input that publishes nothing."""
+
+import json
+
+import pytest
+
+import master
+from conftest import run_script, shared_data
+from cropchips.config import env_table
+from cropchips.errors import ConfigError
+from cropchips.kafka_io import KafkaSettings, read_topic
+from cropchips.messages import Task, decode
+
+SEED_DEFAULTS = {
+    "gpkg": "/export/mimmo/es_2023_all.gpkg", "start_x": -5.80, "start_y": 37.20, "grid_step": 0.05, "x_cells": 10,
+    "y_cells": 10, "min_polygons": 5, "stac_api": "https://earth-search.aws.element84.com/v1",
+    "collection": "sentinel-2-l2a", "datetime": "2023-05-15/2023-06-30", "max_cloud": 10.0,
+    "bootstrap_servers": "localhost:9092", "tasks_topic": "satellite-tasks", "results_topic": "satellite-results",
+}
+
+
+def test_defaults_are_the_seed_values():
+    _, args = master.parse_args([], env={})
+    for key, value in SEED_DEFAULTS.items():
+        assert getattr(args, key) == value, key
+
+
+def test_every_option_has_an_environment_twin():
+    table = dict(env_table(master.build_parser(env={})))
+    assert table["--gpkg"] == "CROPCHIPS_GPKG"
+    assert table["--bootstrap-servers"] == "CROPCHIPS_BOOTSTRAP_SERVERS"
+    assert len(table) >= 18
+
+
+def test_environment_then_command_line_precedence():
+    options, _ = master.parse_args([], env={"CROPCHIPS_GRID_STEP": "0.1", "CROPCHIPS_TASKS_TOPIC": "t"})
+    assert options.grid.step == 0.1 and options.tasks_topic == "t"
+    options, _ = master.parse_args(["--grid-step", "0.2"], env={"CROPCHIPS_GRID_STEP": "0.1"})
+    assert options.grid.step == 0.2
+    with pytest.raises(ConfigError, match="CROPCHIPS_X_CELLS"):
+        master.parse_args([], env={"CROPCHIPS_X_CELLS": "many"})
+
+
+def test_stac_items_and_api_are_exclusive():
+    with pytest.raises(SystemExit):
+        master.parse_args(["--stac-items", "a.json", "--stac-api", "http://x"], env={})
+    options, _ = master.parse_args(["--stac-items", "a.json"], env={})
+    assert options.stac_items == "a.json" and options.stac_api is None
+
+
+def si_grid_args():
+    # The real Slovenian parcels lie within 15.60-15.74E, 45.98-46.15N.
+    return ["--gpkg", f"zip://{shared_data('eurocrops', 'SI_2021.zip')}", "--start-x", "15.60", "--start-y", "45.95",
+            "--grid-step", "0.05", "--x-cells", "4", "--y-cells", "4", "--min-polygons", "1"]
+
+
+def assert_clean_failure(result, needle, broker, topics):
+    assert result.returncode == 1, result.stderr
+    assert needle in result.stderr
+    assert "Traceback" not in result.stderr
+    assert read_topic(KafkaSettings(broker.bootstrap_servers), topics["tasks"], idle_s=0.5) == []
+
+
+def kafka_args(broker, topics):
+    return ["--bootstrap-servers", broker.bootstrap_servers, "--tasks-topic", topics["tasks"],
+            "--results-topic", topics["results"], "--dlq-topic", topics["dlq"]]
+
+
+def test_missing_geopackage(broker, topics, tmp_path):
+    result = run_script("master.py", "--gpkg", str(tmp_path / "nope.gpkg"), *kafka_args(broker, topics))
+    assert_clean_failure(result, "GeoPackage not found", broker, topics)
+
+
+def test_layer_without_eurocrops_columns(broker, topics):
+    # A real Spanish FEGA declaration file: parcels, but no EC_hcat_c / EC_hcat_n.
+    gpkg = f"zip://{shared_data('eurocrops', '1501_ALAVA_cd_2025_20250105.gpkg.zip')}"
+    result = run_script("master.py", "--gpkg", gpkg, "--layer", "cultivo_declarado", *kafka_args(broker, topics))
+    assert_clean_failure(result, "has no EuroCrops columns", broker, topics)
+
+
+def test_empty_grid(broker, topics):
+    args = si_grid_args()
+    args[args.index("--start-x") + 1] = "-5.80"
+    args[args.index("--start-y") + 1] = "37.20"
+    result = run_script("master.py", *args, *kafka_args(broker, topics))
+    assert_clean_failure(result, "has at least 1 polygons", broker, topics)
+
+
+def test_bad_datetime(broker, topics):
+    result = run_script("master.py", *si_grid_args(), "--datetime", "2023-31-05/2023-06-30", *kafka_args(broker, topics))
+    assert_clean_failure(result, "is not a date", broker, topics)
+
+
+def test_unreachable_stac_api(broker, topics):
+    result = run_script("master.py", *si_grid_args(), "--stac-api", "http://127.0.0.1:9/v1", *kafka_args(broker, topics))
+    assert_clean_failure(result, "cannot search the STAC API", broker, topics)
+
+
+def test_no_scenes_in_items_file(broker, topics, tmp_path):
+    items = tmp_path / "items.json"
+    items.write_text(json.dumps({"type": "FeatureCollection", "features": []}))
+    result = run_script("master.py", *si_grid_args(), "--stac-items", str(items), *kafka_args(broker, topics))
+    assert_clean_failure(result, "no sentinel-2-l2a scene covers", broker, topics)
+
+
+def test_publishes_deterministic_tasks_and_a_run_header(broker, topics, sample_area):
+    args = ["--gpkg", str(sample_area.gpkg), "--layer", sample_area.layer, "--start-x", str(sample_area.start_x),
+            "--start-y", str(sample_area.start_y), "--grid-step", str(sample_area.grid_step),
+            "--x-cells", str(sample_area.x_cells), "--y-cells", str(sample_area.y_cells),
+            "--stac-items", str(sample_area.items), "--datetime", sample_area.datetime, "--max-cloud", "100",
+            "--run-id", "run-a", *kafka_args(broker, topics)]
+    first = run_script("master.py", *args)
+    assert first.returncode == 0, first.stderr
+    second = run_script("master.py", *args)
+    assert second.returncode == 0, second.stderr
+    kafka = KafkaSettings(broker.bootstrap_servers)
+    records = read_topic(kafka, topics["tasks"])
+    tasks = [decode(r.value) for r in records]
+    n = sample_area.x_cells * sample_area.y_cells
+    assert len(tasks) == 2 * n and all(isinstance(t, Task) for t in tasks)
+    by_id = {}
+    for record, task in zip(records, tasks):
+        assert record.key == task.cell.id.encode()
+        by_id.setdefault(task.task_id, set()).add(record.value)
+    assert len(by_id) == n and all(len(v) == 1 for v in by_id.values())  # same bytes both times
+    for task in tasks:
+        assert task.scenes and all(len(s.assets) == 11 for s in task.scenes)
+    headers = [decode(r.value) for r in read_topic(kafka, topics["results"])]
+    assert [h.task_count for h in headers] == [n, n] and headers[0].run_id == "run-a"

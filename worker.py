@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""Consume tasks, read Sentinel-2 scenes, composite, rasterize field masks and write image/mask chips."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from cropchips import config
+from cropchips.cli import EXIT_OK, run, setup_logging
+from cropchips.kafka_io import KafkaSettings
+from cropchips.processing import ProcessingOptions, TaskProcessor, default_worker_id
+from cropchips.worker import Worker, WorkerOptions
+from cropchips.writing import remove_stale_temporaries
+
+
+def build_parser(env: Mapping[str, str] | None = None) -> config.EnvArgumentParser:
+    p = config.EnvArgumentParser(prog="worker.py", description=__doc__, env=env)
+    p.add_argument("number", help="this worker's number (N in `worker.py N`), part of its id N@host")
+    p.option("--gpkg", default="/mnt/mimmo/es_2023_all.gpkg", help="EuroCrops GeoPackage (the NFS-mounted copy)")
+    p.option("--layer", default=None, help="layer of the GeoPackage (default: the first with EuroCrops columns)")
+    p.option("--output-dir", default="/mnt/mimmo", help="where images/ and masks/ are written (shared storage)")
+    c = p.add_argument_group("chips")
+    p.option("--chip-size", type=config.positive_int, default=256, group=c, help="chip width and height in pixels")
+    p.option("--max-chips-per-cell", type=config.non_negative_int, default=5, group=c, help="at most this many chips per cell")
+    p.option("--composite", default="median", choices=("median", "least-cloudy"), group=c,
+             help="median of cloud-free pixels over all scenes, or the single least cloudy scene")
+    p.option("--resolution", type=config.positive_float, default=10.0, group=c, help="output pixel size in metres")
+    p.option("--class-map", default=None, group=c, help="CSV mapping HCAT3 codes to classes (default: the packaged one)")
+    p.option("--read-threads", type=config.positive_int, default=8, group=c, help="band files read concurrently")
+    config.add_kafka_options(p)
+    k = p.add_argument_group("consumer")
+    p.option("--group-id", default=config.DEFAULT_GROUP_ID, group=k, help="consumer group shared by all workers")
+    p.flag("--burst", group=k, help="exit 0 once no task has arrived for --burst-idle seconds (tests, batch runs)")
+    p.option("--burst-idle", type=config.positive_float, default=10.0, group=k, help="idle seconds before --burst exits")
+    p.option("--max-poll-interval-ms", type=config.positive_int, default=300000, group=k,
+             help="Kafka max.poll.interval.ms (the worker keeps polling during a task, so long tasks are safe)")
+    p.option("--shutdown-grace", type=config.non_negative_float, default=30.0, group=k,
+             help="on SIGTERM/SIGINT, seconds the current task may still run before it is abandoned uncommitted")
+    p.option("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+               ) -> tuple[ProcessingOptions, WorkerOptions, argparse.Namespace]:
+    args = build_parser(env).parse_args(argv)
+    processing = ProcessingOptions(
+        output_dir=Path(args.output_dir), gpkg=args.gpkg, layer=args.layer, chip_size=args.chip_size,
+        max_chips_per_cell=args.max_chips_per_cell, composite=args.composite, resolution=args.resolution,
+        read_threads=args.read_threads, class_map=args.class_map)
+    worker = WorkerOptions(
+        kafka=KafkaSettings(args.bootstrap_servers, client_id=f"cropchips-worker-{args.number}"),
+        tasks_topic=args.tasks_topic, results_topic=args.results_topic, dlq_topic=args.dlq_topic,
+        group_id=args.group_id, tasks_partitions=args.tasks_partitions, burst=args.burst,
+        burst_idle_s=args.burst_idle, max_poll_interval_ms=args.max_poll_interval_ms,
+        shutdown_grace_s=args.shutdown_grace, broker_wait_s=args.broker_wait)
+    return processing, worker, args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    def body() -> int:
+        processing, options, args = parse_args(argv)
+        setup_logging(args.log_level)
+        processing.output_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(processing.output_dir)
+        worker = Worker(options, TaskProcessor(processing, default_worker_id(args.number)))
+        worker.install_signal_handlers()
+        worker.run()
+        return EXIT_OK
+
+    return run(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

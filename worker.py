@@ -37,6 +37,8 @@ def build_parser(env: Mapping[str, str] | None = None) -> config.EnvArgumentPars
     p.option("--burst-idle", type=config.positive_float, default=10.0, group=k, help="idle seconds before --burst exits")
     p.option("--max-poll-interval-ms", type=config.positive_int, default=300000, group=k,
              help="Kafka max.poll.interval.ms (the worker keeps polling during a task, so long tasks are safe)")
+    p.option("--session-timeout-ms", type=config.positive_int, default=10000, group=k,
+             help="a worker silent this long is dropped from the group and its tasks go to the others")
     p.option("--shutdown-grace", type=config.non_negative_float, default=30.0, group=k,
              help="on SIGTERM/SIGINT, seconds the current task may still run before it is abandoned uncommitted")
     p.option("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
@@ -55,6 +57,7 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         tasks_topic=args.tasks_topic, results_topic=args.results_topic, dlq_topic=args.dlq_topic,
         group_id=args.group_id, tasks_partitions=args.tasks_partitions, burst=args.burst,
         burst_idle_s=args.burst_idle, max_poll_interval_ms=args.max_poll_interval_ms,
+        session_timeout_ms=args.session_timeout_ms,
         shutdown_grace_s=args.shutdown_grace, broker_wait_s=args.broker_wait)
     return processing, worker, args
 

@@ -50,6 +50,8 @@ class WorkerOptions:
     """Idle seconds before a burst worker exits."""
     max_poll_interval_ms: int = 300_000
     """Kafka's limit between polls; the loop polls every fraction of a second, even mid-task."""
+    session_timeout_ms: int = 10_000
+    """A worker silent this long (crashed, cut off) is dropped from the group and its tasks move."""
     shutdown_grace_s: float = 30.0
     """On SIGTERM/SIGINT, how long the current task may still run before it is abandoned uncommitted."""
     broker_wait_s: float = 60.0
@@ -147,7 +149,9 @@ class Worker:
                                    opts.dlq_topic: 1}, wait=opts.broker_wait_s)
         self.producer = make_producer(opts.kafka, wait=opts.broker_wait_s)
         self.consumer = make_consumer(opts.kafka, group_id=opts.group_id, wait=opts.broker_wait_s,
-                                      max_poll_records=1, max_poll_interval_ms=opts.max_poll_interval_ms)
+                                      max_poll_records=1, max_poll_interval_ms=opts.max_poll_interval_ms,
+                                      session_timeout_ms=opts.session_timeout_ms,
+                                      heartbeat_interval_ms=max(100, opts.session_timeout_ms // 6))
         self.consumer.subscribe([opts.tasks_topic], listener=_PauseNewPartitions(self))
         log.info("worker %s started, waiting for tasks on %s (group %s)", self.worker_id, opts.tasks_topic,
                  opts.group_id)

@@ -1,0 +1,141 @@
+"""The worker on a real broker: statuses, dead letters, long tasks, and one task per result."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from conftest import shared_data
+from cropchips.kafka_io import KafkaSettings, make_producer, read_topic
+from cropchips.messages import Cell, Result, Task, decode, encode
+from cropchips.processing import ProcessingOptions, TaskProcessor, utc_now
+from cropchips.scenes import EARTH_SEARCH_KEYS, scene_from_item
+from cropchips.worker import Worker, WorkerOptions
+
+
+@pytest.fixture(scope="module")
+def real_scene():
+    folder = shared_data("sentinel2", "S2A_29RKH_20200219_0_L2A")
+    item = json.loads((folder / "S2A_29RKH_20200219_0_L2A.json").read_text())
+    for band, key in EARTH_SEARCH_KEYS.items():
+        item["assets"][key]["href"] = str(folder / f"{band}.tif")
+    return scene_from_item(item)
+
+
+@pytest.fixture(scope="module")
+def processor(tmp_path_factory):
+    gpkg = f"zip://{shared_data('eurocrops', 'SI_2021.zip')}"
+    options = ProcessingOptions(output_dir=tmp_path_factory.mktemp("out"), gpkg=gpkg, resolution=100.0, chip_size=16)
+    return TaskProcessor(options, worker_id="t@test")
+
+
+def task_for(cell, scenes, run_id="run-w"):
+    return Task(run_id=run_id, task_id=Task.make_id(cell, scenes), cell=cell, scenes=tuple(scenes))
+
+
+def test_cell_without_scenes_is_no_scenes(processor):
+    cell = Cell(id="c-empty", row=0, col=0, bbox=(15.6, 45.95, 15.65, 46.0))
+    result = processor.process(task_for(cell, []))
+    assert result.status == "no_scenes" and "no Sentinel-2 scene" in result.error and not result.chips
+
+
+def test_cell_without_fields_is_no_fields(processor, real_scene):
+    # The real scene lies in the Western Sahara desert: the Slovenian parcels are nowhere near.
+    cell = Cell(id="c-desert", row=0, col=0, bbox=(-11.6, 24.6, -11.5, 24.7))
+    result = processor.process(task_for(cell, [real_scene]))
+    assert result.status == "no_fields" and "no field polygon" in result.error
+
+
+def test_unreadable_scene_fails_with_a_readable_error(processor, real_scene, tmp_path):
+    from dataclasses import replace
+    broken = replace(real_scene, assets={**real_scene.assets, "B02": str(tmp_path / "missing.tif")})
+    cell = Cell(id="c-broken", row=0, col=0, bbox=(15.6, 45.95, 15.65, 46.0))
+    result = processor.process(task_for(cell, [broken]))
+    assert result.status == "failed" and "missing.tif" in result.error
+
+
+class ScriptedProcessor:
+    """Stands in for the raster work (not for Kafka): records calls, can be slow."""
+
+    def __init__(self, seconds=0.0):
+        self.seconds = seconds
+        self.worker_id = f"scripted-{id(self)}"
+        self.calls: list[str] = []
+        self.lock = threading.Lock()
+
+    def process(self, task: Task) -> Result:
+        with self.lock:
+            self.calls.append(task.task_id)
+        time.sleep(self.seconds)
+        return Result(run_id=task.run_id, task_id=task.task_id, cell_id=task.cell.id, worker_id=self.worker_id,
+                      status="no_fields", error="scripted", finished_at=utc_now())
+
+
+def worker_options(broker, topics, **over):
+    base = dict(kafka=KafkaSettings(broker.bootstrap_servers), tasks_topic=topics["tasks"],
+                results_topic=topics["results"], dlq_topic=topics["dlq"], group_id=topics["group"], burst=True,
+                burst_idle_s=4.0, session_timeout_ms=3000)
+    base.update(over)
+    return WorkerOptions(**base)
+
+
+def publish(broker, topic, values):
+    producer = make_producer(KafkaSettings(broker.bootstrap_servers))
+    for key, value in values:
+        producer.send(topic, key=key, value=value).get(timeout=10)
+    producer.close()
+
+
+def valid_task(i, run_id="run-w"):
+    cell = Cell(id=f"cell-{i}", row=0, col=i, bbox=(0.0 + i, 0.0, 0.5 + i, 0.5))
+    return task_for(cell, [], run_id)
+
+
+def test_poison_messages_are_dead_lettered_and_valid_tasks_complete(broker, topics):
+    good = [valid_task(i) for i in range(3)]
+    traversal = json.loads(encode(valid_task(9)))
+    traversal["cell"]["id"] = "../../etc/passwd"
+    wrong_version = json.loads(encode(valid_task(8)))
+    wrong_version["schema_version"] = 7
+    messages = [(b"g0", encode(good[0])), (b"bad", b"{not json"), (b"g1", encode(good[1])),
+                (b"v", json.dumps(wrong_version).encode()), (b"t", json.dumps(traversal).encode()),
+                (b"g2", encode(good[2]))]
+    publish(broker, topics["tasks"], messages)
+    processor = ScriptedProcessor()
+    summary = Worker(worker_options(broker, topics), processor).run()
+    assert sorted(processor.calls) == sorted(t.task_id for t in good)  # poison never reaches the processor
+    assert summary.dead_lettered == 3 and summary.statuses["no_fields"] == 3
+    kafka = KafkaSettings(broker.bootstrap_servers)
+    dead = read_topic(kafka, topics["dlq"])
+    reasons = sorted(dict(r.headers)["error"].decode() for r in dead)
+    assert len(dead) == 3
+    assert any("not valid JSON" in r for r in reasons)
+    assert any("unsupported schema_version 7" in r for r in reasons)
+    assert any("not a safe identifier" in r for r in reasons)
+    results = [decode(r.value) for r in read_topic(kafka, topics["results"])]
+    assert sorted(r.status for r in results) == ["failed"] * 3 + ["no_fields"] * 3
+    # Every offset was committed: a second worker of the group finds nothing to do.
+    again = ScriptedProcessor()
+    Worker(worker_options(broker, topics), again).run()
+    assert again.calls == []
+
+
+def test_a_task_longer_than_max_poll_interval_is_not_redelivered(broker, topics):
+    tasks = [valid_task(i, "run-long") for i in range(2)]
+    publish(broker, topics["tasks"], [(t.cell.id.encode(), encode(t)) for t in tasks])
+    slow = ScriptedProcessor(seconds=7.0)  # > max_poll_interval_ms below, > session timeout
+    other = ScriptedProcessor()
+    opts = worker_options(broker, topics, max_poll_interval_ms=4000, burst_idle_s=6.0)
+    runs = [threading.Thread(target=lambda p=p: Worker(opts, p).run()) for p in (slow, other)]
+    for thread in runs:
+        thread.start()
+        time.sleep(0.5)
+    for thread in runs:
+        thread.join(timeout=90)
+    # Each task processed exactly once in the group: nobody was evicted, nothing redelivered.
+    assert sorted(slow.calls + other.calls) == sorted(t.task_id for t in tasks)
+    results = [decode(r.value) for r in read_topic(KafkaSettings(broker.bootstrap_servers), topics["results"])]
+    assert sorted(r.task_id for r in results) == sorted(t.task_id for t in tasks)

@@ -110,6 +110,7 @@ class _PauseNewPartitions(ConsumerRebalanceListener):
     def on_partitions_assigned(self, assigned: Any) -> None:
         log.info("partitions assigned: %s", sorted(tp.partition for tp in assigned))
         self.worker.assigned_once = True
+        self.worker.idle_since = time.monotonic()  # burst idleness counts from a (re)assignment
         if self.worker.busy and assigned:
             self.worker.consumer.pause(*assigned)
 
@@ -125,6 +126,7 @@ class Worker:
         self.stop_requested = threading.Event()
         self.busy = False
         self.assigned_once = False
+        self.idle_since = time.monotonic()
         self.consumer: Any = None
         self.producer: Any = None
 
@@ -155,13 +157,13 @@ class Worker:
         self.consumer.subscribe([opts.tasks_topic], listener=_PauseNewPartitions(self))
         log.info("worker %s started, waiting for tasks on %s (group %s)", self.worker_id, opts.tasks_topic,
                  opts.group_id)
-        idle_since = time.monotonic()
+        self.idle_since = time.monotonic()
         try:
             while not self.stop_requested.is_set():
                 batch = self.consumer.poll(timeout_ms=500)
                 records = [rec for recs in batch.values() for rec in recs]
                 if not records:
-                    if opts.burst and time.monotonic() - idle_since >= opts.burst_idle_s:
+                    if opts.burst and self._burst_done():
                         log.info("no task for %.0f s: burst mode, exiting", opts.burst_idle_s)
                         break
                     continue
@@ -169,11 +171,19 @@ class Worker:
                     self._handle(record)
                     if self.stop_requested.is_set():
                         break
-                idle_since = time.monotonic()
+                self.idle_since = time.monotonic()
         finally:
             self._close()
         log.info(self.summary.line(self.worker_id, time.monotonic() - started))
         return self.summary
+
+    def _burst_done(self) -> bool:
+        """Idle long enough to exit? Joining the group takes seconds, so idleness only counts
+        once partitions were assigned (a worker that never gets any waits a minute more)."""
+        idle = time.monotonic() - self.idle_since
+        if self.assigned_once:
+            return idle >= self.options.burst_idle_s
+        return idle >= self.options.burst_idle_s + 60.0
 
     def _close(self) -> None:
         if self.consumer is not None:

@@ -1,0 +1,169 @@
+"""End to end on a real broker: master -> 2 workers -> chips and masks -> results -> monitor."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pyogrio
+import pytest
+import rasterio
+import shapely
+
+from conftest import REPO, run_script
+from cropchips.classes import load_class_map
+from cropchips.kafka_io import KafkaSettings, read_topic
+from cropchips.messages import BANDS, Result, decode
+
+CHIP = 64
+
+
+def master_args(sample, broker, topics, run_id):
+    return ["--gpkg", str(sample.gpkg), "--layer", sample.layer, "--start-x", str(sample.start_x),
+            "--start-y", str(sample.start_y), "--grid-step", str(sample.grid_step), "--x-cells", str(sample.x_cells),
+            "--y-cells", str(sample.y_cells), "--stac-items", str(sample.items), "--datetime", sample.datetime,
+            "--max-cloud", "100", "--run-id", run_id, *kafka_args(broker, topics)]
+
+
+def kafka_args(broker, topics):
+    return ["--bootstrap-servers", broker.bootstrap_servers, "--tasks-topic", topics["tasks"],
+            "--results-topic", topics["results"], "--dlq-topic", topics["dlq"]]
+
+
+def start_worker(n, sample, output, broker, topics, *extra):
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "worker.py"), str(n), "--gpkg", str(sample.gpkg), "--layer", sample.layer,
+         "--output-dir", str(output), "--chip-size", str(CHIP), "--group-id", topics["group"], "--burst",
+         "--burst-idle", "5", *kafka_args(broker, topics), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, broker, sample_area):
+    """Run the whole pipeline once; the tests below inspect what it produced."""
+    from cropchips.kafka_io import ensure_topics
+
+    topics = {"tasks": "e2e-tasks", "results": "e2e-results", "dlq": "e2e-dlq", "group": "e2e-workers"}
+    ensure_topics(KafkaSettings(broker.bootstrap_servers), {topics["tasks"]: 10, topics["results"]: 1, topics["dlq"]: 1})
+    output = tmp_path_factory.mktemp("dataset")
+    published = run_script("master.py", *master_args(sample_area, broker, topics, "run-e2e"))
+    assert published.returncode == 0, published.stderr
+    workers = [start_worker(n, sample_area, output, broker, topics) for n in (1, 2)]
+    monitor = run_script("monitor.py", "--exit-when-done", "--json", "--timeout", "240", "--no-progress",
+                         *kafka_args(broker, topics), timeout=300)
+    logs = []
+    for proc in workers:
+        out, _ = proc.communicate(timeout=120)
+        logs.append(out)
+        assert proc.returncode == 0, out
+    results = [decode(r.value) for r in read_topic(KafkaSettings(broker.bootstrap_servers), topics["results"])]
+    return {"output": output, "monitor": monitor, "worker_logs": logs,
+            "results": [r for r in results if isinstance(r, Result)], "sample": sample_area}
+
+
+def test_monitor_reports_every_task_ok(pipeline_run):
+    monitor = pipeline_run["monitor"]
+    assert monitor.returncode == 0, monitor.stderr
+    summary = json.loads(monitor.stdout.strip().splitlines()[-1])
+    sample = pipeline_run["sample"]
+    n = sample.x_cells * sample.y_cells
+    assert summary["run_id"] == "run-e2e" and summary["tasks_total"] == n and summary["tasks_done"] == n
+    assert summary["statuses"]["ok"] == n and summary["statuses"]["failed"] == 0
+    assert summary["chips"] == sum(len(r.chips) for r in pipeline_run["results"]) > 0
+    # Pixel counts per class add up to the chips' area.
+    assert sum(summary["class_pixels"].values()) == summary["chips"] * CHIP * CHIP
+
+
+def test_both_workers_joined_and_results_name_them(pipeline_run):
+    for log in pipeline_run["worker_logs"]:
+        assert "partitions assigned" in log and "stopped after" in log
+    workers = {r.worker_id.split("@")[0] for r in pipeline_run["results"]}
+    assert workers <= {"1", "2"} and workers
+
+
+def test_chip_files_match_the_results(pipeline_run):
+    output = pipeline_run["output"]
+    chips = [c for r in pipeline_run["results"] for c in r.chips]
+    images = sorted(p.name for p in (output / "images").glob("*.tif"))
+    masks = sorted(p.name for p in (output / "masks").glob("*.tif"))
+    assert images == masks == sorted(f"{c.name}.tif" for c in chips)
+    assert not [p for p in output.rglob(".tmp-*")]
+    for result in pipeline_run["results"]:
+        assert 0 < len(result.chips) <= 5
+        assert [c.name for c in result.chips] == [f"{result.cell_id}-chip{k:02d}" for k in range(len(result.chips))]
+
+
+def test_every_chip_is_a_well_formed_aligned_geotiff(pipeline_run):
+    output, sample = pipeline_run["output"], pipeline_run["sample"]
+    scene_dirs = sorted((sample.root / "scenes").iterdir())
+    with rasterio.open(scene_dirs[0] / "B02.tif") as src:
+        x0, y0 = src.transform.c, src.transform.f
+    for chip in (c for r in pipeline_run["results"] for c in r.chips):
+        with rasterio.open(output / chip.image) as img, rasterio.open(output / chip.mask) as mask:
+            assert img.count == 10 and img.dtypes == ("uint16",) * 10 and img.nodata == 0
+            assert img.descriptions == BANDS
+            assert img.crs.to_epsg() == sample.epsg and img.shape == (CHIP, CHIP)
+            assert img.res == (10.0, 10.0)
+            # On the scenes' own 10 m lattice: whole pixels from the scene origin.
+            assert (img.transform.c - x0) % 10 == 0 and (y0 - img.transform.f) % 10 == 0
+            assert mask.count == 1 and mask.dtypes == ("uint8",) and mask.transform == img.transform
+            assert mask.crs == img.crs and mask.shape == img.shape
+            assert list(img.bounds) == pytest.approx(list(chip.bounds))
+            counts = np.bincount(mask.read(1).ravel(), minlength=9)
+            assert {str(k): int(v) for k, v in enumerate(counts) if v} == chip.class_pixels
+
+
+def test_mask_classes_agree_with_the_polygons_beneath(pipeline_run):
+    output, sample = pipeline_run["output"], pipeline_run["sample"]
+    fields = pyogrio.read_dataframe(sample.gpkg, layer=sample.layer, fid_as_index=True)
+    class_map = load_class_map()
+    fields["expected"] = class_map.classify(fields["EC_hcat_c"], fields["EC_hcat_n"])
+    checked = 0
+    for chip in (c for r in pipeline_run["results"] for c in r.chips):
+        with rasterio.open(output / chip.mask) as src:
+            mask, transform, crs = src.read(1), src.transform, src.crs
+        local = fields.to_crs(crs)
+        rows, cols = np.mgrid[0:CHIP:3, 0:CHIP:3]
+        xs, ys = rasterio.transform.xy(transform, rows.ravel(), cols.ravel())
+        points = shapely.points(np.asarray(xs), np.asarray(ys))
+        tree = shapely.STRtree(local.geometry.values)
+        point_idx, poly_idx = tree.query(points, predicate="within")
+        expected = np.zeros(len(points), dtype="uint8")
+        expected[point_idx] = local["expected"].to_numpy()[poly_idx]
+        assert np.array_equal(mask[rows.ravel(), cols.ravel()], expected)
+        checked += len(points)
+        # The chip is centred on its field (within a pixel of the field's representative point).
+        field = local.loc[local.index.astype(str) == chip.field_id].geometry.iloc[0]
+        cx, cy = transform.c + 10 * CHIP / 2, transform.f - 10 * CHIP / 2
+        assert shapely.Point(cx, cy).distance(field.representative_point()) <= 10 * 2**0.5
+    assert checked > 1000
+
+
+def test_image_pixels_are_the_cloud_masked_median_of_the_scenes(pipeline_run):
+    """Recompute one chip's red band from the scene files: SCL-clear (4, 5, 6) median, 0 where none."""
+    output, sample = pipeline_run["output"], pipeline_run["sample"]
+    result = next(r for r in pipeline_run["results"] if r.chips)
+    chip = result.chips[0]
+    with rasterio.open(output / chip.image) as src:
+        red, transform = src.read(BANDS.index("B04") + 1), src.transform
+    values, clear = [], []
+    for scene_id in result.scenes_used:
+        folder = sample.root / "scenes" / scene_id
+        with rasterio.open(folder / "B04.tif") as b04, rasterio.open(folder / "SCL.tif") as scl:
+            col0 = round((transform.c - b04.transform.c) / 10)
+            row0 = round((b04.transform.f - transform.f) / 10)
+            values.append(b04.read(1)[row0:row0 + CHIP, col0:col0 + CHIP].astype("float64"))
+            # SCL is 20 m: each 10 m pixel takes the 20 m pixel holding its centre.
+            rows = ((b04.transform.f - transform.f) + 10 * (np.arange(CHIP) + 0.5) - (b04.transform.f - scl.transform.f)) // 20
+            cols = ((transform.c - scl.transform.c) + 10 * (np.arange(CHIP) + 0.5)) // 20
+            clear.append(np.isin(scl.read(1)[np.ix_(rows.astype(int), cols.astype(int))], (4, 5, 6)))
+    stack = np.where(np.array(clear), np.array(values), np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        expected = np.nanmedian(stack, axis=0)
+    expected = np.where(np.isnan(expected), 0, np.floor(expected + 0.5))
+    assert np.array_equal(red, expected.astype("uint16"))
+    assert len(result.scenes_used) >= 2 and (red > 0).mean() > 0.9

@@ -29,6 +29,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> config.EnvArgumentPars
              help="median of cloud-free pixels over all scenes, or the single least cloudy scene")
     p.option("--resolution", type=config.positive_float, default=10.0, group=c, help="output pixel size in metres")
     p.option("--class-map", default=None, group=c, help="CSV mapping HCAT3 codes to classes (default: the packaged one)")
+    p.flag("--force", group=c, help="redo tasks whose outputs are already complete (default: re-report them)")
     p.option("--read-threads", type=config.positive_int, default=8, group=c, help="band files read concurrently")
     config.add_kafka_options(p)
     k = p.add_argument_group("consumer")
@@ -51,7 +52,7 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
     processing = ProcessingOptions(
         output_dir=Path(args.output_dir), gpkg=args.gpkg, layer=args.layer, chip_size=args.chip_size,
         max_chips_per_cell=args.max_chips_per_cell, composite=args.composite, resolution=args.resolution,
-        read_threads=args.read_threads, class_map=args.class_map)
+        read_threads=args.read_threads, class_map=args.class_map, force=args.force)
     worker = WorkerOptions(
         kafka=KafkaSettings(args.bootstrap_servers, client_id=f"cropchips-worker-{args.number}"),
         tasks_topic=args.tasks_topic, results_topic=args.results_topic, dlq_topic=args.dlq_topic,

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import socket
 import time
-from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -15,13 +15,15 @@ import numpy as np
 from affine import Affine
 from pyproj import Transformer
 
+from . import __version__
 from .chips import plan_chips
-from .classes import ClassMap, load_class_map
+from .classes import DEFAULT_CLASS_MAP_PATH, ClassMap, load_class_map
 from .composite import composite
 from .errors import CropChipsError
 from .fields import FieldLayer, open_layer, read_fields
 from .grid import cell_contains
 from .labels import rasterize_classes
+from .manifest import chips_from_manifest, read_complete_manifest, remove_other_chips, write_manifest
 from .messages import ChipRecord, Result, Task
 from .reading import cell_grid, choose_epsg, grid_origin, read_stack
 from .writing import write_chip
@@ -51,6 +53,8 @@ class ProcessingOptions:
     """Band files read concurrently."""
     class_map: str | None = None
     """HCAT -> class CSV (None: the packaged one)."""
+    force: bool = False
+    """Redo tasks whose outputs are already complete."""
 
     def __post_init__(self) -> None:
         if self.chip_size < 1:
@@ -87,6 +91,15 @@ class TaskProcessor:
         self.worker_id = worker_id
         self.layer = layer or open_layer(options.gpkg, options.layer)
         self.class_map = class_map or load_class_map(options.class_map)
+        class_map_text = Path(options.class_map or DEFAULT_CLASS_MAP_PATH).read_bytes()
+        # What decides a task's outputs besides the task itself: a manifest written with
+        # other settings does not count as done.
+        self.settings = {
+            "chip_size": options.chip_size, "max_chips_per_cell": options.max_chips_per_cell,
+            "composite": options.composite, "resolution": options.resolution,
+            "class_map_sha256": hashlib.sha256(class_map_text).hexdigest(), "gpkg": str(options.gpkg),
+            "layer": self.layer.layer, "software": __version__,
+        }
 
     def _result(self, task: Task, status: str, watch: Stopwatch, **kwargs) -> Result:
         return Result(run_id=task.run_id, task_id=task.task_id, cell_id=task.cell.id, worker_id=self.worker_id,
@@ -112,6 +125,13 @@ class TaskProcessor:
         cell = task.cell
         if not task.scenes:
             return self._result(task, "no_scenes", watch, error="no Sentinel-2 scene covers the cell")
+        if not opts.force:
+            done = read_complete_manifest(opts.output_dir, cell.id, task.task_id, self.settings)
+            if done is not None:
+                log.info("task %s already complete (%d chips): re-reporting it", task.task_id, len(done["chips"]))
+                return self._result(task, "ok", watch, chips=chips_from_manifest(done),
+                                    scenes_used=tuple(done["scenes_used"]), chips_skipped=done["chips_skipped"],
+                                    reused=True)
         epsg = choose_epsg(cell, task.scenes)
         in_zone = [s for s in task.scenes if s.epsg == epsg]
         # Chips may reach half a chip beyond the cell, so a field near an edge still gets a whole chip.
@@ -158,11 +178,16 @@ class TaskProcessor:
                     name=name, image=image_rel, mask=mask_rel, crs=grid.crs,
                     bounds=(left, top - size, left + size, top),
                     class_pixels={str(int(c)): int(n) for c, n in zip(classes, counts)}, field_id=window.field_id))
-        scene_ids = tuple(task.scenes[i].id for i in comp.scene_indices)
+            remove_other_chips(opts.output_dir, cell.id, keep={r.name for r in records})
+            scene_ids = tuple(task.scenes[i].id for i in comp.scene_indices)
+            write_manifest(opts.output_dir, cell.id, {
+                "task_id": task.task_id, "run_id": task.run_id, "cell_id": cell.id, "settings": self.settings,
+                "chips": [asdict(r) for r in records], "scenes_used": list(scene_ids),
+                "chips_skipped": dict(skipped), "worker_id": self.worker_id, "written_at": utc_now()})
         log.info("task %s: %d chips from %d scenes (%s)", task.task_id, len(records), len(scene_ids),
                  ", ".join(f"{k} skipped: {v}" for k, v in skipped.items()) or "none skipped")
         return self._result(task, "ok", watch, chips=tuple(records), scenes_used=scene_ids,
-                            chips_skipped=dict(Counter(skipped)))
+                            chips_skipped=dict(skipped))
 
 
 def default_worker_id(number: str) -> str:

@@ -1,0 +1,93 @@
+"""Per-task manifests: written last and atomically, they mark a task's outputs as complete.
+
+A redelivered task whose manifest matches (same task id, same processing settings, every
+file present with its recorded size) is re-reported without redoing the work. A task that
+crashed mid-write has no manifest and is simply redone: its files are overwritten by
+atomic renames and chips it no longer produces are removed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from .messages import ChipRecord, check_safe_id
+from .writing import IMAGES_DIR, MASKS_DIR, TMP_PREFIX
+
+log = logging.getLogger(__name__)
+
+MANIFESTS_DIR = "manifests"
+MANIFEST_VERSION = 1
+
+
+def manifest_path(output_dir: Path, cell_id: str) -> Path:
+    return output_dir / MANIFESTS_DIR / f"{check_safe_id(cell_id, 'cell id')}.json"
+
+
+def write_manifest(output_dir: Path, cell_id: str, body: dict[str, Any]) -> None:
+    """Write the manifest atomically (temporary file, fsync, rename), after the chips."""
+    path = manifest_path(output_dir, cell_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for chip in body.get("chips", []):
+        for rel in (chip["image"], chip["mask"]):
+            files[rel] = (output_dir / rel).stat().st_size
+    payload = {"manifest_version": MANIFEST_VERSION, **body, "files": files}
+    tmp = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{path.name}"
+    try:
+        with open(tmp, "w") as handle:
+            json.dump(payload, handle, sort_keys=True, indent=1)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_complete_manifest(output_dir: Path, cell_id: str, task_id: str, settings: dict[str, Any]) -> dict | None:
+    """The manifest if the task's outputs are complete for these settings, else None (and why, logged)."""
+    path = manifest_path(output_dir, cell_id)
+    try:
+        body = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("manifest %s unreadable (%s): redoing the task", path, exc)
+        return None
+    if body.get("manifest_version") != MANIFEST_VERSION or body.get("task_id") != task_id:
+        log.info("manifest %s is for another task or version: redoing", path.name)
+        return None
+    if body.get("settings") != settings:
+        log.info("manifest %s was written with other settings: redoing", path.name)
+        return None
+    for rel, size in body.get("files", {}).items():
+        try:
+            if (output_dir / rel).stat().st_size != size:
+                log.warning("%s changed size since the manifest: redoing the task", rel)
+                return None
+        except FileNotFoundError:
+            log.warning("%s listed in the manifest is missing: redoing the task", rel)
+            return None
+    return body
+
+
+def chips_from_manifest(body: dict[str, Any]) -> tuple[ChipRecord, ...]:
+    return tuple(ChipRecord(**{**c, "bounds": tuple(c["bounds"])}) for c in body.get("chips", []))
+
+
+def remove_other_chips(output_dir: Path, cell_id: str, keep: set[str]) -> int:
+    """Delete this cell's chip files that are not in ``keep`` (left by an earlier, different run)."""
+    removed = 0
+    for sub in (IMAGES_DIR, MASKS_DIR):
+        for path in (output_dir / sub).glob(f"{cell_id}-chip*.tif"):
+            if path.stem not in keep:
+                path.unlink(missing_ok=True)
+                removed += 1
+    if removed:
+        log.info("removed %d stale chip files of cell %s", removed, cell_id)
+    return removed

@@ -123,7 +123,7 @@ class Monitor:
         or (when ``idle_exit_s`` is set) nothing arrives for that long."""
         ensure_topics(self.kafka, {self.results_topic: 1}, wait=self.broker_wait_s)
         consumer = make_consumer(self.kafka, group_id=None, wait=self.broker_wait_s)
-        bar = None
+        display = None
         started = time.monotonic()
         last_message = started
         try:
@@ -137,7 +137,7 @@ class Monitor:
                     for record in recs:
                         self.handle(record.value)
                         last_message = time.monotonic()
-                bar = self._show(bar, show_progress)
+                display = self._show(display, show_progress)
                 progress = self.progress
                 if exit_when_done and progress is not None and progress.complete():
                     break
@@ -147,30 +147,62 @@ class Monitor:
                 if idle_exit_s is not None and now - last_message > idle_exit_s:
                     break
         finally:
-            if bar is not None:
-                bar.close()
+            if display is not None:
+                display.close()
             consumer.close()
         return self.progress
 
-    def _show(self, bar: Any, enabled: bool) -> Any:
+    def _show(self, display: "ProgressDisplay | None", enabled: bool) -> "ProgressDisplay | None":
         progress = self.progress
-        if not enabled or progress is None or progress.total is None:
-            return bar
-        if bar is None:
+        if progress is None or progress.total is None:
+            return display
+        if display is None:
+            display = ProgressDisplay(progress.run_id, bars=enabled)
+        display.update(progress)
+        return display
+
+
+class ProgressDisplay:
+    """A progress bar (done/total, rate, ETA) plus a status line with failures, chips, class
+    balance and per-worker throughput; without bars, the same as a log line every 10 s."""
+
+    def __init__(self, run_id: str, *, bars: bool, log_every_s: float = 10.0):
+        self.log_every_s = log_every_s
+        self.last_log = 0.0
+        self.bar = self.status = None
+        if bars:
             from tqdm import tqdm
 
-            bar = tqdm(total=progress.total, desc=progress.run_id, unit="task", dynamic_ncols=True)
-        if bar.total != progress.total:
-            bar.total = progress.total
-        if progress.done > bar.n:
-            bar.update(progress.done - bar.n)  # update() (not setting n) keeps tqdm's rate and ETA right
-        statuses = progress.statuses()
-        chips = sum(len(r.chips) for r in progress.results.values())
-        workers = len({r.worker_id for r in progress.results.values()})
-        bar.set_postfix_str(f"ok {statuses['ok']} failed {statuses['failed']} chips {chips} workers {workers}",
-                            refresh=False)
-        bar.refresh()
-        return bar
+            self.bar = tqdm(total=0, desc=run_id, unit="task", dynamic_ncols=True, position=0)
+            self.status = tqdm(total=0, bar_format="{desc}", dynamic_ncols=True, position=1)
+
+    @staticmethod
+    def status_text(progress: RunProgress) -> str:
+        summary = progress.summary(0.0)
+        pixels = sum(summary["class_pixels"].values()) or 1
+        classes = " ".join(f"{k}:{100 * v / pixels:.0f}%" for k, v in summary["class_pixels"].items())
+        workers = " ".join(f"{w}:{v['chips_per_s'] or 0:.1f}/s" for w, v in summary["workers"].items())
+        st = summary["statuses"]
+        return (f"ok {st['ok']} no_scenes {st['no_scenes']} no_fields {st['no_fields']} failed {st['failed']} | "
+                f"chips {summary['chips']} | classes {classes or '-'} | chips/s per worker {workers or '-'}")
+
+    def update(self, progress: RunProgress) -> None:
+        text = self.status_text(progress)
+        if self.bar is not None:
+            if self.bar.total != progress.total:
+                self.bar.total = progress.total
+            if progress.done > self.bar.n:
+                self.bar.update(progress.done - self.bar.n)  # update() keeps tqdm's rate and ETA right
+            self.status.set_description_str(text)
+            self.bar.refresh()
+        elif time.monotonic() - self.last_log >= self.log_every_s or progress.complete():
+            self.last_log = time.monotonic()
+            log.info("%d/%d tasks | %s", progress.done, progress.total, text)
+
+    def close(self) -> None:
+        for bar in (self.status, self.bar):
+            if bar is not None:
+                bar.close()
 
 
 def format_summary(summary: dict[str, Any], class_names: dict[int, str] | None = None) -> str:

@@ -11,16 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import uuid
 from pathlib import Path
 from typing import Any
 
 from .messages import ChipRecord, check_safe_id
-from .writing import IMAGES_DIR, MASKS_DIR, TMP_PREFIX
+from .writing import IMAGES_DIR, MANIFESTS_DIR, MASKS_DIR, temporary_path
 
 log = logging.getLogger(__name__)
 
-MANIFESTS_DIR = "manifests"
 MANIFEST_VERSION = 1
 
 
@@ -37,7 +35,7 @@ def write_manifest(output_dir: Path, cell_id: str, body: dict[str, Any]) -> None
         for rel in (chip["image"], chip["mask"]):
             files[rel] = (output_dir / rel).stat().st_size
     payload = {"manifest_version": MANIFEST_VERSION, **body, "files": files}
-    tmp = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{path.name}"
+    tmp = temporary_path(path)
     try:
         with open(tmp, "w") as handle:
             json.dump(payload, handle, sort_keys=True, indent=1)

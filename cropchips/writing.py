@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import socket
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +21,19 @@ log = logging.getLogger(__name__)
 
 IMAGES_DIR = "images"
 MASKS_DIR = "masks"
-TMP_PREFIX = ".tmp-"
+MANIFESTS_DIR = "manifests"
+OUTPUT_SUBDIRS = (IMAGES_DIR, MASKS_DIR, MANIFESTS_DIR)
+# Temporary names carry the writer's host and pid (.tmp~HOST~PID~RANDOM~NAME), so a restarted
+# worker can tell the leftovers of dead processes on its host from files being written.
+TMP_PREFIX = ".tmp~"
+#: NFS write errors worth another try (a server failover or a stale handle is often brief).
+TRANSIENT_ERRNOS = {errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN, errno.ENOSPC}
+WRITE_ATTEMPTS = 3
+
+
+def temporary_path(path: Path) -> Path:
+    """A unique temporary name beside ``path`` (same directory: the rename is atomic, also on NFS)."""
+    return path.parent / f"{TMP_PREFIX}{socket.gethostname()}~{os.getpid()}~{uuid.uuid4().hex[:8]}~{path.name}"
 
 
 def _profile(count: int, dtype: str, size: tuple[int, int], crs: str, transform: Affine) -> dict:
@@ -39,7 +55,7 @@ def atomic_write(path: Path, array: np.ndarray, *, crs: str, transform: Affine,
     atomic, also on NFS) and is fsync'ed before the rename; on any error it is removed.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{path.name}"
+    tmp = temporary_path(path)
     try:
         with rasterio.open(tmp, "w", **_profile(array.shape[0], array.dtype.name, array.shape[1:], crs, transform)) as dst:
             dst.write(array)
@@ -65,28 +81,57 @@ def write_chip(output_dir: Path, name: str, image: np.ndarray, mask: np.ndarray,
         raise ValueError(f"mask must be {image.shape[1:]} uint8, got {mask.shape} {mask.dtype}")
     image_rel = f"{IMAGES_DIR}/{name}.tif"
     mask_rel = f"{MASKS_DIR}/{name}.tif"
-    atomic_write(output_dir / image_rel, image, crs=crs, transform=transform, descriptions=BANDS)
-    atomic_write(output_dir / mask_rel, mask[None], crs=crs, transform=transform, descriptions=("class",))
+    with_retries(lambda: atomic_write(output_dir / image_rel, image, crs=crs, transform=transform,
+                                      descriptions=BANDS), image_rel)
+    with_retries(lambda: atomic_write(output_dir / mask_rel, mask[None], crs=crs, transform=transform,
+                                      descriptions=("class",)), mask_rel)
     return image_rel, mask_rel
 
 
-def remove_stale_temporaries(output_dir: Path, older_than_s: float = 3600.0) -> int:
-    """Delete temporary files a killed worker left behind (older than ``older_than_s``)."""
-    import time
+def with_retries(write: Callable[[], None], what: str, attempts: int = WRITE_ATTEMPTS, delay: float = 0.5) -> None:
+    """Run ``write``, retrying transient file-system errors (NFS hiccups) with exponential backoff."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return write()
+        except OSError as exc:
+            if exc.errno not in TRANSIENT_ERRNOS or attempt == attempts:
+                raise
+            log.warning("writing %s failed (%s); retry %d/%d in %.1f s", what, exc, attempt, attempts - 1, delay)
+            time.sleep(delay)
+            delay *= 2
 
+
+def remove_stale_temporaries(output_dir: Path, older_than_s: float = 3600.0) -> int:
+    """Delete temporary files that no live writer owns: those of dead processes on this host,
+    and any older than ``older_than_s`` (left by a host that never came back)."""
     removed = 0
     now = time.time()
-    for sub in (IMAGES_DIR, MASKS_DIR):
+    host = socket.gethostname()
+    for sub in OUTPUT_SUBDIRS:
         folder = output_dir / sub
         if not folder.is_dir():
             continue
         for entry in folder.glob(f"{TMP_PREFIX}*"):
+            parts = entry.name[len(TMP_PREFIX):].split("~")
             try:
-                if now - entry.stat().st_mtime > older_than_s:
+                dead_here = len(parts) >= 4 and parts[0] == host and not _pid_alive(int(parts[1]))
+                if dead_here or now - entry.stat().st_mtime > older_than_s:
                     entry.unlink()
                     removed += 1
-            except FileNotFoundError:
+            except (FileNotFoundError, ValueError):
                 pass
     if removed:
-        log.info("removed %d stale temporary files under %s", removed, output_dir)
+        log.info("removed %d temporary files left by stopped workers under %s", removed, output_dir)
     return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -141,13 +141,50 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
 
 
-def test_stale_temporaries_are_removed(tmp_path):
+def test_temporaries_of_dead_writers_and_old_ones_are_removed(tmp_path):
     import os
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    host = socket.gethostname()
     (tmp_path / "images").mkdir()
-    old = tmp_path / "images" / f"{TMP_PREFIX}abc-x.tif"
-    new = tmp_path / "images" / f"{TMP_PREFIX}def-y.tif"
-    old.write_bytes(b"x")
-    new.write_bytes(b"y")
-    os.utime(old, (0, 0))
-    assert remove_stale_temporaries(tmp_path, older_than_s=60) == 1
-    assert not old.exists() and new.exists()
+    (tmp_path / "manifests").mkdir()
+    of_dead = tmp_path / "images" / f"{TMP_PREFIX}{host}~{dead_pid}~aaaa~c-chip00.tif"
+    of_live = tmp_path / "images" / f"{TMP_PREFIX}{host}~{os.getpid()}~bbbb~c-chip01.tif"
+    other_host = tmp_path / "manifests" / f"{TMP_PREFIX}elsewhere~{dead_pid}~cccc~c.json"
+    old_other_host = tmp_path / "manifests" / f"{TMP_PREFIX}elsewhere~1~dddd~d.json"
+    for path in (of_dead, of_live, other_host, old_other_host):
+        path.write_bytes(b"x")
+    os.utime(old_other_host, (0, 0))
+    assert remove_stale_temporaries(tmp_path, older_than_s=60) == 2
+    assert not of_dead.exists() and not old_other_host.exists()
+    assert of_live.exists() and other_host.exists()  # may still be being written
+
+
+def test_transient_write_errors_are_retried(tmp_path, monkeypatch, caplog):
+    import errno
+    import cropchips.writing as writing
+
+    real = writing.atomic_write
+    calls = []
+
+    def flaky(path, *args, **kwargs):
+        calls.append(path.name)
+        if len(calls) == 1:
+            raise OSError(errno.ESTALE, "Stale file handle")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(writing, "atomic_write", flaky)
+    monkeypatch.setattr(writing.time, "sleep", lambda s: None)
+    image = np.ones((10, 16, 16), "uint16")
+    write_chip(tmp_path, "c-chip00", image, np.ones((16, 16), "uint8"), crs="EPSG:32630",
+               transform=Affine(10, 0, 0, 0, -10, 0))
+    assert calls == ["c-chip00.tif", "c-chip00.tif", "c-chip00.tif"]  # image retried once, then the mask
+    assert "retry 1/2" in caplog.text
+    monkeypatch.setattr(writing, "atomic_write", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "denied")))
+    with pytest.raises(PermissionError):
+        write_chip(tmp_path, "c-chip01", image, np.ones((16, 16), "uint8"), crs="EPSG:32630",
+                   transform=Affine(10, 0, 0, 0, -10, 0))

@@ -17,6 +17,7 @@ from conftest import REPO, run_script
 from cropchips.classes import load_class_map
 from cropchips.kafka_io import KafkaSettings, read_topic
 from cropchips.messages import BANDS, Result, decode
+from cropchips.writing import TMP_PREFIX
 
 CHIP = 64
 
@@ -90,7 +91,7 @@ def test_chip_files_match_the_results(pipeline_run):
     images = sorted(p.name for p in (output / "images").glob("*.tif"))
     masks = sorted(p.name for p in (output / "masks").glob("*.tif"))
     assert images == masks == sorted(f"{c.name}.tif" for c in chips)
-    assert not [p for p in output.rglob(".tmp-*")]
+    assert not [p for p in output.rglob(f"{TMP_PREFIX}*")]
     for result in pipeline_run["results"]:
         assert 0 < len(result.chips) <= 5
         assert [c.name for c in result.chips] == [f"{result.cell_id}-chip{k:02d}" for k in range(len(result.chips))]

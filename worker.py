@@ -10,6 +10,7 @@ from pathlib import Path
 
 from cropchips import config
 from cropchips.cli import EXIT_OK, run, setup_logging
+from cropchips.hrefs import DEFAULT_ALLOWED_PREFIXES, HrefPolicy
 from cropchips.kafka_io import KafkaSettings
 from cropchips.processing import ProcessingOptions, TaskProcessor, default_worker_id
 from cropchips.worker import Worker, WorkerOptions
@@ -30,6 +31,10 @@ def build_parser(env: Mapping[str, str] | None = None) -> config.EnvArgumentPars
     p.option("--resolution", type=config.positive_float, default=10.0, group=c, help="output pixel size in metres")
     p.option("--class-map", default=None, group=c, help="CSV mapping HCAT3 codes to classes (default: the packaged one)")
     p.flag("--force", group=c, help="redo tasks whose outputs are already complete (default: re-report them)")
+    p.option("--allowed-hrefs", default=",".join(DEFAULT_ALLOWED_PREFIXES), group=c,
+             help="comma-separated URL prefixes scene hrefs must start with (default: Earth Search's buckets)")
+    p.option("--local-scenes-dir", default=None, group=c,
+             help="comma-separated folders from which local scene files may be read (default: none)")
     p.option("--read-threads", type=config.positive_int, default=8, group=c, help="band files read concurrently")
     config.add_kafka_options(p)
     k = p.add_argument_group("consumer")
@@ -52,7 +57,8 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
     processing = ProcessingOptions(
         output_dir=Path(args.output_dir), gpkg=args.gpkg, layer=args.layer, chip_size=args.chip_size,
         max_chips_per_cell=args.max_chips_per_cell, composite=args.composite, resolution=args.resolution,
-        read_threads=args.read_threads, class_map=args.class_map, force=args.force)
+        read_threads=args.read_threads, class_map=args.class_map, force=args.force,
+        hrefs=HrefPolicy.from_options(args.allowed_hrefs, args.local_scenes_dir))
     worker = WorkerOptions(
         kafka=KafkaSettings(args.bootstrap_servers, client_id=f"cropchips-worker-{args.number}"),
         tasks_topic=args.tasks_topic, results_topic=args.results_topic, dlq_topic=args.dlq_topic,

@@ -53,7 +53,8 @@ def run_demo(output: Path, *, workers: int = 2, chip_size: int | None = None, py
             raise CropChipsError(f"master.py exited with {master.returncode}")
         procs = [subprocess.Popen(
             [python, script("worker.py"), str(n), "--gpkg", str(sample.gpkg), "--layer", sample.layer,
-             "--output-dir", str(dataset), "--burst", "--burst-idle", "5", *common,
+             "--output-dir", str(dataset), "--local-scenes-dir", str(sample.root), "--burst", "--burst-idle", "5",
+             *common,
              *(["--chip-size", str(chip_size)] if chip_size else [])])
             for n in range(1, workers + 1)]
         try:

@@ -7,7 +7,7 @@ import logging
 import socket
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -19,14 +19,15 @@ from . import __version__
 from .chips import plan_chips
 from .classes import DEFAULT_CLASS_MAP_PATH, ClassMap, load_class_map
 from .composite import composite
-from .errors import CropChipsError
+from .errors import ConfigError, CropChipsError
 from .fields import FieldLayer, open_layer, read_fields
 from .grid import cell_contains
+from .hrefs import HrefPolicy
 from .labels import rasterize_classes
 from .manifest import chips_from_manifest, read_complete_manifest, remove_other_chips, write_manifest
 from .messages import ChipRecord, Result, Task
 from .reading import cell_grid, choose_epsg, grid_origin, read_stack
-from .writing import write_chip
+from .writing import OUTPUT_SUBDIRS, write_chip
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class ProcessingOptions:
     """HCAT -> class CSV (None: the packaged one)."""
     force: bool = False
     """Redo tasks whose outputs are already complete."""
+    hrefs: HrefPolicy = field(default_factory=HrefPolicy)
+    """Which scene hrefs may be opened."""
 
     def __post_init__(self) -> None:
         if self.chip_size < 1:
@@ -89,6 +92,11 @@ class TaskProcessor:
                  layer: FieldLayer | None = None, class_map: ClassMap | None = None):
         self.options = options
         self.worker_id = worker_id
+        for sub in OUTPUT_SUBDIRS:
+            # A link here could send chips anywhere on the machine: refuse it.
+            if (options.output_dir / sub).is_symlink():
+                raise ConfigError(f"{options.output_dir / sub} is a symbolic link; the output folders must be real "
+                                  "directories inside --output-dir")
         self.layer = layer or open_layer(options.gpkg, options.layer)
         self.class_map = class_map or load_class_map(options.class_map)
         class_map_text = Path(options.class_map or DEFAULT_CLASS_MAP_PATH).read_bytes()
@@ -123,6 +131,9 @@ class TaskProcessor:
     def _process(self, task: Task, watch: Stopwatch) -> Result:
         opts = self.options
         cell = task.cell
+        task = replace(task, scenes=tuple(
+            replace(scene, assets={band: opts.hrefs.check(href) for band, href in scene.assets.items()})
+            for scene in task.scenes))
         if not task.scenes:
             return self._result(task, "no_scenes", watch, error="no Sentinel-2 scene covers the cell")
         if not opts.force:
@@ -136,7 +147,7 @@ class TaskProcessor:
         in_zone = [s for s in task.scenes if s.epsg == epsg]
         # Chips may reach half a chip beyond the cell, so a field near an edge still gets a whole chip.
         margin = opts.chip_size // 2 + 1
-        grid = cell_grid(cell, epsg, grid_origin(in_zone[0].assets["B02"]), opts.resolution, margin)
+        grid = cell_grid(cell, epsg, grid_origin(in_zone[0].assets["B02"], "B02"), opts.resolution, margin)
 
         with watch.stage("fields"):
             to_lonlat = Transformer.from_crs(grid.crs, "EPSG:4326", always_xy=True)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import rasterio
@@ -21,6 +23,7 @@ from .errors import InputDataError, RetryableError
 from .messages import BANDS, SCL, Cell, Scene
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: GDAL configuration for reading Cloud-Optimized GeoTIFFs over HTTP. Every option says why.
 GDAL_OPTIONS: dict[str, str] = {
@@ -100,10 +103,13 @@ def choose_epsg(cell: Cell, scenes: Sequence[Scene]) -> int:
     return max(sorted(set(epsgs)), key=epsgs.count)
 
 
-def grid_origin(href: str) -> tuple[float, float]:
+def grid_origin(href: str, band: str = "B02") -> tuple[float, float]:
     """Upper-left corner of a file's pixel grid, from its own header (never the item's metadata)."""
-    with rasterio.Env(**GDAL_OPTIONS), rasterio.open(href) as src:
-        return src.transform.c, src.transform.f
+    def read() -> tuple[float, float]:
+        with rasterio.Env(**GDAL_OPTIONS), rasterio.open(href) as src:
+            return src.transform.c, src.transform.f
+
+    return with_read_retries(read, band, href)
 
 
 def cell_grid(cell: Cell, epsg: int, origin: tuple[float, float], resolution: float, margin_px: int) -> TargetGrid:
@@ -149,24 +155,37 @@ def read_band(href: str, band: str, grid: TargetGrid) -> np.ndarray:
 
     Only the tiles the grid's window needs are read. Transient I/O errors are retried.
     """
+    def read() -> np.ndarray:
+        with rasterio.Env(**GDAL_OPTIONS), rasterio.open(href) as src:
+            resampling = resampling_for(band, abs(src.transform.a), grid.resolution)
+            with WarpedVRT(src, crs=grid.crs, transform=grid.transform, width=grid.width, height=grid.height,
+                           resampling=resampling, src_nodata=src.nodata if src.nodata is not None else 0,
+                           nodata=0) as vrt:
+                return vrt.read(1)
+
+    return with_read_retries(read, band, href)
+
+
+def with_read_retries(read: Callable[[], T], band: str, href: str) -> T:
+    """Run ``read``; retry transient I/O errors with exponential backoff and jitter, each retry logged.
+
+    A missing file is final at once (InputDataError); other errors become RetryableError
+    after :data:`READ_ATTEMPTS` tries (GDAL's own HTTP retries of 5xx answers come on top).
+    """
     delay = 0.5
     for attempt in range(1, READ_ATTEMPTS + 1):
         try:
-            with rasterio.Env(**GDAL_OPTIONS), rasterio.open(href) as src:
-                resampling = resampling_for(band, abs(src.transform.a), grid.resolution)
-                with WarpedVRT(src, crs=grid.crs, transform=grid.transform, width=grid.width, height=grid.height,
-                               resampling=resampling, src_nodata=src.nodata if src.nodata is not None else 0,
-                               nodata=0) as vrt:
-                    return vrt.read(1)
+            return read()
         except RasterioIOError as exc:
             message = str(exc)
             if _is_missing(message):
                 raise InputDataError(f"cannot open {band} at {href}: {message}") from exc
             if attempt == READ_ATTEMPTS:
                 raise RetryableError(f"reading {band} from {href} failed {attempt} times: {message}") from exc
+            wait = random.uniform(delay / 2, delay)
             log.warning("read of %s from %s failed (%s); retry %d/%d in %.1f s", band, href, message,
-                        attempt, READ_ATTEMPTS - 1, delay)
-            time.sleep(delay)
+                        attempt, READ_ATTEMPTS - 1, wait)
+            time.sleep(wait)
             delay *= 2
     raise AssertionError("unreachable")
 

@@ -37,7 +37,8 @@ def kafka_args(broker, topics):
 def start_worker(n, sample, output, broker, topics, *extra):
     return subprocess.Popen(
         [sys.executable, str(REPO / "worker.py"), str(n), "--gpkg", str(sample.gpkg), "--layer", sample.layer,
-         "--output-dir", str(output), "--chip-size", str(CHIP), "--group-id", topics["group"], "--burst",
+         "--output-dir", str(output), "--local-scenes-dir", str(sample.root), "--chip-size", str(CHIP),
+         "--group-id", topics["group"], "--burst",
          "--burst-idle", "5", *kafka_args(broker, topics), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
 

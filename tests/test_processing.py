@@ -5,6 +5,7 @@ from dataclasses import replace
 import pytest
 
 from cropchips.grid import Grid
+from cropchips.hrefs import HrefPolicy
 from cropchips.manifest import manifest_path
 from cropchips.master import MasterOptions, make_plan
 from cropchips.processing import ProcessingOptions, TaskProcessor
@@ -22,7 +23,7 @@ def task(sample_area):
 
 def processor(sample_area, out, **over):
     options = ProcessingOptions(output_dir=out, gpkg=str(sample_area.gpkg), layer=sample_area.layer, chip_size=32,
-                                **over)
+                                hrefs=HrefPolicy(local_dirs=(sample_area.root.resolve(),)), **over)
     return TaskProcessor(options, worker_id="p@test")
 
 

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from conftest import shared_data
+from cropchips.hrefs import HrefPolicy
 from cropchips.kafka_io import KafkaSettings, make_producer, read_topic
 from cropchips.messages import Cell, Result, Task, decode, encode
 from cropchips.processing import ProcessingOptions, TaskProcessor, utc_now
@@ -28,7 +29,9 @@ def real_scene():
 @pytest.fixture(scope="module")
 def processor(tmp_path_factory):
     gpkg = f"zip://{shared_data('eurocrops', 'SI_2021.zip')}"
-    options = ProcessingOptions(output_dir=tmp_path_factory.mktemp("out"), gpkg=gpkg, resolution=100.0, chip_size=16)
+    local = HrefPolicy(local_dirs=(shared_data("sentinel2").resolve(),))
+    options = ProcessingOptions(output_dir=tmp_path_factory.mktemp("out"), gpkg=gpkg, resolution=100.0, chip_size=16,
+                                hrefs=local)
     return TaskProcessor(options, worker_id="t@test")
 
 
@@ -51,10 +54,46 @@ def test_cell_without_fields_is_no_fields(processor, real_scene):
 
 def test_unreadable_scene_fails_with_a_readable_error(processor, real_scene, tmp_path):
     from dataclasses import replace
+    options = replace(processor.options, hrefs=HrefPolicy(local_dirs=(tmp_path.resolve(), shared_data("sentinel2").resolve())))
     broken = replace(real_scene, assets={**real_scene.assets, "B02": str(tmp_path / "missing.tif")})
     cell = Cell(id="c-broken", row=0, col=0, bbox=(15.6, 45.95, 15.65, 46.0))
-    result = processor.process(task_for(cell, [broken]))
-    assert result.status == "failed" and "missing.tif" in result.error
+    result = TaskProcessor(options, "t@test").process(task_for(cell, [broken]))
+    assert result.status == "failed" and "cannot open B02" in result.error and "missing.tif" in result.error
+
+
+@pytest.mark.parametrize("href, needle", [
+    ("/etc/passwd", "outside the allowed folders"),
+    ("file:///etc/passwd", "outside the allowed folders"),
+    ("https://evil.example.com/B02.tif", "is not allowed"),
+    ("http://sentinel-cogs.s3.us-west-2.amazonaws.com/x/B02.tif", "is not allowed"),  # https only
+    ("https://sentinel-cogs.s3.us-west-2.amazonaws.com/../../x/B02.tif", "contains '..'"),
+])
+def test_forbidden_hrefs_fail_before_any_read(processor, real_scene, href, needle):
+    from dataclasses import replace
+    bad = replace(real_scene, assets={**real_scene.assets, "SCL": href})
+    cell = Cell(id="c-evil", row=0, col=0, bbox=(15.6, 45.95, 15.65, 46.0))
+    result = processor.process(task_for(cell, [bad]))
+    assert result.status == "failed" and needle in result.error
+
+
+def test_symlink_in_the_local_scenes_dir_cannot_lead_outside(tmp_path):
+    allowed = tmp_path / "scenes"
+    allowed.mkdir()
+    (allowed / "B02.tif").symlink_to("/etc/hostname")
+    policy = HrefPolicy(local_dirs=(allowed.resolve(),))
+    from cropchips.errors import MessageError
+    with pytest.raises(MessageError, match="outside"):
+        policy.check(str(allowed / "B02.tif"))
+    assert policy.check(str(allowed / "real.tif")) == str((allowed / "real.tif").resolve())
+    assert HrefPolicy().check("s3://sentinel-cogs/sentinel-s2-l2a-cogs/x/B02.tif").startswith("s3://")
+
+
+def test_output_folder_that_is_a_symlink_is_refused(processor, tmp_path):
+    from dataclasses import replace
+    from cropchips.errors import ConfigError
+    (tmp_path / "images").symlink_to("/tmp")
+    with pytest.raises(ConfigError, match="symbolic link"):
+        TaskProcessor(replace(processor.options, output_dir=tmp_path), "t@test")
 
 
 class ScriptedProcessor:

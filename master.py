@@ -12,7 +12,6 @@ from cropchips import config
 from cropchips.cli import EXIT_OK, run, setup_logging
 from cropchips.errors import ConfigError
 from cropchips.grid import Grid
-from cropchips.kafka_io import KafkaSettings
 from cropchips.master import MasterOptions, make_plan, publish
 
 
@@ -53,7 +52,7 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         grid=Grid(start_x=args.start_x, start_y=args.start_y, step=args.grid_step, x_cells=args.x_cells, y_cells=args.y_cells),
         min_polygons=args.min_polygons, stac_api=None if args.stac_items else args.stac_api, stac_items=args.stac_items,
         collection=args.collection, datetime=args.datetime, max_cloud=args.max_cloud,
-        kafka=KafkaSettings(args.bootstrap_servers, client_id="cropchips-master"),
+        kafka=config.kafka_settings(args, "cropchips-master", env),
         tasks_topic=args.tasks_topic, results_topic=args.results_topic, dlq_topic=args.dlq_topic,
         tasks_partitions=args.tasks_partitions, run_id=args.run_id, broker_wait_s=args.broker_wait)
     return options, args

@@ -30,15 +30,17 @@ def build_parser(env: Mapping[str, str] | None = None) -> config.EnvArgumentPars
     return p
 
 
-def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> argparse.Namespace:
-    return build_parser(env).parse_args(argv)
+def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+               ) -> tuple[KafkaSettings, argparse.Namespace]:
+    args = build_parser(env).parse_args(argv)
+    return config.kafka_settings(args, "cropchips-monitor", env), args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
-        args = parse_args(argv)
+        kafka, args = parse_args(argv)
         setup_logging(args.log_level)
-        monitor = Monitor(KafkaSettings(args.bootstrap_servers, client_id="cropchips-monitor"), args.results_topic,
+        monitor = Monitor(kafka, args.results_topic,
                           run_id=args.run_id, broker_wait_s=args.broker_wait)
         started = time.monotonic()
         try:

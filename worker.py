@@ -11,7 +11,6 @@ from pathlib import Path
 from cropchips import config
 from cropchips.cli import EXIT_OK, run, setup_logging
 from cropchips.hrefs import DEFAULT_ALLOWED_PREFIXES, HrefPolicy
-from cropchips.kafka_io import KafkaSettings
 from cropchips.processing import ProcessingOptions, TaskProcessor, default_worker_id
 from cropchips.worker import Worker, WorkerOptions
 from cropchips.writing import remove_stale_temporaries
@@ -60,7 +59,7 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         read_threads=args.read_threads, class_map=args.class_map, force=args.force,
         hrefs=HrefPolicy.from_options(args.allowed_hrefs, args.local_scenes_dir))
     worker = WorkerOptions(
-        kafka=KafkaSettings(args.bootstrap_servers, client_id=f"cropchips-worker-{args.number}"),
+        kafka=config.kafka_settings(args, f"cropchips-worker-{args.number}", env),
         tasks_topic=args.tasks_topic, results_topic=args.results_topic, dlq_topic=args.dlq_topic,
         group_id=args.group_id, tasks_partitions=args.tasks_partitions, burst=args.burst,
         burst_idle_s=args.burst_idle, max_poll_interval_ms=args.max_poll_interval_ms,

@@ -31,8 +31,10 @@ def run(body: Callable[[], int]) -> int:
     try:
         return body()
     except CropChipsError as exc:
+        setup_logging()  # a no-op if the script configured logging already
         log.error("%s", exc)
         return EXIT_ERROR
     except KeyboardInterrupt:
+        setup_logging()
         log.warning("interrupted")
         return EXIT_INTERRUPTED

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .kafka_io import KafkaSettings
 
 ENV_PREFIX = "CROPCHIPS_"
 
@@ -49,6 +52,8 @@ class EnvArgumentParser(argparse.ArgumentParser):
 
     def __init__(self, *args: Any, env: Mapping[str, str] | None = None, **kwargs: Any):
         kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        # No abbreviations: "--sasl-password X" must not silently mean --sasl-password-file.
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
         self._env = os.environ if env is None else env
         self.env_names: dict[str, str] = {}
@@ -113,6 +118,57 @@ def add_kafka_options(parser: EnvArgumentParser) -> None:
                   help="partitions of the tasks topic when it has to be created (bounds the useful worker count)")
     parser.option("--broker-wait", type=non_negative_float, default=60.0, group=group,
                   help="seconds to wait for an unreachable broker before giving up")
+    sec = parser.add_argument_group(
+        "Kafka security", "the SASL password is never a flag (it would show in ps): set CROPCHIPS_SASL_PASSWORD "
+        "or point --sasl-password-file at a file")
+    parser.option("--security-protocol", default="PLAINTEXT", group=sec,
+                  choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"), help="Kafka security protocol")
+    parser.option("--sasl-mechanism", default=None, group=sec, choices=("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"),
+                  help="SASL mechanism (Redpanda uses SCRAM-SHA-256 or -512)")
+    parser.option("--sasl-username", default=None, group=sec, help="SASL user name")
+    parser.option("--sasl-password-file", default=None, group=sec,
+                  help="file holding the SASL password (first line)")
+    parser.option("--ssl-cafile", default=None, group=sec, help="CA certificate file to verify the broker")
+    parser.option("--ssl-certfile", default=None, group=sec, help="client certificate file (mutual TLS)")
+    parser.option("--ssl-keyfile", default=None, group=sec, help="client private key file (mutual TLS)")
+
+
+SASL_PASSWORD_ENV = ENV_PREFIX + "SASL_PASSWORD"
+
+
+def kafka_settings(args: argparse.Namespace, client_id: str, env: Mapping[str, str] | None = None) -> "KafkaSettings":
+    """Build the broker connection from the Kafka options; the password comes from the
+    environment or a file, never from the command line, and is never logged."""
+    from .kafka_io import KafkaSettings
+
+    env = os.environ if env is None else env
+    extra: dict[str, Any] = {"security_protocol": args.security_protocol}
+    sasl = args.security_protocol.startswith("SASL_")
+    if sasl:
+        if not args.sasl_mechanism or not args.sasl_username:
+            raise ConfigError(f"--security-protocol {args.security_protocol} needs --sasl-mechanism and "
+                              "--sasl-username (or CROPCHIPS_SASL_MECHANISM / CROPCHIPS_SASL_USERNAME)")
+        password = env.get(SASL_PASSWORD_ENV)
+        if args.sasl_password_file:
+            try:
+                password = open(args.sasl_password_file).readline().rstrip("\r\n")
+            except OSError as exc:
+                raise ConfigError(f"cannot read --sasl-password-file {args.sasl_password_file}: {exc.strerror}") from exc
+        if not password:
+            raise ConfigError(f"SASL needs a password: set {SASL_PASSWORD_ENV} or --sasl-password-file")
+        extra.update(sasl_mechanism=args.sasl_mechanism, sasl_plain_username=args.sasl_username,
+                     sasl_plain_password=password)
+    elif args.sasl_mechanism or args.sasl_username:
+        raise ConfigError("--sasl-mechanism/--sasl-username need --security-protocol SASL_PLAINTEXT or SASL_SSL")
+    for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+        value = getattr(args, key)
+        if value:
+            if not args.security_protocol.endswith("SSL"):
+                raise ConfigError(f"--{key.replace('_', '-')} needs --security-protocol SSL or SASL_SSL")
+            if not os.path.exists(value):
+                raise ConfigError(f"--{key.replace('_', '-')} {value}: no such file")
+            extra[key] = value
+    return KafkaSettings(args.bootstrap_servers, client_id=client_id, extra=extra)
 
 
 def positive_int(text: str) -> int:

@@ -36,8 +36,8 @@ class KafkaSettings:
     """Comma-separated host:port list."""
     client_id: str = "cropchips"
     """Client id shown in broker logs."""
-    extra: Mapping[str, Any] = field(default_factory=dict)
-    """Further kafka-python client settings (security, timeouts)."""
+    extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    """Further kafka-python client settings (security, timeouts); may hold a secret, so never shown."""
 
     @property
     def servers(self) -> list[str]:

@@ -1,0 +1,168 @@
+"""Faults on a real broker: kill -9 chaos, graceful shutdown, a broker that comes up late."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import REPO, run_script
+from cropchips.embedded_broker import EmbeddedBroker, free_port
+from cropchips.kafka_io import KafkaSettings, ensure_topics, read_topic
+from cropchips.messages import Result, decode
+from cropchips.writing import TMP_PREFIX
+
+
+def kafka_args(bootstrap, topics):
+    return ["--bootstrap-servers", bootstrap, "--tasks-topic", topics["tasks"], "--results-topic", topics["results"],
+            "--dlq-topic", topics["dlq"]]
+
+
+def publish_area(sample, bootstrap, topics, *extra):
+    result = run_script("master.py", "--gpkg", str(sample.gpkg), "--layer", sample.layer,
+                        "--start-x", str(sample.start_x), "--start-y", str(sample.start_y),
+                        "--grid-step", str(sample.grid_step), "--x-cells", str(sample.x_cells),
+                        "--y-cells", str(sample.y_cells), "--stac-items", str(sample.items),
+                        "--datetime", sample.datetime, "--max-cloud", "100", "--min-polygons", "1",
+                        *kafka_args(bootstrap, topics), *extra)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+class WorkerProcess:
+    """worker.py N as a child process whose output is collected in the background."""
+
+    def __init__(self, n, sample, output, bootstrap, topics, *extra):
+        self.n = n
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / "worker.py"), str(n), "--gpkg", str(sample.gpkg), "--layer", sample.layer,
+             "--output-dir", str(output), "--local-scenes-dir", str(sample.root), "--group-id", topics["group"],
+             *kafka_args(bootstrap, topics), *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, text, timeout=60.0):
+        deadline = time.monotonic() + timeout
+        while text not in self.log:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise AssertionError(f"worker {self.n} never logged {text!r}:\n{self.log[-3000:]}")
+            time.sleep(0.05)
+
+    def wait(self, timeout=180.0) -> int:
+        code = self.proc.wait(timeout=timeout)
+        self.reader.join(timeout=5)
+        return code
+
+
+def final_summary(bootstrap, topics, run_id=None):
+    args = ["--exit-when-done", "--json", "--no-progress", "--timeout", "60", *kafka_args(bootstrap, topics)]
+    if run_id:
+        args += ["--run-id", run_id]
+    done = run_script("monitor.py", *args, timeout=120)
+    return done.returncode, json.loads(done.stdout.strip().splitlines()[-1]) if done.stdout.strip() else {}
+
+
+@pytest.fixture(scope="module")
+def big_area(tmp_path_factory):
+    from cropchips.sample import generate_sample
+
+    # 100 small cells with 3 fields each: 100 quick tasks.
+    return generate_sample(tmp_path_factory.mktemp("big"), x_cells=10, y_cells=10, grid_step=0.01,
+                           fields_per_cell=3, margin_m=1000)
+
+
+def test_kill_9_chaos_loses_nothing_and_doubles_nothing(broker, topics, big_area, tmp_path):
+    rng = random.Random(7)
+    bootstrap = broker.bootstrap_servers
+    publish_area(big_area, bootstrap, topics, "--run-id", "run-chaos")
+    extra = ["--chip-size", "64", "--max-chips-per-cell", "3", "--burst", "--burst-idle", "10",
+             "--session-timeout-ms", "3000"]
+    workers = {n: WorkerProcess(n, big_area, tmp_path, bootstrap, topics, *extra) for n in (1, 2, 3)}
+    for w in workers.values():
+        w.wait_for("partitions assigned")
+    kills = 0
+    kafka = KafkaSettings(bootstrap)
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline:
+        time.sleep(rng.uniform(2.0, 4.0))
+        done = {decode(r.value).task_id for r in read_topic(kafka, topics["results"], idle_s=0.3)
+                if r.value and b'"type":"result"' in r.value}
+        if len(done) >= 100 or all(w.proc.poll() is not None for w in workers.values()):
+            break
+        victim = rng.choice([n for n, w in workers.items() if w.proc.poll() is None] or [1])
+        workers[victim].proc.send_signal(signal.SIGKILL)
+        workers[victim].wait(timeout=30)
+        kills += 1
+        workers[victim] = WorkerProcess(victim, big_area, tmp_path, bootstrap, topics, *extra)
+    for w in workers.values():
+        assert w.wait(timeout=180) == 0, w.log[-3000:]
+    assert kills >= 3, "the run ended before the chaos began: make the tasks slower"
+
+    code, summary = final_summary(bootstrap, topics, "run-chaos")
+    assert code == 0, summary
+    assert summary["tasks_total"] == 100 and summary["statuses"]["ok"] == 100 and summary["statuses"]["failed"] == 0
+    results = [m for m in (decode(r.value) for r in read_topic(kafka, topics["results"])) if isinstance(m, Result)]
+    first_ok = {}
+    for r in results:
+        first_ok.setdefault(r.task_id, r)
+    names = sorted(c.name for r in first_ok.values() for c in r.chips)
+    assert len(names) == len(set(names)) == summary["chips"]
+    images = sorted(p.stem for p in (tmp_path / "images").glob("*.tif"))
+    masks = sorted(p.stem for p in (tmp_path / "masks").glob("*.tif"))
+    assert images == masks == names  # every reported chip exists once, nothing else does
+    assert not list(tmp_path.rglob(f"{TMP_PREFIX}*")), "temporary files left behind"
+
+
+def test_sigterm_finishes_the_current_task_commits_and_exits_0(broker, topics, sample_area, tmp_path):
+    bootstrap = broker.bootstrap_servers
+    publish_area(sample_area, bootstrap, topics, "--run-id", "run-term")
+    first = WorkerProcess(1, sample_area, tmp_path, bootstrap, topics, "--chip-size", "256")
+    first.wait_for(") started", timeout=60)  # "task ... (cell ..., N scenes) started": mid-task
+    first.proc.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=120) == 0, first.log
+    assert "finishing the current task" in first.log and "stopped after" in first.log
+    finished = [line for line in first.lines if " ok: " in line and "task " in line]
+    assert len(finished) == 1, first.log  # the task in hand was finished, no new one was taken
+    second = WorkerProcess(2, sample_area, tmp_path, bootstrap, topics, "--chip-size", "256", "--burst",
+                           "--burst-idle", "5")
+    assert second.wait(timeout=180) == 0, second.log
+    code, summary = final_summary(bootstrap, topics, "run-term")
+    assert code == 0 and summary["statuses"]["ok"] == summary["tasks_total"] == 4
+    results = [m for m in (decode(r.value) for r in read_topic(KafkaSettings(bootstrap), topics["results"]))
+               if isinstance(m, Result)]
+    # The first worker's task was committed: nobody processed it again.
+    assert len(results) == 4 and len({r.task_id for r in results}) == 4
+    assert sum(r.worker_id.startswith("1@") for r in results) == 1
+
+
+def test_workers_wait_for_a_broker_that_comes_up_late(sample_area, tmp_path):
+    port = free_port()
+    bootstrap = f"127.0.0.1:{port}"
+    topics = {"tasks": "late-tasks", "results": "late-results", "dlq": "late-dlq", "group": "late-workers"}
+    worker = WorkerProcess(1, sample_area, tmp_path, bootstrap, topics, "--chip-size", "32", "--burst",
+                           "--burst-idle", "5")
+    worker.wait_for("not reachable", timeout=30)
+    time.sleep(2)
+    with EmbeddedBroker(port=port):
+        publish_area(sample_area, bootstrap, topics, "--run-id", "run-late")
+        assert worker.wait(timeout=180) == 0, worker.log
+        code, summary = final_summary(bootstrap, topics, "run-late")
+    assert code == 0 and summary["statuses"]["ok"] == 4
+    assert "retrying in" in worker.log and "Traceback" not in worker.log

@@ -114,3 +114,30 @@ def test_missing_file_is_a_clear_error(scene, tmp_path):
     grid = cell_grid(CELL, 32629, grid_origin(scene.assets["B02"]), RES, margin_px=2)
     with pytest.raises(InputDataError, match="cannot open B02"):
         read_band(str(tmp_path / "nope.tif"), "B02", grid)
+
+
+def test_transient_read_errors_are_retried_with_backoff_then_reported(monkeypatch, caplog):
+    import cropchips.reading as reading
+    from rasterio.errors import RasterioIOError
+
+    from cropchips.errors import RetryableError
+
+    sleeps = []
+    monkeypatch.setattr(reading.time, "sleep", sleeps.append)
+    attempts = []
+
+    def flaky():
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise RasterioIOError("CURL error: Empty reply from server")
+        return "pixels"
+
+    assert reading.with_read_retries(flaky, "B04", "https://x/B04.tif") == "pixels"
+    assert len(attempts) == 3 and len(sleeps) == 2 and sleeps[1] > sleeps[0] * 0.5
+    assert "Empty reply from server" in caplog.text and "retry 1/2" in caplog.text
+
+    def broken():
+        raise RasterioIOError("HTTP response code: 503")
+
+    with pytest.raises(RetryableError, match="failed 3 times: HTTP response code: 503"):
+        reading.with_read_retries(broken, "B04", "https://x/B04.tif")

@@ -1,0 +1,51 @@
+"""A flaky object store: ~20% of COG requests fail with 500s or connection resets, every task still succeeds."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import run_script
+from cropchips.cog_server import CogServer, FaultPlan
+from cropchips.kafka_io import KafkaSettings, read_topic
+from cropchips.messages import Result, decode
+from test_reliability import WorkerProcess, final_summary, kafka_args
+
+
+def serve_items(sample, server, path):
+    """The sample's STAC items with every asset href pointing at the HTTP server."""
+    doc = json.loads(sample.items.read_text())
+    for item in doc["features"]:
+        for asset in item["assets"].values():
+            asset["href"] = server.href(asset["href"])
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_all_tasks_succeed_through_a_store_failing_a_fifth_of_requests(broker, topics, sample_area, tmp_path):
+    faults = FaultPlan(error_rate=0.1, reset_rate=0.1, seed=11, only_ranges=False)
+    with CogServer(sample_area.root, faults=faults, latency_s=0.005) as server:
+        items = serve_items(sample_area, server, tmp_path / "items-http.json")
+        published = run_script(
+            "master.py", "--gpkg", str(sample_area.gpkg), "--layer", sample_area.layer,
+            "--start-x", str(sample_area.start_x), "--start-y", str(sample_area.start_y),
+            "--grid-step", str(sample_area.grid_step), "--x-cells", str(sample_area.x_cells),
+            "--y-cells", str(sample_area.y_cells), "--stac-items", str(items), "--datetime", sample_area.datetime,
+            "--max-cloud", "100", "--run-id", "run-flaky", *kafka_args(broker.bootstrap_servers, topics))
+        assert published.returncode == 0, published.stderr
+        workers = [WorkerProcess(n, sample_area, tmp_path / "out", broker.bootstrap_servers, topics, "--chip-size", "64",
+                                 "--allowed-hrefs", f"{server.url}/", "--burst", "--burst-idle", "5")
+                   for n in (1, 2)]
+        for worker in workers:
+            assert worker.wait(timeout=240) == 0, worker.log[-3000:]
+        stats = server.stats
+    code, summary = final_summary(broker.bootstrap_servers, topics, "run-flaky")
+    assert code == 0, summary
+    assert summary["statuses"]["ok"] == 4 and summary["statuses"]["failed"] == 0 and summary["chips"] > 0
+    # The faults really happened, about a fifth of all requests...
+    assert stats.errors + stats.resets >= 0.1 * stats.requests and stats.errors > 0 and stats.resets > 0
+    # ...and the retries are visible in the workers' logs (GDAL's own and ours).
+    logs = "".join(w.log for w in workers)
+    assert "retry" in logs.lower(), logs[-3000:]
+    results = [m for m in (decode(r.value) for r in read_topic(KafkaSettings(broker.bootstrap_servers),
+                                                               topics["results"])) if isinstance(m, Result)]
+    assert all(r.status == "ok" for r in results)

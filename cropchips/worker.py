@@ -20,8 +20,8 @@ from kafka import ConsumerRebalanceListener, TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from .errors import MessageError
-from .kafka_io import KafkaSettings, ensure_topics, make_consumer, make_producer
+from .errors import BrokerError, MessageError
+from .kafka_io import KafkaSettings, backoff_delays, ensure_topics, make_consumer, make_producer
 from .messages import Result, Task, check_safe_id, decode, encode
 from .processing import TaskProcessor, utc_now
 
@@ -56,6 +56,8 @@ class WorkerOptions:
     """On SIGTERM/SIGINT, how long the current task may still run before it is abandoned uncommitted."""
     broker_wait_s: float = 60.0
     """How long to wait for an unreachable broker at start."""
+    publish_retry_s: float = 600.0
+    """How long to keep retrying a result the broker does not acknowledge (then the worker stops)."""
 
 
 @dataclass
@@ -255,8 +257,23 @@ class Worker:
         return result
 
     def _publish(self, topic: str, key: str, value: bytes, headers: list[tuple[str, bytes]] | None = None) -> None:
-        # Waiting for the acknowledgement makes the result durable before the offset is committed.
-        self.producer.send(topic, key=key.encode(), value=value, headers=headers or []).get(timeout=60)
+        """Publish and wait for the acknowledgement (the result is durable before the offset is
+        committed). A broker that is unreachable (network cut) is retried with backoff for up to
+        ``publish_retry_s``: the task's files are already written, so only the report waits."""
+        deadline = time.monotonic() + self.options.publish_retry_s
+        delays = backoff_delays(cap=15.0)
+        while True:
+            try:
+                self.producer.send(topic, key=key.encode(), value=value, headers=headers or []).get(timeout=30)
+                return
+            except KafkaError as exc:
+                if time.monotonic() > deadline:
+                    raise BrokerError(f"could not publish to {topic} for {self.options.publish_retry_s:.0f} s: "
+                                      f"{exc}") from exc
+                delay = next(delays)
+                log.warning("publishing to %s failed (%s); the broker may be unreachable, retrying in %.1f s",
+                            topic, exc.__class__.__name__, delay)
+                time.sleep(delay)
 
     def _dead_letter(self, record: Any, reason: str, result: Result) -> None:
         headers = [("error", reason.encode()[:4000]), ("worker", self.worker_id.encode()),

@@ -8,7 +8,7 @@ from conftest import run_script
 from cropchips.cog_server import CogServer, FaultPlan
 from cropchips.kafka_io import KafkaSettings, read_topic
 from cropchips.messages import Result, decode
-from test_reliability import WorkerProcess, final_summary, kafka_args
+from helpers import WorkerProcess, final_summary, kafka_args
 
 
 def serve_items(sample, server, path):

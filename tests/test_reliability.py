@@ -2,81 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import signal
-import subprocess
-import sys
-import threading
 import time
 
 import pytest
 
-from conftest import REPO, run_script
 from cropchips.embedded_broker import EmbeddedBroker, free_port
-from cropchips.kafka_io import KafkaSettings, ensure_topics, read_topic
+from cropchips.kafka_io import KafkaSettings, read_topic
 from cropchips.messages import Result, decode
 from cropchips.writing import TMP_PREFIX
-
-
-def kafka_args(bootstrap, topics):
-    return ["--bootstrap-servers", bootstrap, "--tasks-topic", topics["tasks"], "--results-topic", topics["results"],
-            "--dlq-topic", topics["dlq"]]
-
-
-def publish_area(sample, bootstrap, topics, *extra):
-    result = run_script("master.py", "--gpkg", str(sample.gpkg), "--layer", sample.layer,
-                        "--start-x", str(sample.start_x), "--start-y", str(sample.start_y),
-                        "--grid-step", str(sample.grid_step), "--x-cells", str(sample.x_cells),
-                        "--y-cells", str(sample.y_cells), "--stac-items", str(sample.items),
-                        "--datetime", sample.datetime, "--max-cloud", "100", "--min-polygons", "1",
-                        *kafka_args(bootstrap, topics), *extra)
-    assert result.returncode == 0, result.stderr
-    return result
-
-
-class WorkerProcess:
-    """worker.py N as a child process whose output is collected in the background."""
-
-    def __init__(self, n, sample, output, bootstrap, topics, *extra):
-        self.n = n
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            [sys.executable, str(REPO / "worker.py"), str(n), "--gpkg", str(sample.gpkg), "--layer", sample.layer,
-             "--output-dir", str(output), "--local-scenes-dir", str(sample.root), "--group-id", topics["group"],
-             *kafka_args(bootstrap, topics), *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self):
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def wait_for(self, text, timeout=60.0):
-        deadline = time.monotonic() + timeout
-        while text not in self.log:
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise AssertionError(f"worker {self.n} never logged {text!r}:\n{self.log[-3000:]}")
-            time.sleep(0.05)
-
-    def wait(self, timeout=180.0) -> int:
-        code = self.proc.wait(timeout=timeout)
-        self.reader.join(timeout=5)
-        return code
-
-
-def final_summary(bootstrap, topics, run_id=None):
-    args = ["--exit-when-done", "--json", "--no-progress", "--timeout", "60", *kafka_args(bootstrap, topics)]
-    if run_id:
-        args += ["--run-id", run_id]
-    done = run_script("monitor.py", *args, timeout=120)
-    return done.returncode, json.loads(done.stdout.strip().splitlines()[-1]) if done.stdout.strip() else {}
+from helpers import WorkerProcess, final_summary, publish_area
 
 
 @pytest.fixture(scope="module")

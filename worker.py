@@ -28,6 +28,17 @@ def build_parser(env: Mapping[str, str] | None = None) -> config.EnvArgumentPars
     p.option("--composite", default="median", choices=("median", "least-cloudy"), group=c,
              help="median of cloud-free pixels over all scenes, or the single least cloudy scene")
     p.option("--resolution", type=config.positive_float, default=10.0, group=c, help="output pixel size in metres")
+    p.option("--temporal", default="composite", choices=("composite", "stack"), group=c,
+             help="one composited image per chip, or a time series (T x 10 bands, dates in the band names)")
+    p.option("--max-scenes", type=config.non_negative_int, default=0, group=c,
+             help="use at most this many scenes per cell, the clearest (0: all)")
+    p.toggle("--harmonize", default=True, group=c,
+             help="subtract the 1000 DN offset of processing baseline >= 04.00 so every scene has DN = "
+                  "reflectance x 10000 (--no-harmonize keeps the DNs as published)")
+    p.option("--min-clear-fraction", type=float, default=0.9, group=c,
+             help="skip chips with a smaller share of clear (SCL 4, 5, 6) observations")
+    p.option("--max-nodata-fraction", type=float, default=0.0, group=c,
+             help="skip chips with a larger share of pixels outside the scenes' data")
     p.option("--class-map", default=None, group=c, help="CSV mapping HCAT3 codes to classes (default: the packaged one)")
     p.flag("--force", group=c, help="redo tasks whose outputs are already complete (default: re-report them)")
     p.option("--allowed-hrefs", default=",".join(DEFAULT_ALLOWED_PREFIXES), group=c,
@@ -56,7 +67,9 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
     processing = ProcessingOptions(
         output_dir=Path(args.output_dir), gpkg=args.gpkg, layer=args.layer, chip_size=args.chip_size,
         max_chips_per_cell=args.max_chips_per_cell, composite=args.composite, resolution=args.resolution,
-        read_threads=args.read_threads, class_map=args.class_map, force=args.force,
+        read_threads=args.read_threads, class_map=args.class_map, force=args.force, harmonize=args.harmonize,
+        min_clear_fraction=args.min_clear_fraction, max_nodata_fraction=args.max_nodata_fraction,
+        temporal=args.temporal, max_scenes=args.max_scenes,
         hrefs=HrefPolicy.from_options(args.allowed_hrefs, args.local_scenes_dir))
     worker = WorkerOptions(
         kafka=config.kafka_settings(args, f"cropchips-worker-{args.number}", env),

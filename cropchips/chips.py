@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import geopandas as gpd
@@ -33,13 +34,13 @@ class ChipWindow:
 
 
 def plan_chips(fields: gpd.GeoDataFrame, cell: Cell, grid: TargetGrid, *, chip_size: int, max_chips: int,
-               valid: np.ndarray) -> tuple[list[ChipWindow], Counter]:
+               reject: Callable[[ChipWindow], str | None] | None = None) -> tuple[list[ChipWindow], Counter]:
     """Up to ``max_chips`` chips centred on the fields whose representative point lies in ``cell``.
 
     Labelled fields come first, then the largest. A chip is snapped to the grid, must lie
-    inside the grid and over valid data only (``valid`` is a (rows, cols) bool array), and is
-    never identical to an earlier chip of the cell. Returns the chips and the counts of
-    candidates skipped, by reason.
+    inside the grid, must not be rejected by ``reject`` (which returns a reason, e.g. too
+    much nodata or cloud, or None), and is never identical to an earlier chip of the cell.
+    Returns the chips and the counts of candidates skipped, by reason.
     """
     skipped: Counter = Counter()
     if fields.empty or max_chips <= 0:
@@ -69,8 +70,9 @@ def plan_chips(fields: gpd.GeoDataFrame, cell: Cell, grid: TargetGrid, *, chip_s
             skipped["duplicate"] += 1
             continue
         window = ChipWindow(row=row, col=col, size=chip_size, field_id=str(local["field_id"].iloc[i]))
-        if not valid[window.slices()].all():
-            skipped["outside_valid_data"] += 1
+        reason = reject(window) if reject else None
+        if reason:
+            skipped[reason] += 1
             continue
         seen.add((row, col))
         chips.append(window)

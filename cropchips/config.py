@@ -99,6 +99,23 @@ class EnvArgumentParser(argparse.ArgumentParser):
         self.env_names[action.dest] = name
         return action
 
+    def toggle(self, flag: str, *, help: str, default: bool, env: str | None = None,
+               group: argparse._ActionsContainer | None = None) -> argparse.Action:
+        """``--x/--no-x``; the environment twin takes true/false/1/0."""
+        name = env or env_name(flag)
+        raw = self._env.get(name)
+        value = default
+        if raw is not None and raw != "":
+            try:
+                value = parse_bool(raw)
+            except ValueError as exc:
+                raise ConfigError(f"environment variable {name}={raw!r} is invalid for {flag}: {exc}") from exc
+        target = group or self
+        action = target.add_argument(flag, action=argparse.BooleanOptionalAction, default=value,
+                                     help=f"{help} [env {name}]")
+        self.env_names[action.dest] = name
+        return action
+
     def error(self, message: str) -> None:  # pragma: no cover - argparse exits with 2
         self.print_usage()
         self.exit(2, f"{self.prog}: error: {message}\n")

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 from .messages import ChipRecord, check_safe_id
-from .writing import IMAGES_DIR, MANIFESTS_DIR, MASKS_DIR, temporary_path
+from .writing import IMAGES_DIR, MANIFESTS_DIR, MASKS_DIR, METADATA_DIR, write_json
 
 log = logging.getLogger(__name__)
 
@@ -27,24 +26,12 @@ def manifest_path(output_dir: Path, cell_id: str) -> Path:
 
 
 def write_manifest(output_dir: Path, cell_id: str, body: dict[str, Any]) -> None:
-    """Write the manifest atomically (temporary file, fsync, rename), after the chips."""
-    path = manifest_path(output_dir, cell_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write the manifest atomically, after the chips, with the sizes of the files it vouches for."""
     files = {}
     for chip in body.get("chips", []):
         for rel in (chip["image"], chip["mask"]):
             files[rel] = (output_dir / rel).stat().st_size
-    payload = {"manifest_version": MANIFEST_VERSION, **body, "files": files}
-    tmp = temporary_path(path)
-    try:
-        with open(tmp, "w") as handle:
-            json.dump(payload, handle, sort_keys=True, indent=1)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_json(manifest_path(output_dir, cell_id), {"manifest_version": MANIFEST_VERSION, **body, "files": files})
 
 
 def read_complete_manifest(output_dir: Path, cell_id: str, task_id: str, settings: dict[str, Any]) -> dict | None:
@@ -75,14 +62,14 @@ def read_complete_manifest(output_dir: Path, cell_id: str, task_id: str, setting
 
 
 def chips_from_manifest(body: dict[str, Any]) -> tuple[ChipRecord, ...]:
-    return tuple(ChipRecord(**{**c, "bounds": tuple(c["bounds"])}) for c in body.get("chips", []))
+    return tuple(ChipRecord(**c) for c in body.get("chips", []))
 
 
 def remove_other_chips(output_dir: Path, cell_id: str, keep: set[str]) -> int:
     """Delete this cell's chip files that are not in ``keep`` (left by an earlier, different run)."""
     removed = 0
-    for sub in (IMAGES_DIR, MASKS_DIR):
-        for path in (output_dir / sub).glob(f"{cell_id}-chip*.tif"):
+    for sub in (IMAGES_DIR, MASKS_DIR, METADATA_DIR):
+        for path in (output_dir / sub).glob(f"{cell_id}-chip*.*"):
             if path.stem not in keep:
                 path.unlink(missing_ok=True)
                 removed += 1

@@ -194,6 +194,28 @@ class ChipRecord:
     """Class id (as a string, JSON keys are strings) -> number of mask pixels."""
     field_id: str | None = None
     """Id of the field the chip is centred on."""
+    cell_id: str = ""
+    """Cell the chip belongs to."""
+    method: str = "median"
+    """How the image was made: ``median``, ``least-cloudy`` or ``stack`` (a time series)."""
+    scenes: tuple[dict[str, Any], ...] = ()
+    """Scenes in the image, oldest first: ``id``, ``datetime``, ``processing_baseline``,
+    ``published_offset`` (raster:bands), ``offset_dn`` (decided) and ``applied_dn`` (subtracted)."""
+    bands: tuple[str, ...] = ()
+    """Band descriptions in file order (``B02``..., or ``2023-05-20 B02``... for a stack)."""
+    clear_fraction: float = 1.0
+    """Share of the chip's pixels (and dates, for a stack) with a clear observation (SCL 4, 5, 6)."""
+    nodata_fraction: float = 0.0
+    """Share of the chip's pixels outside every scene's data footprint."""
+    software: str = ""
+    """cropchips version that wrote it."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """The worker settings that decided the chip (chip size, composite, harmonisation, ...)."""
+
+    def __post_init__(self) -> None:
+        # JSON gives lists: normalise so that a decoded record equals the one encoded.
+        for name in ("bounds", "scenes", "bands"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
 
 
 @dataclass(frozen=True)

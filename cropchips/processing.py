@@ -16,18 +16,19 @@ from affine import Affine
 from pyproj import Transformer
 
 from . import __version__
-from .chips import plan_chips
+from .chips import ChipWindow, plan_chips
 from .classes import DEFAULT_CLASS_MAP_PATH, ClassMap, load_class_map
-from .composite import composite
+from .composite import METHODS, clear_mask, composite, has_data
 from .errors import ConfigError, CropChipsError
 from .fields import FieldLayer, open_layer, read_fields
 from .grid import cell_contains
 from .hrefs import HrefPolicy
 from .labels import rasterize_classes
 from .manifest import chips_from_manifest, read_complete_manifest, remove_other_chips, write_manifest
-from .messages import ChipRecord, Result, Task
+from .messages import BANDS, ChipRecord, Result, Task
+from .radiometry import radiometry, remove_offset
 from .reading import cell_grid, choose_epsg, grid_origin, read_stack
-from .writing import OUTPUT_SUBDIRS, write_chip
+from .writing import METADATA_DIR, OUTPUT_SUBDIRS, write_chip, write_json
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +59,33 @@ class ProcessingOptions:
     """Redo tasks whose outputs are already complete."""
     hrefs: HrefPolicy = field(default_factory=HrefPolicy)
     """Which scene hrefs may be opened."""
+    harmonize: bool = True
+    """Bring baseline >= 04.00 scenes to the pre-2022 convention (DN = reflectance x 10000)."""
+    min_clear_fraction: float = 0.9
+    """Chips with a smaller share of clear observations are not written."""
+    max_nodata_fraction: float = 0.0
+    """Chips with a larger share of pixels outside the scenes' data are not written."""
+    temporal: str = "composite"
+    """``composite`` (one image) or ``stack`` (a time series: T x 10 bands)."""
+    max_scenes: int = 0
+    """Use at most this many scenes per cell, the clearest over the cell (0: all)."""
 
     def __post_init__(self) -> None:
         if self.chip_size < 1:
-            raise ValueError(f"--chip-size must be >= 1, got {self.chip_size}")
-        if self.composite not in ("median", "least-cloudy"):
-            raise ValueError(f"--composite must be median or least-cloudy, got {self.composite!r}")
+            raise ConfigError(f"--chip-size must be >= 1, got {self.chip_size}")
+        if self.composite not in METHODS:
+            raise ConfigError(f"--composite must be one of {METHODS}, got {self.composite!r}")
+        if self.temporal not in ("composite", "stack"):
+            raise ConfigError(f"--temporal must be composite or stack, got {self.temporal!r}")
+        for name in ("min_clear_fraction", "max_nodata_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"--{name.replace('_', '-')} must lie between 0 and 1")
+        if self.max_scenes < 0:
+            raise ConfigError("--max-scenes must be >= 0 (0: all scenes)")
+
+    @property
+    def method(self) -> str:
+        return "stack" if self.temporal == "stack" else self.composite
 
 
 def utc_now() -> str:
@@ -104,9 +126,10 @@ class TaskProcessor:
         # other settings does not count as done.
         self.settings = {
             "chip_size": options.chip_size, "max_chips_per_cell": options.max_chips_per_cell,
-            "composite": options.composite, "resolution": options.resolution,
-            "class_map_sha256": hashlib.sha256(class_map_text).hexdigest(), "gpkg": str(options.gpkg),
-            "layer": self.layer.layer, "software": __version__,
+            "method": options.method, "resolution": options.resolution, "harmonize": options.harmonize,
+            "min_clear_fraction": options.min_clear_fraction, "max_nodata_fraction": options.max_nodata_fraction,
+            "max_scenes": options.max_scenes, "class_map_sha256": hashlib.sha256(class_map_text).hexdigest(),
+            "gpkg": str(options.gpkg), "layer": self.layer.layer, "software": __version__,
         }
 
     def _result(self, task: Task, status: str, watch: Stopwatch, **kwargs) -> Result:
@@ -160,19 +183,49 @@ class TaskProcessor:
         with watch.stage("read"):
             stack = read_stack(task.scenes, grid, threads=opts.read_threads)
         with watch.stage("composite"):
-            comp = composite(stack.data, stack.scl, opts.composite)
-            if not comp.scene_indices:
+            usable = [int(i) for i in np.flatnonzero(has_data(stack.data, stack.scl))]
+            if not usable:
                 return self._result(task, "no_scenes", watch,
                                     error=f"all {len(task.scenes)} scenes are empty (nodata) over the cell")
-            # Valid data: pixels that some usable scene covers (outside the footprints, all are 0).
-            used = list(comp.scene_indices)
-            valid = (stack.scl[used] != 0).any(axis=0)
-            del stack  # the composite is all that is needed from here on
+            clear = clear_mask(stack.scl)
+            if opts.max_scenes and len(usable) > opts.max_scenes:
+                # The clearest scenes over the cell, kept in date order.
+                fractions = clear[usable].reshape(len(usable), -1).mean(axis=1)
+                best = np.argsort(-fractions, kind="stable")[: opts.max_scenes]
+                usable = sorted(usable[i] for i in best)
+            radio = {i: radiometry(task.scenes[i], opts.harmonize) for i in usable}
+            for i in usable:
+                remove_offset(stack.data[i], radio[i].applied_dn)
+            if opts.temporal == "stack":
+                used = usable
+                image = stack.data[used].reshape(len(used) * len(BANDS), grid.height, grid.width)
+                clear_obs = clear[used].mean(axis=0)  # per pixel, the share of dates that are clear
+                descriptions = tuple(f"{task.scenes[i].datetime[:10]} {band}" for i in used for band in BANDS)
+            else:
+                comp = composite(stack.data[usable], stack.scl[usable], opts.composite)
+                used = [usable[i] for i in comp.scene_indices]
+                image = comp.image
+                clear_obs = clear[used].any(axis=0).astype("float32")
+                descriptions = BANDS
+            covered = (stack.scl[used] != 0).any(axis=0)  # inside some used scene's footprint
+            del stack
         with watch.stage("rasterize"):
             mask = rasterize_classes(fields, grid)
 
+        def reject(window: ChipWindow) -> str | None:
+            rows, cols = window.slices()
+            if 1.0 - covered[rows, cols].mean() > opts.max_nodata_fraction:
+                return "nodata"
+            if clear_obs[rows, cols].mean() < opts.min_clear_fraction:
+                return "too_cloudy"
+            return None
+
         windows, skipped = plan_chips(fields, cell, grid, chip_size=opts.chip_size,
-                                      max_chips=opts.max_chips_per_cell, valid=valid)
+                                      max_chips=opts.max_chips_per_cell, reject=reject)
+        scenes_meta = tuple({"id": task.scenes[i].id, "datetime": task.scenes[i].datetime,
+                             "processing_baseline": radio[i].processing_baseline,
+                             "published_offset": radio[i].published_offset, "offset_dn": radio[i].offset_dn,
+                             "applied_dn": radio[i].applied_dn} for i in used)
         records = []
         with watch.stage("write"):
             for k, window in enumerate(windows):
@@ -180,17 +233,24 @@ class TaskProcessor:
                 name = f"{cell.id}-chip{k:02d}"
                 chip_mask = mask[rows, cols]
                 transform = grid.transform * Affine.translation(window.col, window.row)
-                image_rel, mask_rel = write_chip(opts.output_dir, name, comp.image[:, rows, cols], chip_mask,
-                                                 crs=grid.crs, transform=transform)
+                image_rel, mask_rel = write_chip(opts.output_dir, name, image[:, rows, cols], chip_mask,
+                                                 crs=grid.crs, transform=transform, descriptions=descriptions)
                 classes, counts = np.unique(chip_mask, return_counts=True)
                 left, top = transform.c, transform.f
                 size = window.size * grid.resolution
-                records.append(ChipRecord(
+                record = ChipRecord(
                     name=name, image=image_rel, mask=mask_rel, crs=grid.crs,
                     bounds=(left, top - size, left + size, top),
-                    class_pixels={str(int(c)): int(n) for c, n in zip(classes, counts)}, field_id=window.field_id))
+                    class_pixels={str(int(c)): int(n) for c, n in zip(classes, counts)}, field_id=window.field_id,
+                    cell_id=cell.id, method=opts.method, scenes=scenes_meta, bands=descriptions,
+                    clear_fraction=round(float(clear_obs[rows, cols].mean()), 4),
+                    nodata_fraction=round(float(1.0 - covered[rows, cols].mean()), 4),
+                    software=__version__, config=self.settings)
+                # The provenance sidecar sits beside the chip for tools that never see Kafka.
+                write_json(opts.output_dir / METADATA_DIR / f"{name}.json", {"task_id": task.task_id, **asdict(record)})
+                records.append(record)
             remove_other_chips(opts.output_dir, cell.id, keep={r.name for r in records})
-            scene_ids = tuple(task.scenes[i].id for i in comp.scene_indices)
+            scene_ids = tuple(task.scenes[i].id for i in used)
             write_manifest(opts.output_dir, cell.id, {
                 "task_id": task.task_id, "run_id": task.run_id, "cell_id": cell.id, "settings": self.settings,
                 "chips": [asdict(r) for r in records], "scenes_used": list(scene_ids),

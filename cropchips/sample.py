@@ -24,6 +24,9 @@ from rasterio.features import rasterize
 
 log = logging.getLogger(__name__)
 
+#: Like real scenes of processing baseline >= 04.00, the sample's DNs carry a +1000 offset.
+BOA_ADD_OFFSET_DN = 1000
+
 COLLECTION = "sentinel-2-l2a"
 FIELDS_CRS = "EPSG:25830"  # ETRS89 / UTM 30N: the national CRS of the Spanish EuroCrops files
 SEASON_START = date(2023, 5, 15)
@@ -467,7 +470,8 @@ def generate_sample(root: Path, *, start_x: float = -5.80, start_y: float = 37.2
                 nodata = strip
             else:
                 nodata = strip10
-            data = np.where(nodata, 0, np.clip(np.rint(value), 1, 10000)).astype("uint16")
+            # Processing baseline 05.09 stores DN = reflectance x 10000 + 1000 (BOA_ADD_OFFSET -1000).
+            data = np.where(nodata, 0, np.clip(np.rint(value), 0, 10000) + BOA_ADD_OFFSET_DN).astype("uint16")
             hrefs[name] = folder / f"{name}.tif"
             _write_cog(hrefs[name], data, transform10 if name in BANDS_10M else transform20, epsg,
                        resampling="average")
@@ -576,7 +580,7 @@ def _item(scene_id: str, satellite: str, when: datetime, epsg: int, mgrs: tuple[
                                   "full_width_half_max": fwhm}]
             asset["gsd"] = res
             bands = [{"nodata": 0, "data_type": "uint16", "bits_per_sample": 15, "spatial_resolution": res,
-                      "scale": 0.0001, "offset": 0}]
+                      "scale": 0.0001, "offset": -BOA_ADD_OFFSET_DN / 10000}]
         asset["proj:shape"] = shape
         asset["proj:transform"] = [res, 0, transform10.c, 0, -res, transform10.f]
         asset["raster:bands"] = bands

@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 IMAGES_DIR = "images"
 MASKS_DIR = "masks"
 MANIFESTS_DIR = "manifests"
-OUTPUT_SUBDIRS = (IMAGES_DIR, MASKS_DIR, MANIFESTS_DIR)
+METADATA_DIR = "metadata"
+OUTPUT_SUBDIRS = (IMAGES_DIR, MASKS_DIR, MANIFESTS_DIR, METADATA_DIR)
 # Temporary names carry the writer's host and pid (.tmp~HOST~PID~RANDOM~NAME), so a restarted
 # worker can tell the leftovers of dead processes on its host from files being written.
 TMP_PREFIX = ".tmp~"
@@ -71,21 +72,38 @@ def atomic_write(path: Path, array: np.ndarray, *, crs: str, transform: Affine,
 
 
 def write_chip(output_dir: Path, name: str, image: np.ndarray, mask: np.ndarray, *, crs: str,
-               transform: Affine) -> tuple[str, str]:
-    """Write ``images/NAME.tif`` (10 bands uint16) and ``masks/NAME.tif`` (uint8) and return
-    their paths relative to ``output_dir``."""
+               transform: Affine, descriptions: tuple[str, ...] = BANDS) -> tuple[str, str]:
+    """Write ``images/NAME.tif`` (uint16, one band per description: the 10 bands, or T x 10 for a
+    time series) and ``masks/NAME.tif`` (uint8 classes); return their paths relative to ``output_dir``."""
     check_safe_id(name, "chip name")
-    if image.dtype != np.uint16 or image.shape[0] != len(BANDS):
-        raise ValueError(f"image must be ({len(BANDS)}, rows, cols) uint16, got {image.shape} {image.dtype}")
+    if image.dtype != np.uint16 or image.ndim != 3 or image.shape[0] != len(descriptions):
+        raise ValueError(f"image must be ({len(descriptions)}, rows, cols) uint16, got {image.shape} {image.dtype}")
     if mask.dtype != np.uint8 or mask.shape != image.shape[1:]:
         raise ValueError(f"mask must be {image.shape[1:]} uint8, got {mask.shape} {mask.dtype}")
     image_rel = f"{IMAGES_DIR}/{name}.tif"
     mask_rel = f"{MASKS_DIR}/{name}.tif"
     with_retries(lambda: atomic_write(output_dir / image_rel, image, crs=crs, transform=transform,
-                                      descriptions=BANDS), image_rel)
+                                      descriptions=descriptions), image_rel)
     with_retries(lambda: atomic_write(output_dir / mask_rel, mask[None], crs=crs, transform=transform,
                                       descriptions=("class",)), mask_rel)
     return image_rel, mask_rel
+
+
+def write_json(path: Path, body: dict) -> None:
+    """Write a JSON document atomically (temporary file, fsync, rename)."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(path)
+    try:
+        with open(tmp, "w") as handle:
+            json.dump(body, handle, sort_keys=True, indent=1)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def with_retries(write: Callable[[], None], what: str, attempts: int = WRITE_ATTEMPTS, delay: float = 0.5) -> None:

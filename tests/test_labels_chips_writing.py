@@ -78,8 +78,7 @@ def test_chips_centre_on_largest_labelled_fields_and_stay_on_the_grid(parcels):
     cell = Cell(id="c", row=0, col=0, bbox=(minlon, minlat, maxlon + 1e-6, maxlat + 1e-6))
     frame = parcels.copy()
     frame.loc[frame.index[:3], "class_id"] = 0  # unlabelled fields come last
-    valid = np.ones((grid.height, grid.width), dtype=bool)
-    chips, skipped = plan_chips(frame, cell, grid, chip_size=32, max_chips=5, valid=valid)
+    chips, skipped = plan_chips(frame, cell, grid, chip_size=32, max_chips=5)
     assert len(chips) == 5
     local = frame.to_crs(grid.crs)
     areas = local.geometry.area.where(local["class_id"] > 0, -1.0)
@@ -100,11 +99,12 @@ def test_chips_outside_valid_data_or_grid_are_skipped_and_counted(parcels):
     cell = Cell(id="c", row=0, col=0, bbox=(minlon, minlat, maxlon + 1e-6, maxlat + 1e-6))
     valid = np.ones((grid.height, grid.width), dtype=bool)
     valid[:, : grid.width // 2] = False  # the west half has no data
-    chips, skipped = plan_chips(parcels, cell, grid, chip_size=32, max_chips=100, valid=valid)
-    assert skipped["outside_valid_data"] > 0
+    chips, skipped = plan_chips(parcels, cell, grid, chip_size=32, max_chips=100,
+                                reject=lambda w: None if valid[w.slices()].all() else "nodata")
+    assert skipped["nodata"] > 0 and chips
     assert all(valid[c.slices()].all() for c in chips)
     small = TargetGrid(epsg=grid.epsg, transform=grid.transform, width=40, height=40)
-    chips, skipped = plan_chips(parcels, cell, small, chip_size=32, max_chips=100, valid=np.ones((40, 40), bool))
+    chips, skipped = plan_chips(parcels, cell, small, chip_size=32, max_chips=100)
     assert skipped["outside_grid"] > 0
 
 

@@ -167,5 +167,12 @@ def test_image_pixels_are_the_cloud_masked_median_of_the_scenes(pipeline_run):
         warnings.simplefilter("ignore", RuntimeWarning)
         expected = np.nanmedian(stack, axis=0)
     expected = np.where(np.isnan(expected), 0, np.floor(expected + 0.5))
+    # The scenes are of processing baseline 05.09 (raster:bands offset -0.1): harmonised to the
+    # pre-2022 convention, DN - 1000, clipped at 1.
+    items = {i["id"]: i for i in json.loads(sample.items.read_text())["features"]}
+    offsets = {items[s]["assets"]["red"]["raster:bands"][0]["offset"] for s in result.scenes_used}
+    assert offsets == {-0.1}
+    expected = np.where(expected > 0, np.maximum(expected - 1000, 1), 0)
     assert np.array_equal(red, expected.astype("uint16"))
+    assert all(s["applied_dn"] == 1000 and s["processing_baseline"] == "05.09" for s in chip.scenes)
     assert len(result.scenes_used) >= 2 and (red > 0).mean() > 0.9

@@ -133,15 +133,16 @@ def test_scl_and_reflectance_look_like_sentinel2(sample, items):
         assert k > 0 or 6 in classes, "the reservoir shows as water on the clear date"
         cloud = np.isin(scl, (8, 9, 10))
         covers.append(cloud.sum() / (scl != 0).sum())
-        b02 = read(folder / "B02.tif")[::2, ::2]
-        b12 = read(folder / "B12.tif")
+        # Reflectance x 10000, after removing the +1000 DN offset of baseline 05.09.
+        b02 = read(folder / "B02.tif")[::2, ::2].astype(int) - 1000
+        b12 = read(folder / "B12.tif").astype(int) - 1000
         clear = np.isin(scl, (4, 5))
         assert 300 < np.median(b02[clear]) < 1500 and 500 < np.median(b12[clear]) < 4000
         if cloud.any():
             assert np.median(b02[scl == 9]) > 5000 and np.median(b12[scl == 9]) > 4000
             assert (scl == 3).any(), "clouds cast a shadow"
         if (scl == 6).any():
-            assert np.median(read(folder / "B08.tif")[::2, ::2][scl == 6]) < 500
+            assert np.median(read(folder / "B08.tif")[::2, ::2][scl == 6].astype(int) - 1000) < 500
     covers = np.array(covers)
     assert covers[0] == 0, "the first date is clear"
     assert covers.max() > 0.2 and covers.max() < 0.6 and np.sort(covers)[-2] < 0.1, covers
@@ -151,8 +152,8 @@ def test_vegetated_fields_are_green_and_fallow_is_not(sample, fields):
     """NDVI on the clear first date: citrus (evergreen) well above fallow."""
     folder = scene_folders(sample)[0]
     with rasterio.open(folder / "B04.tif") as src:
-        red, transform, crs = src.read(1).astype(float), src.transform, src.crs
-    nir = read(folder / "B08.tif").astype(float)
+        red, transform, crs = src.read(1).astype(float) - 1000, src.transform, src.crs
+    nir = read(folder / "B08.tif").astype(float) - 1000  # baseline 05.09 offset
     ndvi = (nir - red) / (nir + red)
     local = fields.to_crs(crs)
     means = {}
@@ -208,7 +209,9 @@ def test_items_are_earth_search_shaped_stac(sample, items):
             if band == "SCL":
                 assert "scale" not in raster_band
             else:
-                assert raster_band["scale"] == 0.0001 and raster_band["offset"] == 0
+                # Baseline 05.09, like every scene since 2022: DN = reflectance x 10000 + 1000.
+                assert raster_band["scale"] == 0.0001 and raster_band["offset"] == -0.1
+                assert item["properties"]["s2:processing_baseline"] >= "04.00"
 
 
 def test_cloud_cover_is_the_cloud_share_of_scl(sample, items):
@@ -226,7 +229,8 @@ def test_the_pipeline_reads_the_items(sample):
     for footprint in scenes:
         assert footprint.scene.epsg == sample.epsg
         assert set(footprint.scene.assets) == set(ALL_FILES)
-        assert all(v == 0 for v in footprint.scene.offsets.values())
+        assert all(v == -0.1 for v in footprint.scene.offsets.values())
+        assert footprint.scene.processing_baseline == "05.09"
 
 
 def test_helpers():

@@ -58,61 +58,34 @@ class EnvArgumentParser(argparse.ArgumentParser):
         self._env = os.environ if env is None else env
         self.env_names: dict[str, str] = {}
 
-    def option(
-        self,
-        flag: str,
-        *,
-        type: Callable[[str], Any] = str,
-        default: Any = None,
-        help: str,
-        env: str | None = None,
-        group: argparse._ActionsContainer | None = None,
-        **kwargs: Any,
-    ) -> argparse.Action:
+    def option(self, flag: str, *, type: Callable[[str], Any] = str, default: Any = None, help: str,
+               env: str | None = None, group: argparse._ActionsContainer | None = None,
+               **kwargs: Any) -> argparse.Action:
         """Add ``flag`` with an environment twin (``env`` or the derived CROPCHIPS_ name)."""
-        name = env or env_name(flag)
-        raw = self._env.get(name)
-        value = default
-        if raw is not None and raw != "":
-            try:
-                value = type(raw)
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"environment variable {name}={raw!r} is invalid for {flag}: {exc}") from exc
-        target = group or self
-        action = target.add_argument(flag, type=type, default=value, help=f"{help} [env {name}]", **kwargs)
-        self.env_names[action.dest] = name
-        return action
+        return self._add(flag, env, type, default, group, help, type=type, **kwargs)
 
     def flag(self, flag: str, *, help: str, env: str | None = None, default: bool = False,
              group: argparse._ActionsContainer | None = None) -> argparse.Action:
         """A boolean switch; the environment twin takes true/false/1/0."""
-        name = env or env_name(flag)
-        raw = self._env.get(name)
-        value = default
-        if raw is not None:
-            try:
-                value = parse_bool(raw)
-            except ValueError as exc:
-                raise ConfigError(f"environment variable {name}={raw!r} is invalid for {flag}: {exc}") from exc
-        target = group or self
-        action = target.add_argument(flag, action="store_true", default=value, help=f"{help} [env {name}]")
-        self.env_names[action.dest] = name
-        return action
+        return self._add(flag, env, parse_bool, default, group, help, action="store_true")
 
     def toggle(self, flag: str, *, help: str, default: bool, env: str | None = None,
                group: argparse._ActionsContainer | None = None) -> argparse.Action:
         """``--x/--no-x``; the environment twin takes true/false/1/0."""
+        return self._add(flag, env, parse_bool, default, group, help, action=argparse.BooleanOptionalAction)
+
+    def _add(self, flag: str, env: str | None, parse: Callable[[str], Any], default: Any,
+             group: argparse._ActionsContainer | None, help: str, **kwargs: Any) -> argparse.Action:
+        """The environment (when set and not empty) replaces the default; the command line wins over both."""
         name = env or env_name(flag)
         raw = self._env.get(name)
         value = default
         if raw is not None and raw != "":
             try:
-                value = parse_bool(raw)
-            except ValueError as exc:
+                value = parse(raw)
+            except (TypeError, ValueError) as exc:
                 raise ConfigError(f"environment variable {name}={raw!r} is invalid for {flag}: {exc}") from exc
-        target = group or self
-        action = target.add_argument(flag, action=argparse.BooleanOptionalAction, default=value,
-                                     help=f"{help} [env {name}]")
+        action = (group or self).add_argument(flag, default=value, help=f"{help} [env {name}]", **kwargs)
         self.env_names[action.dest] = name
         return action
 

@@ -62,3 +62,31 @@ def run_script(name: str, *args: str, timeout: float = 300, env: dict | None = N
     full_env.update(env or {})
     return subprocess.run([sys.executable, str(REPO / name), *args], capture_output=True, text=True,
                           timeout=timeout, env=full_env, cwd=REPO)
+
+
+@pytest.fixture(scope="session")
+def real_scene():
+    """The real S2A_29RKH item, its hrefs pointed at the real (downsampled 10x) COGs beside it."""
+    import json
+
+    from cropchips.scenes import EARTH_SEARCH_KEYS, scene_from_item
+
+    folder = shared_data("sentinel2", "S2A_29RKH_20200219_0_L2A")
+    item = json.loads((folder / "S2A_29RKH_20200219_0_L2A.json").read_text())
+    for band, key in EARTH_SEARCH_KEYS.items():
+        item["assets"][key]["href"] = str(folder / f"{band}.tif")
+    return scene_from_item(item)
+
+
+@pytest.fixture(scope="session")
+def sample_task(sample_area):
+    """The first task the master plans for the sample area (no Kafka involved)."""
+    from cropchips.grid import Grid
+    from cropchips.master import MasterOptions, make_plan
+
+    grid = Grid(start_x=sample_area.start_x, start_y=sample_area.start_y, step=sample_area.grid_step,
+                x_cells=sample_area.x_cells, y_cells=sample_area.y_cells)
+    plan = make_plan(MasterOptions(gpkg=str(sample_area.gpkg), layer=sample_area.layer, grid=grid,
+                                   stac_items=str(sample_area.items), datetime=sample_area.datetime, max_cloud=100,
+                                   run_id="run-sample"))
+    return plan.tasks[0]

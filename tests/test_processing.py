@@ -4,21 +4,14 @@ from dataclasses import replace
 
 import pytest
 
-from cropchips.grid import Grid
 from cropchips.hrefs import HrefPolicy
 from cropchips.manifest import manifest_path
-from cropchips.master import MasterOptions, make_plan
 from cropchips.processing import ProcessingOptions, TaskProcessor
 
 
 @pytest.fixture(scope="module")
-def task(sample_area):
-    grid = Grid(start_x=sample_area.start_x, start_y=sample_area.start_y, step=sample_area.grid_step,
-                x_cells=sample_area.x_cells, y_cells=sample_area.y_cells)
-    plan = make_plan(MasterOptions(gpkg=str(sample_area.gpkg), layer=sample_area.layer, grid=grid,
-                                   stac_items=str(sample_area.items), datetime=sample_area.datetime, max_cloud=100,
-                                   run_id="run-p"))
-    return plan.tasks[0]
+def task(sample_task):
+    return sample_task
 
 
 def processor(sample_area, out, **over):

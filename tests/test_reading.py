@@ -1,28 +1,20 @@
 """Reading real Sentinel-2 COGs onto a cell's grid: alignment, exact copies, 20 m upsampling, nodata."""
 
-import json
 
 import numpy as np
 import pytest
 import rasterio
 from rasterio.windows import from_bounds
 
-from conftest import shared_data
 from cropchips.messages import BANDS, Cell
 from cropchips.reading import TargetGrid, cell_grid, choose_epsg, grid_origin, read_band, read_stack, utm_epsg
-from cropchips.scenes import EARTH_SEARCH_KEYS, scene_from_item
 
 RES = 100.0  # the shared COGs are the real ones downsampled 10x: 10 m bands are 100 m pixels
 
 
 @pytest.fixture(scope="module")
-def scene():
-    """The real item, its hrefs pointed at the real (downsampled) COGs beside it."""
-    folder = shared_data("sentinel2", "S2A_29RKH_20200219_0_L2A")
-    item = json.loads((folder / "S2A_29RKH_20200219_0_L2A.json").read_text())
-    for band, key in EARTH_SEARCH_KEYS.items():
-        item["assets"][key]["href"] = str(folder / f"{band}.tif")
-    return scene_from_item(item)
+def scene(real_scene):
+    return real_scene
 
 
 CELL = Cell(id="c", row=0, col=0, bbox=(-11.6, 24.6, -11.5, 24.7))

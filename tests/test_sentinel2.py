@@ -15,9 +15,7 @@ from shapely.geometry import box
 
 from conftest import shared_data
 from cropchips.composite import composite
-from cropchips.grid import Grid
 from cropchips.hrefs import HrefPolicy
-from cropchips.master import MasterOptions, make_plan
 from cropchips.messages import BANDS, Cell, Task
 from cropchips.processing import ProcessingOptions, TaskProcessor
 from cropchips.radiometry import radiometry, remove_offset, scene_offset_dn
@@ -141,16 +139,6 @@ def test_a_cell_over_two_zones_gets_the_zone_of_its_centre(two_zones, tmp_path):
 
 
 # ----------------------------------------------------------------------------- clouds, provenance, stack
-
-
-@pytest.fixture(scope="module")
-def sample_task(sample_area):
-    grid = Grid(start_x=sample_area.start_x, start_y=sample_area.start_y, step=sample_area.grid_step,
-                x_cells=sample_area.x_cells, y_cells=sample_area.y_cells)
-    plan = make_plan(MasterOptions(gpkg=str(sample_area.gpkg), layer=sample_area.layer, grid=grid,
-                                   stac_items=str(sample_area.items), datetime=sample_area.datetime, max_cloud=100,
-                                   run_id="run-s2"))
-    return plan.tasks[0]
 
 
 def sample_processor(sample_area, out, **over):

@@ -13,17 +13,7 @@ from cropchips.hrefs import HrefPolicy
 from cropchips.kafka_io import KafkaSettings, make_producer, read_topic
 from cropchips.messages import Cell, Result, Task, decode, encode
 from cropchips.processing import ProcessingOptions, TaskProcessor, utc_now
-from cropchips.scenes import EARTH_SEARCH_KEYS, scene_from_item
 from cropchips.worker import Worker, WorkerOptions
-
-
-@pytest.fixture(scope="module")
-def real_scene():
-    folder = shared_data("sentinel2", "S2A_29RKH_20200219_0_L2A")
-    item = json.loads((folder / "S2A_29RKH_20200219_0_L2A.json").read_text())
-    for band, key in EARTH_SEARCH_KEYS.items():
-        item["assets"][key]["href"] = str(folder / f"{band}.tif")
-    return scene_from_item(item)
 
 
 @pytest.fixture(scope="module")

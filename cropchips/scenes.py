@@ -200,8 +200,11 @@ def load_items_file(path: str | Path) -> list[dict[str, Any]]:
 
 
 def search_stac(api_url: str, *, collection: str, bbox: Sequence[float], datetime_range: str, max_cloud: float,
-                timeout: float = 60.0, page_size: int = 100) -> list[dict[str, Any]]:
-    """One paginated search for the whole grid; HTTP retries are left to pystac-client (urllib3 Retry)."""
+                timeout: float = 60.0, page_size: int = 100, backoff_factor: float = 1.0) -> list[dict[str, Any]]:
+    """One paginated search for the whole grid; HTTP retries are left to pystac-client (urllib3 Retry).
+
+    ``backoff_factor`` scales the sleep between retries (0, 2, 4, 8, 16 s at the default 1.0).
+    """
     from pystac_client import Client
     from pystac_client.stac_api_io import StacApiIO
     from urllib3.util.retry import Retry
@@ -209,7 +212,7 @@ def search_stac(api_url: str, *, collection: str, bbox: Sequence[float], datetim
     parse_datetime_range(datetime_range)  # fail early with a readable message
     # Retries with exponential backoff for 5xx and throttling answers, a bounded number of times.
     # A refused connection is retried less: an unreachable API should fail fast with a clear message.
-    retry = Retry(total=5, connect=2, backoff_factor=1.0, status_forcelist=(429, 500, 502, 503, 504),
+    retry = Retry(total=5, connect=2, backoff_factor=backoff_factor, status_forcelist=(429, 500, 502, 503, 504),
                   allowed_methods=None, respect_retry_after_header=True)
     try:
         client = Client.open(api_url, stac_io=StacApiIO(max_retries=retry, timeout=timeout))

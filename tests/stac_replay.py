@@ -30,7 +30,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
 RESPONSES = Path(__file__).resolve().parents[2] / "shared" / "data" / "earthsearch" / "responses"
@@ -103,13 +103,14 @@ class StacReplayServer:
         self._failed: dict[str, int] = {}
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._port: int | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
     @property
     def port(self) -> int:
-        assert self._httpd is not None, "server not started"
-        return self._httpd.server_address[1]
+        assert self._port is not None, "server not started"
+        return self._port  # kept after stop(), for assertions on messages that name the URL
 
     @property
     def base(self) -> str:
@@ -120,22 +121,24 @@ class StacReplayServer:
         """The API root to give a client (``http://127.0.0.1:PORT/v1``)."""
         return f"{self.base}/v1"
 
-    def start(self) -> StacReplayServer:
+    def start(self) -> Self:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 server._handle(self, "GET")
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 server._handle(self, "POST")
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: Any) -> None:
                 pass  # quiet: requests are recorded in server.requests instead
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="stac-replay", daemon=True)
+        self._port = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="stac-replay", daemon=True)
         self._thread.start()
         return self
 
@@ -148,7 +151,7 @@ class StacReplayServer:
             self._thread.join(timeout=5)
             self._thread = None
 
-    def __enter__(self) -> StacReplayServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -18,12 +18,12 @@ import time
 
 import pytest
 import requests
-
 from conftest import shared_data
+from stac_replay import RECORDED_ROOT, StacReplayServer
+
 from cropchips.errors import InputDataError, SceneSearchError
 from cropchips.messages import SCENE_ASSETS
 from cropchips.scenes import EARTH_SEARCH_KEYS, scene_from_item, search_stac, to_scenes
-from stac_replay import RECORDED_ROOT, StacReplayServer
 
 ALL_KEYS = [EARTH_SEARCH_KEYS[band] for band in SCENE_ASSETS]  # blue ... swir22, scl
 
@@ -189,9 +189,9 @@ def test_a_502_once_is_retried_and_the_search_succeeds(responses_dir):
 @pytest.mark.parametrize("failing", ["landing", "cli_filter.1.json", "cli_filter.2.json"])
 def test_a_page_that_always_fails_gives_a_readable_scene_search_error(responses_dir, failing):
     pages = SEQUENCES["cli_filter"][0]
-    with StacReplayServer(pages, responses_dir=responses_dir, always_fail={failing}) as server:
-        with pytest.raises(SceneSearchError) as err:
-            run_search(server, "cli_filter", backoff_factor=0)  # same retry count, no sleeping
+    with (StacReplayServer(pages, responses_dir=responses_dir, always_fail={failing}) as server,
+          pytest.raises(SceneSearchError) as err):
+        run_search(server, "cli_filter", backoff_factor=0)  # same retry count, no sleeping
 
     message = str(err.value)
     assert message.startswith(f"cannot search the STAC API {server.url}")

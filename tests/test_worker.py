@@ -168,3 +168,22 @@ def test_a_task_longer_than_max_poll_interval_is_not_redelivered(broker, topics)
     assert sorted(slow.calls + other.calls) == sorted(t.task_id for t in tasks)
     results = [decode(r.value) for r in read_topic(KafkaSettings(broker.bootstrap_servers), topics["results"])]
     assert sorted(r.task_id for r in results) == sorted(t.task_id for t in tasks)
+
+
+def test_stop_past_the_grace_period_abandons_the_task_uncommitted(broker, topics):
+    task = valid_task(0, "run-abandon")
+    publish(broker, topics["tasks"], [(task.cell.id.encode(), encode(task))])
+    slow = ScriptedProcessor(seconds=8.0)
+    worker = Worker(worker_options(broker, topics, shutdown_grace_s=0.5), slow)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not slow.calls and time.monotonic() < deadline:
+        time.sleep(0.05)
+    worker.stop_requested.set()  # what SIGTERM does
+    thread.join(timeout=30)
+    assert not thread.is_alive() and worker.summary.abandoned == 1 and not worker.summary.statuses
+    # Not committed: the next worker of the group gets the task again.
+    again = ScriptedProcessor()
+    Worker(worker_options(broker, topics), again).run()
+    assert again.calls == [task.task_id]

@@ -8,9 +8,13 @@ import json
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
 
 from cropchips import config
 from cropchips.cli import EXIT_ERROR, EXIT_OK, run, setup_logging
+from cropchips.dataset import SplitPolicy, finalize
+from cropchips.errors import ConfigError
 from cropchips.kafka_io import KafkaSettings
 from cropchips.monitor import Monitor, format_summary
 
@@ -26,8 +30,27 @@ def build_parser(env: Mapping[str, str] | None = None) -> config.EnvArgumentPars
     p.option("--timeout", type=config.positive_float, default=None,
              help="give up (exit 1) if the run is not done after this many seconds")
     p.flag("--no-progress", help="no progress bar (logs only)")
+    d = p.add_argument_group("dataset index")
+    p.option("--output-dir", default=None, group=d,
+             help="the workers' output folder: when the run is done, write OUTPUT/index.parquet there")
+    p.flag("--rebuild-index", group=d,
+           help="rebuild OUTPUT/index.parquet from the chips' metadata sidecars alone (no broker needed) and exit")
+    p.option("--split-block-size", type=config.positive_float, default=10000.0, group=d,
+             help="side in metres of the spatial blocks assigned whole to train/val/test")
+    p.option("--split-ratios", type=split_ratios, default=(0.8, 0.1, 0.1), group=d,
+             help="train,val,test shares of the blocks")
     p.option("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     return p
+
+
+def split_ratios(text: str) -> tuple[float, float, float]:
+    parts = [float(v) for v in text.split(",")]
+    if len(parts) != 3 or any(v < 0 for v in parts) or abs(sum(parts) - 1.0) > 1e-6:
+        raise ValueError("give three non-negative numbers adding up to 1, e.g. 0.8,0.1,0.1")
+    return parts[0], parts[1], parts[2]
+
+
+split_ratios.__name__ = "train,val,test ratios"
 
 
 def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
@@ -40,6 +63,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         kafka, args = parse_args(argv)
         setup_logging(args.log_level)
+        policy = SplitPolicy(block_size_m=args.split_block_size, ratios=args.split_ratios)
+        if args.rebuild_index:
+            if not args.output_dir:
+                raise ConfigError("--rebuild-index needs --output-dir")
+            print(json.dumps(finalize(Path(args.output_dir), policy=policy), sort_keys=True))
+            return EXIT_OK
         monitor = Monitor(kafka, args.results_topic,
                           run_id=args.run_id, broker_wait_s=args.broker_wait)
         started = time.monotonic()
@@ -52,6 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("no run found on the results topic yet", file=sys.stderr)
             return EXIT_ERROR
         summary = progress.summary(time.monotonic() - started)
+        if args.output_dir and progress.complete():
+            records = [{**asdict(chip), "task_id": r.task_id, "run_id": r.run_id, "worker_id": r.worker_id}
+                       for r in progress.results.values() if r.status == "ok" for chip in r.chips]
+            summary["dataset"] = finalize(Path(args.output_dir), records, policy)
         if args.json:
             print(json.dumps(summary, sort_keys=True))
         else:

@@ -247,7 +247,9 @@ class TaskProcessor:
                     nodata_fraction=round(float(1.0 - covered[rows, cols].mean()), 4),
                     software=__version__, config=self.settings)
                 # The provenance sidecar sits beside the chip for tools that never see Kafka.
-                write_json(opts.output_dir / METADATA_DIR / f"{name}.json", {"task_id": task.task_id, **asdict(record)})
+                write_json(opts.output_dir / METADATA_DIR / f"{name}.json",
+                           {"task_id": task.task_id, "run_id": task.run_id, "worker_id": self.worker_id,
+                            **asdict(record)})
                 records.append(record)
             remove_other_chips(opts.output_dir, cell.id, keep={r.name for r in records})
             scene_ids = tuple(task.scenes[i].id for i in used)

@@ -55,7 +55,7 @@ def pipeline_run(tmp_path_factory, broker, sample_area):
     assert published.returncode == 0, published.stderr
     workers = [start_worker(n, sample_area, output, broker, topics) for n in (1, 2)]
     monitor = run_script("monitor.py", "--exit-when-done", "--json", "--timeout", "240", "--no-progress",
-                         *kafka_args(broker, topics), timeout=300)
+                         "--output-dir", str(output), *kafka_args(broker, topics), timeout=300)
     logs = []
     for proc in workers:
         out, _ = proc.communicate(timeout=120)
@@ -176,3 +176,13 @@ def test_image_pixels_are_the_cloud_masked_median_of_the_scenes(pipeline_run):
     assert np.array_equal(red, expected.astype("uint16"))
     assert all(s["applied_dn"] == 1000 and s["processing_baseline"] == "05.09" for s in chip.scenes)
     assert len(result.scenes_used) >= 2 and (red > 0).mean() > 0.9
+
+
+def test_the_monitor_writes_the_chip_index(pipeline_run):
+    import geopandas as gpd
+
+    summary = json.loads(pipeline_run["monitor"].stdout.strip().splitlines()[-1])
+    index = gpd.read_parquet(pipeline_run["output"] / "index.parquet")
+    names = sorted(c.name for r in pipeline_run["results"] for c in r.chips)
+    assert summary["dataset"]["chips"] == len(index) == len(names)
+    assert sorted(index["name"]) == names and set(index["split"]) <= {"train", "val", "test"}

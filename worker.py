@@ -39,6 +39,8 @@ def build_parser(env: Mapping[str, str] | None = None) -> config.EnvArgumentPars
              help="skip chips with a smaller share of clear (SCL 4, 5, 6) observations")
     p.option("--max-nodata-fraction", type=float, default=0.0, group=c,
              help="skip chips with a larger share of pixels outside the scenes' data")
+    p.option("--format", default="gtiff", choices=("gtiff", "cog"), group=c,
+             help="tiled GeoTIFF, or Cloud-Optimized GeoTIFF with an overview level")
     p.option("--class-map", default=None, group=c, help="CSV mapping HCAT3 codes to classes (default: the packaged one)")
     p.flag("--force", group=c, help="redo tasks whose outputs are already complete (default: re-report them)")
     p.option("--allowed-hrefs", default=",".join(DEFAULT_ALLOWED_PREFIXES), group=c,
@@ -69,7 +71,7 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         max_chips_per_cell=args.max_chips_per_cell, composite=args.composite, resolution=args.resolution,
         read_threads=args.read_threads, class_map=args.class_map, force=args.force, harmonize=args.harmonize,
         min_clear_fraction=args.min_clear_fraction, max_nodata_fraction=args.max_nodata_fraction,
-        temporal=args.temporal, max_scenes=args.max_scenes,
+        temporal=args.temporal, max_scenes=args.max_scenes, format=args.format,
         hrefs=HrefPolicy.from_options(args.allowed_hrefs, args.local_scenes_dir))
     worker = WorkerOptions(
         kafka=config.kafka_settings(args, f"cropchips-worker-{args.number}", env),

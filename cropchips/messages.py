@@ -104,6 +104,8 @@ class Scene:
     """``s2:processing_baseline``: 04.00 and later carry a -1000 DN offset."""
     offsets: dict[str, float] = field(default_factory=dict)
     """Band name -> ``raster:bands`` offset as published (reflectance units)."""
+    item_href: str | None = None
+    """The STAC item's own URL (its ``self`` link), for provenance links."""
 
     def __post_init__(self) -> None:
         check_safe_id(self.id, "scene id")

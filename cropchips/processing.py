@@ -28,7 +28,7 @@ from .manifest import chips_from_manifest, read_complete_manifest, remove_other_
 from .messages import BANDS, ChipRecord, Result, Task
 from .radiometry import radiometry, remove_offset
 from .reading import cell_grid, choose_epsg, grid_origin, read_stack
-from .writing import METADATA_DIR, OUTPUT_SUBDIRS, write_chip, write_json
+from .writing import FORMATS, METADATA_DIR, OUTPUT_SUBDIRS, write_chip, write_json
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,8 @@ class ProcessingOptions:
     """``composite`` (one image) or ``stack`` (a time series: T x 10 bands)."""
     max_scenes: int = 0
     """Use at most this many scenes per cell, the clearest over the cell (0: all)."""
+    format: str = "gtiff"
+    """``gtiff`` (tiled GeoTIFF) or ``cog`` (Cloud-Optimized GeoTIFF with overviews)."""
 
     def __post_init__(self) -> None:
         if self.chip_size < 1:
@@ -80,6 +82,8 @@ class ProcessingOptions:
         for name in ("min_clear_fraction", "max_nodata_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"--{name.replace('_', '-')} must lie between 0 and 1")
+        if self.format not in FORMATS:
+            raise ConfigError(f"--format must be one of {FORMATS}, got {self.format!r}")
         if self.max_scenes < 0:
             raise ConfigError("--max-scenes must be >= 0 (0: all scenes)")
 
@@ -128,7 +132,7 @@ class TaskProcessor:
             "chip_size": options.chip_size, "max_chips_per_cell": options.max_chips_per_cell,
             "method": options.method, "resolution": options.resolution, "harmonize": options.harmonize,
             "min_clear_fraction": options.min_clear_fraction, "max_nodata_fraction": options.max_nodata_fraction,
-            "max_scenes": options.max_scenes, "class_map_sha256": hashlib.sha256(class_map_text).hexdigest(),
+            "max_scenes": options.max_scenes, "format": options.format, "class_map_sha256": hashlib.sha256(class_map_text).hexdigest(),
             "gpkg": str(options.gpkg), "layer": self.layer.layer, "software": __version__,
         }
 
@@ -223,6 +227,7 @@ class TaskProcessor:
         windows, skipped = plan_chips(fields, cell, grid, chip_size=opts.chip_size,
                                       max_chips=opts.max_chips_per_cell, reject=reject)
         scenes_meta = tuple({"id": task.scenes[i].id, "datetime": task.scenes[i].datetime,
+                             "collection": task.scenes[i].collection, "item_href": task.scenes[i].item_href,
                              "processing_baseline": radio[i].processing_baseline,
                              "published_offset": radio[i].published_offset, "offset_dn": radio[i].offset_dn,
                              "applied_dn": radio[i].applied_dn} for i in used)
@@ -234,7 +239,8 @@ class TaskProcessor:
                 chip_mask = mask[rows, cols]
                 transform = grid.transform * Affine.translation(window.col, window.row)
                 image_rel, mask_rel = write_chip(opts.output_dir, name, image[:, rows, cols], chip_mask,
-                                                 crs=grid.crs, transform=transform, descriptions=descriptions)
+                                                 crs=grid.crs, transform=transform, descriptions=descriptions,
+                                                 fmt=opts.format)
                 classes, counts = np.unique(chip_mask, return_counts=True)
                 left, top = transform.c, transform.f
                 size = window.size * grid.resolution

@@ -494,6 +494,11 @@ def generate_sample(root: Path, *, start_x: float = -5.80, start_y: float = 37.2
                               transform10, (height, width), footprint_ll, (centre_lon, centre_lat)))
         log.debug("scene %s: %.1f%% cloud", scene_id, features[-1]["properties"]["eo:cloud_cover"])
 
+    for feature in features:
+        # Each item also lies in scenes/<ID>/<ID>.json, its "self" link (as Earth Search items carry one).
+        path = scenes_dir / feature["id"] / f"{feature['id']}.json"
+        feature["links"] = [{"rel": "self", "href": str(path.resolve()), "type": "application/geo+json"}]
+        path.write_text(json.dumps(feature, indent=1))
     items_path = root / "items.json"
     items_path.write_text(json.dumps({"type": "FeatureCollection", "features": features}, indent=1))
     gpkg = root / "fields.gpkg"

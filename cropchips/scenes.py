@@ -120,7 +120,9 @@ def scene_from_item(item: dict[str, Any]) -> Scene:
             id=str(item_id), collection=str(item.get("collection") or ""), datetime=item_datetime(item).isoformat().replace("+00:00", "Z"),
             cloud_cover=props.get("eo:cloud_cover"), epsg=item_epsg(item), assets=assets,
             bbox=tuple(item["bbox"]) if item.get("bbox") else None,
-            processing_baseline=props.get("s2:processing_baseline"), offsets=offsets)
+            processing_baseline=props.get("s2:processing_baseline"), offsets=offsets,
+            item_href=next((link.get("href") for link in item.get("links", [])
+                            if isinstance(link, dict) and link.get("rel") == "self"), None))
     except MessageError as exc:
         raise InputDataError(f"item {item_id!r} cannot be used: {exc}") from exc
 

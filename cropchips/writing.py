@@ -37,10 +37,23 @@ def temporary_path(path: Path) -> Path:
     return path.parent / f"{TMP_PREFIX}{socket.gethostname()}~{os.getpid()}~{uuid.uuid4().hex[:8]}~{path.name}"
 
 
-def _profile(count: int, dtype: str, size: tuple[int, int], crs: str, transform: Affine) -> dict:
+FORMATS = ("gtiff", "cog")
+
+
+def _profile(count: int, dtype: str, size: tuple[int, int], crs: str, transform: Affine, fmt: str = "gtiff",
+             categorical: bool = False) -> dict:
     height, width = size
-    profile = dict(driver="GTiff", count=count, dtype=dtype, width=width, height=height, crs=crs,
-                   transform=transform, nodata=0, compress="deflate", predictor=2, interleave="band")
+    profile = dict(count=count, dtype=dtype, width=width, height=height, crs=crs, transform=transform, nodata=0,
+                   compress="deflate", predictor=2)
+    if fmt == "cog":
+        # Cloud-Optimized: 128 px tiles give a 256 px chip one overview level for quick display;
+        # class masks are reduced by majority, never averaged into classes that do not exist.
+        block = 128 if min(height, width) >= 128 else (min(height, width) // 16) * 16
+        profile.update(driver="COG", overview_resampling="mode" if categorical else "average")
+        if block >= 16:
+            profile.update(blocksize=block)
+        return profile
+    profile.update(driver="GTiff", interleave="band")
     # GeoTIFF tiles must be multiples of 16: tile when the chip allows it, else write strips.
     block = min(256, (min(height, width) // 16) * 16)
     if block >= 16:
@@ -49,7 +62,7 @@ def _profile(count: int, dtype: str, size: tuple[int, int], crs: str, transform:
 
 
 def atomic_write(path: Path, array: np.ndarray, *, crs: str, transform: Affine,
-                 descriptions: tuple[str, ...] | None = None) -> None:
+                 descriptions: tuple[str, ...] | None = None, fmt: str = "gtiff", categorical: bool = False) -> None:
     """Write ``array`` (bands, rows, cols) as a GeoTIFF at ``path`` via a temporary file and a rename.
 
     The temporary file lives in the same directory (same file system, so the rename is
@@ -58,7 +71,8 @@ def atomic_write(path: Path, array: np.ndarray, *, crs: str, transform: Affine,
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
     try:
-        with rasterio.open(tmp, "w", **_profile(array.shape[0], array.dtype.name, array.shape[1:], crs, transform)) as dst:
+        profile = _profile(array.shape[0], array.dtype.name, array.shape[1:], crs, transform, fmt, categorical)
+        with rasterio.open(tmp, "w", **profile) as dst:
             dst.write(array)
             if descriptions:
                 for i, text in enumerate(descriptions, start=1):
@@ -72,7 +86,7 @@ def atomic_write(path: Path, array: np.ndarray, *, crs: str, transform: Affine,
 
 
 def write_chip(output_dir: Path, name: str, image: np.ndarray, mask: np.ndarray, *, crs: str,
-               transform: Affine, descriptions: tuple[str, ...] = BANDS) -> tuple[str, str]:
+               transform: Affine, descriptions: tuple[str, ...] = BANDS, fmt: str = "gtiff") -> tuple[str, str]:
     """Write ``images/NAME.tif`` (uint16, one band per description: the 10 bands, or T x 10 for a
     time series) and ``masks/NAME.tif`` (uint8 classes); return their paths relative to ``output_dir``."""
     check_safe_id(name, "chip name")
@@ -83,9 +97,9 @@ def write_chip(output_dir: Path, name: str, image: np.ndarray, mask: np.ndarray,
     image_rel = f"{IMAGES_DIR}/{name}.tif"
     mask_rel = f"{MASKS_DIR}/{name}.tif"
     with_retries(lambda: atomic_write(output_dir / image_rel, image, crs=crs, transform=transform,
-                                      descriptions=descriptions), image_rel)
+                                      descriptions=descriptions, fmt=fmt), image_rel)
     with_retries(lambda: atomic_write(output_dir / mask_rel, mask[None], crs=crs, transform=transform,
-                                      descriptions=("class",)), mask_rel)
+                                      descriptions=("class",), fmt=fmt, categorical=True), mask_rel)
     return image_rel, mask_rel
 
 

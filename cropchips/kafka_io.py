@@ -80,9 +80,21 @@ def connect(factory: Callable[..., T], settings: KafkaSettings, wait: float) -> 
             time.sleep(delay)
 
 
+class _AdminClient(KafkaAdminClient):
+    """KafkaAdminClient that ignores the authorized-operations bit set of a description.
+
+    kafka-python 3.0.12 converts the bits into ``ACLOperation`` enums and raises
+    ``ValueError`` on a bit it does not know (Tansu sets all 32). We never use them.
+    """
+
+    def _process_acl_operations(self, obj: dict[str, Any]) -> dict[str, Any]:
+        obj.pop("authorized_operations", None)
+        return obj
+
+
 def admin_client(settings: KafkaSettings, wait: float = 60.0) -> KafkaAdminClient:
     """An admin client, retrying with backoff until the broker answers or ``wait`` runs out."""
-    return connect(lambda **kw: KafkaAdminClient(**settings.client_config(), request_timeout_ms=10000, **kw),
+    return connect(lambda **kw: _AdminClient(**settings.client_config(), request_timeout_ms=10000, **kw),
                    settings, wait)
 
 

@@ -1,0 +1,49 @@
+"""Smoke test of the benchmark harness (bench/run.py) at a tiny size: it runs end to end and reports sane numbers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_bench_harness_runs_at_tiny_size(tmp_path):
+    out = tmp_path / "results.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--out", str(out), "--cache", str(tmp_path / "cache"),
+         "--workers", "1", "--reps", "1", "--x-cells", "2", "--y-cells", "1", "--grid-step", "0.02",
+         "--dates", "2", "--fields-per-cell", "8", "--chip-size", "64", "--chips-per-cell", "2",
+         "--latency-ms", "5", "--parcels", "5000", "--master-reps", "1", "--memory-step", "0",
+         "--baseline-cells", "1"],
+        check=False, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "targets:" in done.stdout
+    report = json.loads(out.read_text())
+
+    run = report["throughput"]["1"][0]
+    assert run["chips"] > 0 and run["statuses"] == {"ok": run["tasks"]}
+    assert run["chips_per_s"] > 0
+    http = run["http"]
+    assert http["requests"] > 0 and http["bytes"] > 0 and 0 < http["header_bytes"] < http["bytes"]
+    assert http["requests_per_chip"] > 0 and http["bytes_per_chip"] > 0
+    assert http["read_amplification"] >= 1.0
+    assert http["read_amplification_per_task"] > 0 and http["needed_tile_bytes_global"] > 0
+    assert set(run["stages_median_s"]) == {"fields", "read", "composite", "rasterize", "write", "total"}
+    assert run["stages_median_s"]["total"] >= run["stages_median_s"]["read"] > 0
+    assert 0 <= run["kafka"]["overhead_share"] < 1 and run["kafka"]["first_task_dispatch_s"]
+    assert run["worker_peak_rss_mib"] and all(50 < x < 4096 for x in run["worker_peak_rss_mib"])
+    assert run["worker_exit_codes"] == [0]
+
+    assert report["baseline"]["chips"] > 0 and report["baseline"]["seconds_per_chip"] > 0
+    assert report["baseline"]["http"]["requests"] > 0
+    master = report["master"]
+    assert master["parcels"] == master["features_read_bare"] == 5000
+    assert master["make_plan_s"] > 0 and master["bare_read_s"] > 0 and master["ratio"] > 0
+
+    summary = report["summary"]
+    assert set(summary["verdicts"]) == {"read_amplification", "speedup_vs_baseline", "scaling_4_vs_1",
+                                        "master_vs_bare_read", "worker_peak_memory_mib", "kafka_overhead_share"}
+    assert summary["values"]["read_amplification"] >= 1.0
+    assert summary["verdicts"]["scaling_4_vs_1"] == "n/a"  # only one worker count was run

@@ -18,6 +18,7 @@ from pyproj import Transformer
 from rasterio.enums import Resampling
 from rasterio.errors import RasterioIOError
 from rasterio.vrt import WarpedVRT
+from rasterio.windows import Window, from_bounds
 
 from .errors import InputDataError, RetryableError
 from .messages import BANDS, SCL, Cell, Scene
@@ -39,6 +40,10 @@ GDAL_OPTIONS: dict[str, str] = {
     # Keep fetched blocks in memory so that headers and tiles are not fetched twice per task.
     "VSI_CACHE": "TRUE",
     "VSI_CACHE_SIZE": str(64 * 1024 * 1024),
+    # /vsicurl/'s own cache of downloaded regions (GDAL's default is 16 MB, less than one task
+    # streams): 256 MB lets neighbouring cells of a worker reuse shared 1024 px tiles and headers
+    # (measured: 62% fewer requests with 512 MB in bench/).
+    "CPL_VSIL_CURL_CACHE_SIZE": str(256 * 1024 * 1024),
     # GDAL retries 429/5xx answers itself, with this delay doubling each time.
     "GDAL_HTTP_MAX_RETRY": "4",
     "GDAL_HTTP_RETRY_DELAY": "0.5",
@@ -158,12 +163,34 @@ def read_band(href: str, band: str, grid: TargetGrid) -> np.ndarray:
     def read() -> np.ndarray:
         with rasterio.Env(**GDAL_OPTIONS), rasterio.open(href) as src:
             resampling = resampling_for(band, abs(src.transform.a), grid.resolution)
+            window = _plain_window(src, grid, resampling)
+            if window is not None:
+                # Same CRS, nearest, inside the file: a plain windowed read gives the same pixels
+                # as the warper at a fraction of the CPU (warping dominated the read stage).
+                return src.read(1, window=window, out_shape=(grid.height, grid.width), resampling=resampling)
             with WarpedVRT(src, crs=grid.crs, transform=grid.transform, width=grid.width, height=grid.height,
                            resampling=resampling, src_nodata=src.nodata if src.nodata is not None else 0,
                            nodata=0) as vrt:
                 return vrt.read(1)
 
     return with_read_retries(read, band, href)
+
+
+def _plain_window(src: rasterio.DatasetReader, grid: TargetGrid, resampling: Resampling) -> Window | None:
+    """The source window covering ``grid`` when a plain read is exact, else None (use the warper).
+
+    Exact means: same CRS, north-up, nearest neighbour (bilinear through RasterIO would blend
+    nodata into valid edge pixels, the warper does not) and the window inside the file.
+    """
+    if resampling != Resampling.nearest or src.crs is None or src.crs.to_epsg() != grid.epsg:
+        return None
+    if src.transform.b != 0 or src.transform.d != 0 or src.transform.e >= 0:
+        return None
+    window = from_bounds(*grid.bounds, transform=src.transform)
+    if (window.col_off < 0 or window.row_off < 0 or window.col_off + window.width > src.width + 1e-6
+            or window.row_off + window.height > src.height + 1e-6):
+        return None
+    return window
 
 
 def with_read_retries(read: Callable[[], T], band: str, href: str) -> T:

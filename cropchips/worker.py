@@ -98,6 +98,10 @@ class _TaskThread:
     def done(self) -> bool:
         return self._done.is_set()
 
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the task to end; True once it has."""
+        return self._done.wait(timeout)
+
 
 class _PauseNewPartitions(ConsumerRebalanceListener):
     """While a task runs, partitions assigned by a rebalance are paused at once."""
@@ -231,9 +235,10 @@ class Worker:
         runner = _TaskThread(self.processor.process, task)
         stop_deadline: float | None = None
         try:
-            while not runner.done():
-                # Polling keeps this member alive in the group; paused partitions return nothing.
-                stray = consumer.poll(timeout_ms=200)
+            # Wake up as soon as the task ends (not at the end of a poll), and poll every 200 ms
+            # meanwhile: polling keeps this member alive in the group; paused partitions return nothing.
+            while not runner.wait(0.2):
+                stray = consumer.poll(timeout_ms=0)
                 for tp, recs in stray.items():
                     # Only possible for partitions assigned mid-task before the listener paused them:
                     # rewind so those records are consumed later, in order.

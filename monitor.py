@@ -17,6 +17,7 @@ from cropchips.dataset import SplitPolicy, finalize
 from cropchips.errors import ConfigError
 from cropchips.kafka_io import KafkaSettings
 from cropchips.monitor import Monitor, format_summary
+from cropchips.report import build_report, cells_from_results, grid_from_header
 
 EXIT_TASKS_FAILED = 2
 
@@ -35,6 +36,10 @@ def build_parser(env: Mapping[str, str] | None = None) -> config.EnvArgumentPars
              help="the workers' output folder: when the run is done, write OUTPUT/index.parquet there")
     p.flag("--rebuild-index", group=d,
            help="rebuild OUTPUT/index.parquet from the chips' metadata sidecars alone (no broker needed) and exit")
+    p.flag("--report", group=d, help="with --output-dir: once the index is written, also write OUTPUT/report.html "
+           "(summary, class balance, splits, cell map, quicklook gallery)")
+    p.flag("--quicklooks", group=d,
+           help="with --report: also write OUTPUT/quicklooks/NAME.png (true colour | class overlay) for every chip")
     p.option("--split-block-size", type=config.positive_float, default=10000.0, group=d,
              help="side in metres of the spatial blocks assigned whole to train/val/test")
     p.option("--split-ratios", type=split_ratios, default=(0.8, 0.1, 0.1), group=d,
@@ -64,10 +69,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         kafka, args = parse_args(argv)
         setup_logging(args.log_level)
         policy = SplitPolicy(block_size_m=args.split_block_size, ratios=args.split_ratios)
+        if (args.rebuild_index or args.report) and not args.output_dir:
+            raise ConfigError("--rebuild-index and --report need --output-dir")
         if args.rebuild_index:
-            if not args.output_dir:
-                raise ConfigError("--rebuild-index needs --output-dir")
-            print(json.dumps(finalize(Path(args.output_dir), policy=policy), sort_keys=True))
+            rebuilt = finalize(Path(args.output_dir), policy=policy)
+            if args.report:
+                rebuilt["report"] = str(build_report(Path(args.output_dir), quicklooks=args.quicklooks))
+            print(json.dumps(rebuilt, sort_keys=True))
             return EXIT_OK
         monitor = Monitor(kafka, args.results_topic,
                           run_id=args.run_id, broker_wait_s=args.broker_wait)
@@ -85,6 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             records = [{**asdict(chip), "task_id": r.task_id, "run_id": r.run_id, "worker_id": r.worker_id}
                        for r in progress.results.values() if r.status == "ok" for chip in r.chips]
             summary["dataset"] = finalize(Path(args.output_dir), records, policy)
+            if args.report:
+                cells = cells_from_results(progress.results.values(), grid_from_header(progress.header))
+                summary["report"] = str(build_report(Path(args.output_dir), cells=cells, run_summary=summary,
+                                                     quicklooks=args.quicklooks))
         if args.json:
             print(json.dumps(summary, sort_keys=True))
         else:

@@ -60,6 +60,7 @@ def run_demo(output: Path, *, workers: int = 2, chip_size: int | None = None, py
         try:
             monitor = subprocess.run(
                 [python, script("monitor.py"), "--exit-when-done", "--json", "--run-id", run_id,
+                 "--output-dir", str(dataset), "--report",
                  "--timeout", str(timeout_s), *common], stdout=subprocess.PIPE, text=True, check=False)
         finally:
             deadline = time.monotonic() + 60
@@ -72,7 +73,7 @@ def run_demo(output: Path, *, workers: int = 2, chip_size: int | None = None, py
     if not monitor.stdout.strip():
         raise CropChipsError(f"monitor.py exited with {monitor.returncode} and no summary")
     summary = json.loads(monitor.stdout.strip().splitlines()[-1])
-    summary["dataset"] = str(dataset)
+    summary["output_dir"] = str(dataset)
     summary["monitor_exit_code"] = monitor.returncode
     return summary
 
@@ -88,7 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         summary = run_demo(Path(args.output), workers=args.workers, chip_size=args.chip_size)
         print(json.dumps(summary, indent=2, sort_keys=True))
-        print(f"\nDataset written to {summary['dataset']}/images and {summary['dataset']}/masks")
+        print(f"\nDataset written to {summary['output_dir']}/images and {summary['output_dir']}/masks;"
+              f" open {summary['output_dir']}/report.html in a browser")
         return EXIT_OK if summary["monitor_exit_code"] == 0 else EXIT_ERROR
 
     return run(body)

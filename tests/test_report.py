@@ -1,0 +1,311 @@
+"""The HTML report: self-contained, charts true to the masks, rendered by a real browser; quicklook PNGs."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+import subprocess
+import warnings
+from collections import Counter
+from html.parser import HTMLParser
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+from affine import Affine
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.io import MemoryFile
+
+from cropchips.dataset import SplitPolicy, finalize
+from cropchips.grid import Grid
+from cropchips.hrefs import HrefPolicy
+from cropchips.master import MasterOptions, make_plan, record_params
+from cropchips.messages import BANDS
+from cropchips.processing import ProcessingOptions, TaskProcessor
+from cropchips.report import (
+    OVERLAY_ALPHA,
+    PALETTE,
+    QUICKLOOK_GAP,
+    QUICKLOOKS_DIR,
+    STATUS_COLOURS,
+    CellStatus,
+    _subsample,
+    build_report,
+    cells_from_results,
+    encode_png,
+    grid_from_header,
+    main,
+    overlay_classes,
+    quicklook,
+    read_rgb,
+    stretch_rgb,
+)
+from cropchips.writing import write_chip
+
+CHIP = 64
+GALLERY = 5
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def dataset(sample_area, tmp_path_factory):
+    """The sample area processed task by task (no Kafka), indexed with small blocks: all three splits."""
+    out = tmp_path_factory.mktemp("report")
+    grid = Grid(start_x=sample_area.start_x, start_y=sample_area.start_y, step=sample_area.grid_step,
+                x_cells=sample_area.x_cells, y_cells=sample_area.y_cells)
+    options = MasterOptions(gpkg=str(sample_area.gpkg), layer=sample_area.layer, grid=grid,
+                            stac_items=str(sample_area.items), datetime=sample_area.datetime, max_cloud=100,
+                            run_id="run-report")
+    plan = make_plan(options)
+    processor = TaskProcessor(ProcessingOptions(output_dir=out, gpkg=str(sample_area.gpkg), layer=sample_area.layer,
+                                                chip_size=CHIP, max_chips_per_cell=8,
+                                                hrefs=HrefPolicy(local_dirs=(sample_area.root.resolve(),))), "r@test")
+    results = [processor.process(task) for task in plan.tasks]
+    assert all(r.status == "ok" for r in results)
+    finalize(out, policy=SplitPolicy(block_size_m=400, ratios=(0.5, 0.25, 0.25)))
+    return out, grid, plan, results, plan.header(record_params(options))
+
+
+def wider_cells(grid: Grid) -> list[tuple]:
+    """The sample's cells (ok) plus a column of each other status east of them (same grid id)."""
+    wide = Grid(start_x=grid.start_x, start_y=grid.start_y, step=grid.step, x_cells=grid.x_cells + 2,
+                y_cells=grid.y_cells)
+    extra = iter([("no_scenes", "no Sentinel-2 scene covers the cell"), ("no_fields", None),
+                  ("failed", "internal error: boom"), ("no_scenes", None)])
+    cells = []
+    for cell in wide.cells():
+        status, error = ("ok", None) if cell.col < grid.x_cells else next(extra)
+        cells.append((cell.id, cell.bbox, status, error))
+    return cells
+
+
+class Elements(HTMLParser):
+    """Every start tag as (tag, attributes); the text of <title> elements inside SVG is not needed."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.elements: list[tuple[str, dict[str, str]]] = []
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        self.elements.append((tag, {k: v or "" for k, v in attrs}))
+
+    def find(self, tag: str, cls: str | None = None) -> list[dict[str, str]]:
+        return [a for t, a in self.elements if t == tag and (cls is None or cls in a.get("class", "").split())]
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """A PNG decoded by GDAL (not by our encoder's own logic): (bands, rows, cols)."""
+    assert data[:8] == PNG_SIGNATURE
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with MemoryFile(data) as memfile, memfile.open() as src:
+            assert src.driver == "PNG"
+            return src.read()
+
+
+def expected_class_pixels(out: Path, index: gpd.GeoDataFrame) -> Counter:
+    totals: Counter = Counter()
+    for rel in index["mask"]:
+        with rasterio.open(out / rel) as src:
+            classes, counts = np.unique(src.read(1), return_counts=True)
+        totals.update({int(c): int(n) for c, n in zip(classes, counts)})
+    return totals
+
+
+def test_report_is_self_contained_and_true_to_the_masks(dataset):
+    out, grid, _, _, _ = dataset
+    cells = wider_cells(grid)
+    path = build_report(out, cells=cells, run_summary={"run_id": "run-report", "tasks_total": 4, "tasks_done": 4,
+                                                       "elapsed_s": 3.2, "failures": {}}, max_gallery=GALLERY)
+    assert path == out / "report.html" and path.is_file()
+    assert not list(out.glob(".tmp~*")) and not (out / QUICKLOOKS_DIR).exists()
+    text = path.read_text()
+    page = Elements(text)
+    index = gpd.read_parquet(out / "index.parquet")
+    assert set(index["split"]) == {"train", "val", "test"}
+
+    # Nothing outside the file: no URL anywhere, no script, every src and href an inline data URI.
+    assert not re.search(r"https?://", text) and not page.find("script") and not page.find("link")
+    refs = [a[k] for _, a in page.elements for k in ("src", "href", "xlink:href") if k in a]
+    assert refs and all(ref.startswith("data:image/png;base64,") for ref in refs)
+    assert "url(" not in text and "@import" not in text
+
+    # The gallery: GALLERY chips, each image a real PNG equal to the chip's quicklook.
+    images = page.find("img", "quicklook")
+    assert len(images) == GALLERY
+    names = [a["alt"].split(":")[0] for a in images]
+    assert names == sorted(names) and set(names) <= set(index["name"])
+    assert len({n.rsplit("-chip", 1)[0] for n in names}) == index["cell_id"].nunique()  # every cell shown
+    for img, name in zip(images, names, strict=True):
+        pixels = decode_png(base64.b64decode(img["src"].split(",", 1)[1]))
+        assert pixels.shape == (3, CHIP, 2 * CHIP + QUICKLOOK_GAP)
+        assert (int(img["width"]), int(img["height"])) == (2 * CHIP + QUICKLOOK_GAP, CHIP)
+        row = index[index["name"] == name].iloc[0]
+        assert np.array_equal(pixels.transpose(1, 2, 0), quicklook(out / row["image"], out / row["mask"]))
+    assert len(Elements(text).find("figure", "chip")) == GALLERY
+
+    # One bar per class present, heights proportional to the pixel counts of the masks.
+    expected = expected_class_pixels(out, index)
+    bars = {int(a["data-class"]): a for a in page.find("rect", "bar")}
+    assert set(bars) == {k for k, n in expected.items() if n > 0}
+    peak = max(expected.values())
+    tallest = max(float(a["height"]) for a in bars.values())
+    for k, bar in bars.items():
+        assert int(bar["data-pixels"]) == expected[k]
+        assert float(bar["height"]) / tallest == pytest.approx(expected[k] / peak, abs=1e-4)
+        assert bar["fill"] == PALETTE[k]
+    # The legend uses the same colours.
+    for k in bars:
+        assert f'<tr data-class="{k}"><td><span class="swatch" style="background:{PALETTE[k]}">' in text
+
+    # Chips per split, as in the index.
+    split_rows = {a["data-split"] for a in page.find("tr") if "data-split" in a}
+    assert split_rows >= {"train", "val", "test"}
+    for split, n in index["split"].value_counts().items():
+        assert re.search(rf'<tr data-split="{split}">.*?<td class="num count">{n}</td>', text)
+
+    # The map: one shape per cell, in its status colour, and one footprint per chip.
+    shapes = page.find("rect", "cell")
+    assert len(shapes) == len(cells)
+    by_id = {a["data-cell-id"]: a for a in shapes}
+    for cell_id, _, status, _ in cells:
+        assert by_id[cell_id]["data-status"] == status and by_id[cell_id]["fill"] == STATUS_COLOURS[status]
+    assert len(page.find("polygon", "footprint")) == len(index)
+    # Cells without chips are listed with their reasons.
+    assert "internal error: boom" in text and 'id="problems"' in text
+
+
+def test_report_renders_in_headless_chromium(dataset, tmp_path):
+    browser = shutil.which("chromium")
+    if browser is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("chromium is not installed; CI needs it (apt-get install -y chromium)")
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    out, grid, _, _, _ = dataset
+    cells = wider_cells(grid)
+    path = build_report(out, cells=cells, max_gallery=GALLERY)
+    common = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+              "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}"]
+    env = {**os.environ, "HOME": str(tmp_path)}
+    shot = tmp_path / "shot.png"
+    done = subprocess.run([*common, f"--screenshot={shot}", "--window-size=1280,2400", path.as_uri()],
+                          check=False, capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert done.returncode == 0 and shot.is_file(), done.stderr[-2000:]
+    dom = subprocess.run([*common, "--dump-dom", path.as_uri()], check=False, capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+
+    rendered = Elements(dom.stdout)
+    assert len(rendered.find("img", "quicklook")) == GALLERY
+    for section in ("summary", "class-balance", "split-counts", "cell-map", "gallery"):
+        assert any(a.get("id") == section for _, a in rendered.elements), section
+    assert rendered.find("svg", "chart") and rendered.find("svg", "map")
+    assert len(rendered.find("rect", "bar")) > 1
+    assert len(rendered.find("rect", "cell")) == len(cells)
+    assert len(rendered.find("polygon", "footprint")) == len(gpd.read_parquet(out / "index.parquet"))
+
+    pixels = decode_png(shot.read_bytes())
+    assert pixels.shape[1:] == (2400, 1280)
+    colours = np.unique(pixels[:3].reshape(3, -1).T, axis=0)
+    assert len(colours) > 100 and pixels[:3].std() > 10  # text, charts and photos, not a blank page
+
+
+def test_quicklooks_one_valid_png_per_chip(dataset, capsys, tmp_path):
+    out = tmp_path / "dataset"
+    shutil.copytree(dataset[0], out, ignore=shutil.ignore_patterns("report.html", QUICKLOOKS_DIR))
+    assert main([str(out), "--quicklooks", "--max-gallery", "3"]) == 0
+    assert '"report"' in capsys.readouterr().out
+    index = gpd.read_parquet(out / "index.parquet")
+    files = sorted((out / QUICKLOOKS_DIR).iterdir())
+    assert [f.name for f in files] == sorted(f"{n}.png" for n in index["name"])  # nothing else: no .aux.xml, no temp
+    for png in files:
+        pixels = decode_png(png.read_bytes())
+        assert pixels.shape == (3, CHIP, 2 * CHIP + QUICKLOOK_GAP)
+        assert np.all(pixels[:, :, CHIP:CHIP + QUICKLOOK_GAP] == 255)  # the white gap between the halves
+        assert pixels.std() > 0
+    assert len(Elements((out / "report.html").read_text()).find("img", "quicklook")) == 3
+
+
+def test_cells_default_to_the_chips_and_come_from_the_results(dataset):
+    out, grid, plan, results, header = dataset
+    index = gpd.read_parquet(out / "index.parquet")
+    page = Elements(build_report(out, max_gallery=0).read_text())
+    shapes = {a["data-cell-id"]: a for a in page.find("rect", "cell")}
+    assert set(shapes) == set(index["cell_id"]) and {a["data-status"] for a in shapes.values()} == {"ok"}
+    assert not page.find("img", "quicklook")
+
+    # The monitor's view: statuses from the results, boxes from the grid in the run header.
+    assert grid_from_header(header) == grid and grid_from_header(None) is None
+    cells = cells_from_results(results, grid_from_header(header))
+    assert cells == sorted((CellStatus(t.cell.id, t.cell.bbox, "ok") for t in plan.tasks), key=lambda c: c.cell_id)
+    failed = results[0].__class__(run_id="run-report", task_id=results[0].task_id, cell_id=results[0].cell_id,
+                                  worker_id="x@y", status="failed", error="disk full")
+    worst = {c.cell_id: c for c in cells_from_results([*results, failed])}
+    assert worst[results[0].cell_id] == CellStatus(results[0].cell_id, None, "failed", "disk full")
+    page = Elements(build_report(out, cells=list(worst.values()), max_gallery=0).read_text())
+    shapes = {a["data-cell-id"]: a for a in page.find("rect", "cell")}
+    assert shapes[results[0].cell_id]["fill"] == STATUS_COLOURS["failed"] and len(shapes) == len(worst)
+
+
+def test_report_without_an_index_or_chips(tmp_path, dataset):
+    out, _, _, _, _ = dataset
+    copy = tmp_path / "noindex"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("index.parquet", "report.html", QUICKLOOKS_DIR))
+    text = build_report(copy, max_gallery=2).read_text()
+    assert '<tr data-split="unindexed">' in text and len(Elements(text).find("img", "quicklook")) == 2
+    empty = tmp_path / "empty"
+    (empty / "metadata").mkdir(parents=True)
+    page = Elements(build_report(empty).read_text())
+    assert not page.find("img", "quicklook") and not page.find("rect", "bar") and not page.find("rect", "cell")
+
+
+def test_png_encoder_stretch_and_overlay(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (7, 5, 3), dtype=np.uint8)
+    assert np.array_equal(decode_png(encode_png(rgb)).transpose(1, 2, 0), rgb)
+    grey = rng.integers(0, 256, (3, 11), dtype=np.uint8)
+    assert np.array_equal(decode_png(encode_png(grey))[0], grey)
+    with pytest.raises(ValueError):
+        encode_png(rgb.astype(np.uint16))
+
+    bands = np.stack([np.arange(1, 101, dtype=np.uint16).reshape(10, 10) * (i + 1) for i in range(3)])
+    bands[:, 0, 0] = 0
+    bands[1, 9, 9] = 0  # nodata in one band: black
+    stretched = stretch_rgb(bands)
+    assert stretched.shape == (10, 10, 3) and np.all(stretched[0, 0] == 0) and np.all(stretched[9, 9] == 0)
+    assert stretched[..., 0].max() == 255 and stretched[1, 5, 0] < stretched[5, 5, 0]
+    assert not stretch_rgb(np.zeros((3, 4, 4), dtype=np.uint16)).any()
+
+    mask = np.zeros((10, 10), dtype=np.uint8)
+    mask[2, 3] = 5
+    over = overlay_classes(stretched, mask)
+    colour = np.array([int(PALETTE[5][i:i + 2], 16) for i in (1, 3, 5)])
+    assert np.array_equal(over[2, 3], np.round((1 - OVERLAY_ALPHA) * stretched[2, 3] + OVERLAY_ALPHA * colour))
+    assert np.array_equal(np.delete(over.reshape(-1, 3), 23, axis=0), np.delete(stretched.reshape(-1, 3), 23, axis=0))
+
+    # Gallery images of big chips are subsampled, both halves alike, the white gap kept.
+    big = np.zeros((600, 2 * 600 + QUICKLOOK_GAP, 3), dtype=np.uint8)
+    big[:, 600:600 + QUICKLOOK_GAP] = 255
+    small = _subsample(big, 256)
+    assert small.shape == (200, 2 * 200 + QUICKLOOK_GAP, 3) and np.all(small[:, 200:200 + QUICKLOOK_GAP] == 255)
+    assert _subsample(small, 256) is small
+
+
+def test_time_series_quicklook_uses_the_fullest_latest_date(tmp_path):
+    dates = ("2023-05-20", "2023-06-09", "2023-06-29")
+    image = np.full((len(dates) * len(BANDS), 8, 8), 500, dtype=np.uint16)
+    for d in range(len(dates)):
+        image[d * len(BANDS):(d + 1) * len(BANDS)] += 100 * d  # date d has DN 500 + 100 d
+    image[2 * len(BANDS) + 2, :4] = 0  # the last date's B04 has a nodata half
+    descriptions = tuple(f"{date} {band}" for date in dates for band in BANDS)
+    write_chip(tmp_path, "stack-chip00", image, np.zeros((8, 8), dtype=np.uint8), crs="EPSG:32630",
+               transform=Affine(10, 0, 500000, 0, -10, 4100000), descriptions=descriptions)
+    rgb = read_rgb(tmp_path / "images" / "stack-chip00.tif")
+    assert rgb.shape == (3, 8, 8) and np.all(rgb == 600)  # the second date: as full as the first, and later

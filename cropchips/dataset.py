@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import shapely
 from pyproj import Transformer
 
 from .errors import InputDataError
-from .writing import METADATA_DIR, temporary_path
+from .writing import METADATA_DIR, atomic_output
 
 log = logging.getLogger(__name__)
 
@@ -130,15 +129,8 @@ def drop_cross_split_overlaps(frame: gpd.GeoDataFrame) -> tuple[gpd.GeoDataFrame
 def write_index(output_dir: Path, frame: gpd.GeoDataFrame) -> Path:
     """Write ``index.parquet`` atomically (temporary file, then rename)."""
     path = output_dir / INDEX_NAME
-    tmp = temporary_path(path)
-    try:
+    with atomic_output(path) as tmp:
         frame.to_parquet(tmp, index=False)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -8,7 +8,6 @@ import html
 import json
 import logging
 import math
-import os
 import re
 import struct
 import sys
@@ -32,7 +31,7 @@ from .dataset import INDEX_NAME, SPLITS, records_from_metadata
 from .errors import InputDataError
 from .grid import Grid
 from .messages import BANDS, STATUSES, Result, RunHeader
-from .writing import METADATA_DIR, temporary_path
+from .writing import METADATA_DIR, atomic_output
 
 log = logging.getLogger(__name__)
 
@@ -194,17 +193,8 @@ def _subsample(pixels: np.ndarray, max_side: int) -> np.ndarray:
 
 
 def _write_bytes_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(path)
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
 
 
 # ----------------------------------------------------------------------------- inputs

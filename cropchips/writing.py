@@ -8,7 +8,8 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -61,28 +62,34 @@ def _profile(count: int, dtype: str, size: tuple[int, int], crs: str, transform:
     return profile
 
 
-def atomic_write(path: Path, array: np.ndarray, *, crs: str, transform: Affine,
-                 descriptions: tuple[str, ...] | None = None, fmt: str = "gtiff", categorical: bool = False) -> None:
-    """Write ``array`` (bands, rows, cols) as a GeoTIFF at ``path`` via a temporary file and a rename.
-
-    The temporary file lives in the same directory (same file system, so the rename is
-    atomic, also on NFS) and is fsync'ed before the rename; on any error it is removed.
-    """
+@contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write to; on success it is fsync'ed and renamed
+    to ``path`` (atomic, also on NFS: same directory, same file system), on error removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
     try:
-        profile = _profile(array.shape[0], array.dtype.name, array.shape[1:], crs, transform, fmt, categorical)
-        with rasterio.open(tmp, "w", **profile) as dst:
-            dst.write(array)
-            if descriptions:
-                for i, text in enumerate(descriptions, start=1):
-                    dst.set_band_description(i, text)
+        yield tmp
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write(path: Path, array: np.ndarray, *, crs: str, transform: Affine,
+                 descriptions: tuple[str, ...] | None = None, fmt: str = "gtiff", categorical: bool = False) -> None:
+    """Write ``array`` (bands, rows, cols) as a GeoTIFF at ``path`` via a temporary file and a rename.
+
+    See :func:`atomic_output`.
+    """
+    profile = _profile(array.shape[0], array.dtype.name, array.shape[1:], crs, transform, fmt, categorical)
+    with atomic_output(path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
+        dst.write(array)
+        if descriptions:
+            for i, text in enumerate(descriptions, start=1):
+                dst.set_band_description(i, text)
 
 
 def write_chip(output_dir: Path, name: str, image: np.ndarray, mask: np.ndarray, *, crs: str,
@@ -107,17 +114,8 @@ def write_json(path: Path, body: dict) -> None:
     """Write a JSON document atomically (temporary file, fsync, rename)."""
     import json
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(path)
-    try:
-        with open(tmp, "w") as handle:
-            json.dump(body, handle, sort_keys=True, indent=1)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(body, sort_keys=True, indent=1))
 
 
 def with_retries(write: Callable[[], None], what: str, attempts: int = WRITE_ATTEMPTS, delay: float = 0.5) -> None:

@@ -95,9 +95,6 @@ class _TaskThread:
         finally:
             self._done.set()
 
-    def done(self) -> bool:
-        return self._done.is_set()
-
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the task to end; True once it has."""
         return self._done.wait(timeout)

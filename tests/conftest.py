@@ -79,14 +79,27 @@ def real_scene():
 
 
 @pytest.fixture(scope="session")
-def sample_task(sample_area):
-    """The first task the master plans for the sample area (no Kafka involved)."""
+def sample_master_options(sample_area):
+    """The master's options for the whole sample area, scenes from its local items file."""
     from cropchips.grid import Grid
-    from cropchips.master import MasterOptions, make_plan
+    from cropchips.master import MasterOptions
 
     grid = Grid(start_x=sample_area.start_x, start_y=sample_area.start_y, step=sample_area.grid_step,
                 x_cells=sample_area.x_cells, y_cells=sample_area.y_cells)
-    plan = make_plan(MasterOptions(gpkg=str(sample_area.gpkg), layer=sample_area.layer, grid=grid,
-                                   stac_items=str(sample_area.items), datetime=sample_area.datetime, max_cloud=100,
-                                   run_id="run-sample"))
-    return plan.tasks[0]
+    return MasterOptions(gpkg=str(sample_area.gpkg), layer=sample_area.layer, grid=grid,
+                         stac_items=str(sample_area.items), datetime=sample_area.datetime, max_cloud=100,
+                         run_id="run-sample")
+
+
+@pytest.fixture(scope="session")
+def sample_plan(sample_master_options):
+    """The tasks the master plans for the sample area (no Kafka involved)."""
+    from cropchips.master import make_plan
+
+    return make_plan(sample_master_options)
+
+
+@pytest.fixture(scope="session")
+def sample_task(sample_plan):
+    """The first task of the sample area."""
+    return sample_plan.tasks[0]

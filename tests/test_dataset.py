@@ -12,23 +12,17 @@ import shapely
 from conftest import run_script
 
 from cropchips.dataset import SplitPolicy, build_index, finalize, records_from_metadata
-from cropchips.grid import Grid
 from cropchips.hrefs import HrefPolicy
-from cropchips.master import MasterOptions, make_plan
 from cropchips.processing import ProcessingOptions, TaskProcessor
 
 CHIP = 64
 
 
 @pytest.fixture(scope="module")
-def dataset(sample_area, tmp_path_factory):
+def dataset(sample_area, sample_plan, tmp_path_factory):
     """The sample area processed task by task into a dataset folder (no Kafka needed here)."""
     out = tmp_path_factory.mktemp("dataset")
-    grid = Grid(start_x=sample_area.start_x, start_y=sample_area.start_y, step=sample_area.grid_step,
-                x_cells=sample_area.x_cells, y_cells=sample_area.y_cells)
-    plan = make_plan(MasterOptions(gpkg=str(sample_area.gpkg), layer=sample_area.layer, grid=grid,
-                                   stac_items=str(sample_area.items), datetime=sample_area.datetime, max_cloud=100,
-                                   run_id="run-ds"))
+    plan = sample_plan
     processor = TaskProcessor(ProcessingOptions(output_dir=out, gpkg=str(sample_area.gpkg), layer=sample_area.layer,
                                                 chip_size=CHIP, max_chips_per_cell=8,
                                                 hrefs=HrefPolicy(local_dirs=(sample_area.root.resolve(),))), "d@test")
@@ -66,7 +60,7 @@ def test_index_rows_match_the_chips(dataset):
         # The footprint in lon/lat contains the chip's centre.
         centre = gpd.GeoSeries([shapely.Point((row.left + row.right) / 2, (row.bottom + row.top) / 2)], crs=row.crs)
         assert row.geometry.contains(centre.to_crs(4326).iloc[0])
-        assert row.run_id == "run-ds" and row.worker_id == "d@test" and row.task_id
+        assert row.run_id == "run-sample" and row.worker_id == "d@test" and row.task_id
 
 
 def test_small_blocks_split_the_area_and_no_chip_overlaps_another_split(dataset):

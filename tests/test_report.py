@@ -23,7 +23,7 @@ from rasterio.io import MemoryFile
 from cropchips.dataset import SplitPolicy, finalize
 from cropchips.grid import Grid
 from cropchips.hrefs import HrefPolicy
-from cropchips.master import MasterOptions, make_plan, record_params
+from cropchips.master import record_params
 from cropchips.messages import BANDS
 from cropchips.processing import ProcessingOptions, TaskProcessor
 from cropchips.report import (
@@ -52,15 +52,10 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def dataset(sample_area, tmp_path_factory):
+def dataset(sample_area, sample_master_options, sample_plan, tmp_path_factory):
     """The sample area processed task by task (no Kafka), indexed with small blocks: all three splits."""
     out = tmp_path_factory.mktemp("report")
-    grid = Grid(start_x=sample_area.start_x, start_y=sample_area.start_y, step=sample_area.grid_step,
-                x_cells=sample_area.x_cells, y_cells=sample_area.y_cells)
-    options = MasterOptions(gpkg=str(sample_area.gpkg), layer=sample_area.layer, grid=grid,
-                            stac_items=str(sample_area.items), datetime=sample_area.datetime, max_cloud=100,
-                            run_id="run-report")
-    plan = make_plan(options)
+    options, plan, grid = sample_master_options, sample_plan, sample_master_options.grid
     processor = TaskProcessor(ProcessingOptions(output_dir=out, gpkg=str(sample_area.gpkg), layer=sample_area.layer,
                                                 chip_size=CHIP, max_chips_per_cell=8,
                                                 hrefs=HrefPolicy(local_dirs=(sample_area.root.resolve(),))), "r@test")

@@ -9,7 +9,6 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
-from pathlib import Path
 
 from cropchips import config
 from cropchips.cli import EXIT_ERROR, EXIT_OK, run, setup_logging
@@ -33,7 +32,8 @@ def build_parser(env: Mapping[str, str] | None = None) -> config.EnvArgumentPars
     p.flag("--no-progress", help="no progress bar (logs only)")
     d = p.add_argument_group("dataset index")
     p.option("--output-dir", default=None, group=d,
-             help="the workers' output folder: when the run is done, write OUTPUT/index.parquet there")
+             help="the workers' output folder or object-store URL (s3://bucket/prefix): when the run is "
+             "done, write OUTPUT/index.parquet and the STAC catalog there")
     p.flag("--rebuild-index", group=d,
            help="rebuild OUTPUT/index.parquet from the chips' metadata sidecars alone (no broker needed) and exit")
     p.flag("--report", group=d, help="with --output-dir: once the index is written, also write OUTPUT/report.html "
@@ -72,9 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if (args.rebuild_index or args.report) and not args.output_dir:
             raise ConfigError("--rebuild-index and --report need --output-dir")
         if args.rebuild_index:
-            rebuilt = finalize(Path(args.output_dir), policy=policy)
+            rebuilt = finalize(args.output_dir, policy=policy)
             if args.report:
-                rebuilt["report"] = str(build_report(Path(args.output_dir), quicklooks=args.quicklooks))
+                rebuilt["report"] = str(build_report(args.output_dir, quicklooks=args.quicklooks))
             print(json.dumps(rebuilt, sort_keys=True))
             return EXIT_OK
         monitor = Monitor(kafka, args.results_topic,
@@ -92,10 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.output_dir and progress.complete():
             records = [{**asdict(chip), "task_id": r.task_id, "run_id": r.run_id, "worker_id": r.worker_id}
                        for r in progress.results.values() if r.status == "ok" for chip in r.chips]
-            summary["dataset"] = finalize(Path(args.output_dir), records, policy)
+            summary["dataset"] = finalize(args.output_dir, records, policy)
             if args.report:
                 cells = cells_from_results(progress.results.values(), grid_from_header(progress.header))
-                summary["report"] = str(build_report(Path(args.output_dir), cells=cells, run_summary=summary,
+                summary["report"] = str(build_report(args.output_dir, cells=cells, run_summary=summary,
                                                      quicklooks=args.quicklooks))
         if args.json:
             print(json.dumps(summary, sort_keys=True))

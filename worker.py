@@ -6,14 +6,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 from cropchips import config
 from cropchips.cli import EXIT_OK, run, setup_logging
 from cropchips.hrefs import DEFAULT_ALLOWED_PREFIXES, HrefPolicy
 from cropchips.processing import ProcessingOptions, TaskProcessor, default_worker_id
 from cropchips.worker import Worker, WorkerOptions
-from cropchips.writing import remove_stale_temporaries
 
 
 def build_parser(env: Mapping[str, str] | None = None) -> config.EnvArgumentParser:
@@ -21,7 +19,8 @@ def build_parser(env: Mapping[str, str] | None = None) -> config.EnvArgumentPars
     p.add_argument("number", help="this worker's number (N in `worker.py N`), part of its id N@host")
     p.option("--gpkg", default="/mnt/mimmo/es_2023_all.gpkg", help="EuroCrops GeoPackage (the NFS-mounted copy)")
     p.option("--layer", default=None, help="layer of the GeoPackage (default: the first with EuroCrops columns)")
-    p.option("--output-dir", default="/mnt/mimmo", help="where images/ and masks/ are written (shared storage)")
+    p.option("--output-dir", default="/mnt/mimmo", help="where images/ and masks/ are written: the shared folder, or an object store URL "
+             "such as s3://bucket/prefix (credentials and endpoint from the usual AWS_* variables)")
     c = p.add_argument_group("chips")
     p.option("--chip-size", type=config.positive_int, default=256, group=c, help="chip width and height in pixels")
     p.option("--max-chips-per-cell", type=config.non_negative_int, default=5, group=c, help="at most this many chips per cell")
@@ -67,7 +66,7 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
                ) -> tuple[ProcessingOptions, WorkerOptions, argparse.Namespace]:
     args = build_parser(env).parse_args(argv)
     processing = ProcessingOptions(
-        output_dir=Path(args.output_dir), gpkg=args.gpkg, layer=args.layer, chip_size=args.chip_size,
+        output_dir=args.output_dir, gpkg=args.gpkg, layer=args.layer, chip_size=args.chip_size,
         max_chips_per_cell=args.max_chips_per_cell, composite=args.composite, resolution=args.resolution,
         read_threads=args.read_threads, class_map=args.class_map, force=args.force, harmonize=args.harmonize,
         min_clear_fraction=args.min_clear_fraction, max_nodata_fraction=args.max_nodata_fraction,
@@ -87,8 +86,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         processing, options, args = parse_args(argv)
         setup_logging(args.log_level)
-        processing.output_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(processing.output_dir)
         worker = Worker(options, TaskProcessor(processing, default_worker_id(args.number)))
         worker.install_signal_handlers()
         worker.run()

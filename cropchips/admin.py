@@ -711,6 +711,8 @@ def _check_broker_and_topics(options: DoctorOptions) -> list[Check]:
 
 
 def _check_output(output_dir: str, expect_mount: bool) -> list[Check]:
+    if "://" in output_dir and not output_dir.startswith("file://"):
+        return _check_object_store(output_dir)
     path = Path(output_dir)
     mount_fix = "mount the share: `sudo ./mount_worker_nfs.sh --master-ip <master> --persist`, or pass --output-dir"
     if not path.exists():
@@ -734,6 +736,26 @@ def _check_output(output_dir: str, expect_mount: bool) -> list[Check]:
                             f"give the worker's user write access (`ls -ld {path}`; chown/chmod), and on NFS check the "
                             "export is rw and root_squash/anonuid match (setup_master_nfs.sh)"))
     return checks
+
+
+def _check_object_store(url: str) -> list[Check]:
+    from .errors import ConfigError
+    from .storage import open_storage
+
+    fix = ("check the bucket name, AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, "
+           "and AWS_ENDPOINT_URL for an S3-compatible server")
+    try:
+        storage = open_storage(url)
+        storage.prepare()
+        probe = f".cropchips-doctor-{os.getpid()}"
+        storage.write_bytes(probe, b"ok")
+        ok = storage.read_bytes(probe) == b"ok"
+        storage.delete(probe)
+    except ConfigError as exc:
+        return [Check("output-dir", False, str(exc), fix)]
+    except Exception as exc:  # noqa: BLE001 - any store error is the answer here
+        return [Check("output-dir", False, f"{url}: {type(exc).__name__}: {exc}", fix)]
+    return [Check("output-dir", ok, f"wrote, read back and deleted an object in {url}", "" if ok else fix)]
 
 
 def _check_gpkg(gpkg: str, layer: str | None) -> Check:

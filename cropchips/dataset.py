@@ -21,7 +21,8 @@ import shapely
 from pyproj import Transformer
 
 from .errors import InputDataError
-from .writing import METADATA_DIR, atomic_output
+from .storage import Storage, open_storage
+from .writing import IMAGES_DIR, MASKS_DIR, METADATA_DIR
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +56,21 @@ class SplitPolicy:
         return SPLITS[int(np.searchsorted(edges, u, side="right").clip(0, 2))]
 
 
-def records_from_metadata(output_dir: Path) -> list[dict[str, Any]]:
+def records_from_metadata(output: Storage | Path | str) -> list[dict[str, Any]]:
     """Every chip's provenance record from ``metadata/*.json`` (only chips whose files exist)."""
-    folder = output_dir / METADATA_DIR
-    if not folder.is_dir():
-        raise InputDataError(f"{folder} does not exist: is {output_dir} a dataset written by the workers?")
+    storage = open_storage(output)
+    sidecars = [rel for rel in storage.list(METADATA_DIR) if rel.endswith(".json")]
+    if not sidecars and (not storage.is_local or not Path(storage.url(METADATA_DIR)).is_dir()):
+        raise InputDataError(f"{storage.url(METADATA_DIR)} does not exist or holds no chip sidecars: is {storage} "
+                             "a dataset written by the workers?")
+    files = set(storage.list(IMAGES_DIR)) | set(storage.list(MASKS_DIR))
     records = []
-    for path in sorted(folder.glob("*.json")):
-        record = json.loads(path.read_text())
-        if (output_dir / record["image"]).exists() and (output_dir / record["mask"]).exists():
+    for rel in sidecars:
+        record = json.loads(storage.read_bytes(rel))
+        if record["image"] in files and record["mask"] in files:
             records.append(record)
         else:
-            log.warning("%s: its image or mask is missing; left out of the index", path.name)
+            log.warning("%s: its image or mask is missing; left out of the index", rel)
     return records
 
 
@@ -126,20 +130,20 @@ def drop_cross_split_overlaps(frame: gpd.GeoDataFrame) -> tuple[gpd.GeoDataFrame
     return frame[keep], dropped
 
 
-def write_index(output_dir: Path, frame: gpd.GeoDataFrame) -> Path:
-    """Write ``index.parquet`` atomically (temporary file, then rename)."""
-    path = output_dir / INDEX_NAME
-    with atomic_output(path) as tmp:
-        frame.to_parquet(tmp, index=False)
-    return path
+def write_index(output: Storage | Path | str, frame: gpd.GeoDataFrame) -> str:
+    """Publish ``index.parquet`` whole; return where it is."""
+    storage = open_storage(output)
+    storage.publish(INDEX_NAME, lambda tmp: frame.to_parquet(tmp, index=False))
+    return storage.url(INDEX_NAME)
 
 
-def finalize(output_dir: Path, records: Sequence[dict[str, Any]] | None = None,
+def finalize(output: Storage | Path | str, records: Sequence[dict[str, Any]] | None = None,
              policy: SplitPolicy = SplitPolicy()) -> dict[str, Any]:
     """Build and write the index from ``records`` (or from the sidecars); return a summary."""
-    records = list(records) if records is not None else records_from_metadata(output_dir)
+    storage = open_storage(output)
+    records = list(records) if records is not None else records_from_metadata(storage)
     frame, dropped = build_index(records, policy)
-    path = write_index(output_dir, frame)
+    path = write_index(storage, frame)
     counts = frame["split"].value_counts().to_dict() if len(frame) else {}
     summary = {"index": str(path), "chips": int(len(frame)),
                "splits": {s: int(counts.get(s, 0)) for s in SPLITS},

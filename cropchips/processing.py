@@ -28,7 +28,8 @@ from .manifest import chips_from_manifest, read_complete_manifest, remove_other_
 from .messages import BANDS, ChipRecord, Result, Task
 from .radiometry import radiometry, remove_offset
 from .reading import cell_grid, choose_epsg, grid_origin, read_stack
-from .writing import FORMATS, METADATA_DIR, OUTPUT_SUBDIRS, write_chip, write_json
+from .storage import open_storage
+from .writing import FORMATS, METADATA_DIR, OUTPUT_SUBDIRS, write_chip
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,9 @@ log = logging.getLogger(__name__)
 class ProcessingOptions:
     """How a worker turns a task into chips."""
 
-    output_dir: Path
-    """Where ``images/`` and ``masks/`` are written (the shared NFS folder)."""
+    output_dir: Path | str
+    """Where ``images/`` and ``masks/`` are written: the shared NFS folder, or an object-store
+    URL such as ``s3://bucket/prefix`` (see :mod:`cropchips.storage`)."""
     gpkg: str
     """The EuroCrops GeoPackage."""
     layer: str | None = None
@@ -118,11 +120,8 @@ class TaskProcessor:
                  layer: FieldLayer | None = None, class_map: ClassMap | None = None):
         self.options = options
         self.worker_id = worker_id
-        for sub in OUTPUT_SUBDIRS:
-            # A link here could send chips anywhere on the machine: refuse it.
-            if (options.output_dir / sub).is_symlink():
-                raise ConfigError(f"{options.output_dir / sub} is a symbolic link; the output folders must be real "
-                                  "directories inside --output-dir")
+        self.storage = open_storage(options.output_dir)
+        self.storage.prepare(OUTPUT_SUBDIRS)
         self.layer = layer or open_layer(options.gpkg, options.layer)
         self.class_map = class_map or load_class_map(options.class_map)
         class_map_text = Path(options.class_map or DEFAULT_CLASS_MAP_PATH).read_bytes()
@@ -164,7 +163,7 @@ class TaskProcessor:
         if not task.scenes:
             return self._result(task, "no_scenes", watch, error="no Sentinel-2 scene covers the cell")
         if not opts.force:
-            done = read_complete_manifest(opts.output_dir, cell.id, task.task_id, self.settings)
+            done = read_complete_manifest(self.storage, cell.id, task.task_id, self.settings)
             if done is not None:
                 log.info("task %s already complete (%d chips): re-reporting it", task.task_id, len(done["chips"]))
                 return self._result(task, "ok", watch, chips=chips_from_manifest(done),
@@ -238,7 +237,7 @@ class TaskProcessor:
                 name = f"{cell.id}-chip{k:02d}"
                 chip_mask = mask[rows, cols]
                 transform = grid.transform * Affine.translation(window.col, window.row)
-                image_rel, mask_rel = write_chip(opts.output_dir, name, image[:, rows, cols], chip_mask,
+                image_rel, mask_rel = write_chip(self.storage, name, image[:, rows, cols], chip_mask,
                                                  crs=grid.crs, transform=transform, descriptions=descriptions,
                                                  fmt=opts.format)
                 classes, counts = np.unique(chip_mask, return_counts=True)
@@ -253,13 +252,13 @@ class TaskProcessor:
                     nodata_fraction=round(float(1.0 - covered[rows, cols].mean()), 4),
                     software=__version__, config=self.settings)
                 # The provenance sidecar sits beside the chip for tools that never see Kafka.
-                write_json(opts.output_dir / METADATA_DIR / f"{name}.json",
+                self.storage.write_json(f"{METADATA_DIR}/{name}.json",
                            {"task_id": task.task_id, "run_id": task.run_id, "worker_id": self.worker_id,
                             **asdict(record)})
                 records.append(record)
-            remove_other_chips(opts.output_dir, cell.id, keep={r.name for r in records})
+            remove_other_chips(self.storage, cell.id, keep={r.name for r in records})
             scene_ids = tuple(task.scenes[i].id for i in used)
-            write_manifest(opts.output_dir, cell.id, {
+            write_manifest(self.storage, cell.id, {
                 "task_id": task.task_id, "run_id": task.run_id, "cell_id": cell.id, "settings": self.settings,
                 "chips": [asdict(r) for r in records], "scenes_used": list(scene_ids),
                 "chips_skipped": dict(skipped), "worker_id": self.worker_id, "written_at": utc_now()})

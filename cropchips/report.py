@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import geopandas as gpd
 import numpy as np
@@ -31,7 +31,8 @@ from .dataset import INDEX_NAME, SPLITS, records_from_metadata
 from .errors import InputDataError
 from .grid import Grid
 from .messages import BANDS, STATUSES, Result, RunHeader
-from .writing import METADATA_DIR, atomic_output
+from .storage import Storage, open_storage
+from .writing import METADATA_DIR
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ def _rgb_indexes(descriptions: Sequence[str | None], count: int) -> list[int]:
     return [BANDS.index(name) + 1 for name in RGB_BANDS] if count >= len(BANDS) else [1, 1, 1]
 
 
-def read_rgb(image_path: Path) -> np.ndarray:
+def read_rgb(image_path: str | Path | BinaryIO) -> np.ndarray:
     """B04, B03, B02 of an image chip as (3, rows, cols) DNs; for a time series (``DATE B02`` band
     descriptions), the date with the most valid pixels, the latest on a tie."""
     with rasterio.open(image_path) as src:
@@ -168,7 +169,7 @@ def read_rgb(image_path: Path) -> np.ndarray:
         return src.read(_rgb_indexes(descriptions, src.count))
 
 
-def quicklook(image_path: Path, mask_path: Path) -> np.ndarray:
+def quicklook(image_path: str | Path | BinaryIO, mask_path: str | Path | BinaryIO) -> np.ndarray:
     """True colour | true colour with the class overlay, side by side: (rows, 2 cols + gap, 3) uint8."""
     rgb = stretch_rgb(read_rgb(image_path))
     with rasterio.open(mask_path) as src:
@@ -192,23 +193,18 @@ def _subsample(pixels: np.ndarray, max_side: int) -> np.ndarray:
     return np.concatenate([left, gap, right], axis=1)
 
 
-def _write_bytes_atomically(path: Path, data: bytes) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_bytes(data)
-
-
 # ----------------------------------------------------------------------------- inputs
 
-def load_chips(output_dir: Path) -> tuple[Any, bool]:
+def load_chips(output: Storage | Path | str) -> tuple[Any, bool]:
     """The chips to report: ``index.parquet`` (and True), or, without one, every chip's sidecar
     with split ``unindexed`` (and False)."""
-    index_path = output_dir / INDEX_NAME
-    if index_path.exists():
-        return gpd.read_parquet(index_path), True
+    storage = open_storage(output)
+    if storage.exists(INDEX_NAME):
+        return gpd.read_parquet(storage.source(INDEX_NAME)), True
     log.warning("%s has no %s: reporting the chips of %s/ without splits (run monitor.py --rebuild-index)",
-                output_dir, INDEX_NAME, METADATA_DIR)
+                storage, INDEX_NAME, METADATA_DIR)
     rows = []
-    for r in records_from_metadata(output_dir):
+    for r in records_from_metadata(storage):
         to_lonlat = Transformer.from_crs(r["crs"], "EPSG:4326", always_xy=True)
         rows.append({
             "name": r["name"], "image": r["image"], "mask": r["mask"], "cell_id": r.get("cell_id", ""),
@@ -531,7 +527,7 @@ def _problems(cells: list[CellStatus], run_summary: Mapping[str, Any] | None) ->
             f'<th>status</th><th>reason</th></tr></thead><tbody>{body}</tbody></table>{more}</section>')
 
 
-def _summary(output_dir: Path, chips: Any, indexed: bool, cells: list[CellStatus],
+def _summary(storage: Storage, chips: Any, indexed: bool, cells: list[CellStatus],
              run_summary: Mapping[str, Any] | None, written: str) -> str:
     run_summary = run_summary or {}
     run_ids = sorted({str(r) for r in chips["run_id"] if r}) if len(chips) and "run_id" in chips else []
@@ -548,7 +544,7 @@ def _summary(output_dir: Path, chips: Any, indexed: bool, cells: list[CellStatus
     status_text = " ".join(
         f'<span class="pill" style="background:{STATUS_COLOURS.get(s, OTHER_STATUS_COLOUR)}">{_e(s)} {n}</span>'
         for s, n in sorted(statuses.items(), key=lambda kv: (STATUSES + (kv[0],)).index(kv[0])))
-    on_disk = len(list((output_dir / METADATA_DIR).glob("*.json"))) if (output_dir / METADATA_DIR).is_dir() else 0
+    on_disk = sum(rel.endswith(".json") for rel in storage.list(METADATA_DIR))
     chip_note = (f"{on_disk - len(chips)} more on disk, not in the index" if indexed and on_disk > len(chips)
                  else "from index.parquet" if indexed else "no index.parquet yet: no splits")
     cards = [("chips", _fmt_int(len(chips)), chip_note, "chips"),
@@ -646,21 +642,21 @@ footer{max-width:1220px;margin:0 auto;padding:0 24px 30px;color:var(--muted);fon
 
 # ----------------------------------------------------------------------------- the report
 
-def build_report(output_dir: str | Path, *, cells: Iterable[CellLike] | None = None,
+def build_report(output: Storage | Path | str, *, cells: Iterable[CellLike] | None = None,
                  run_summary: Mapping[str, Any] | None = None, quicklooks: bool = False,
-                 max_gallery: int = 24) -> Path:
+                 max_gallery: int = 24) -> Path | str:
     """Write ``OUTPUT/report.html`` (self-contained: inline CSS, SVG and PNG data URIs, no script,
     no external resource) and, with ``quicklooks``, ``OUTPUT/quicklooks/NAME.png`` per chip.
 
     ``cells``: (cell_id, bbox lon/lat or None, status[, error]) tuples, mappings with those keys or
     :class:`CellStatus`; None: one ``ok`` cell per chip ``cell_id``, boxed by its chips' footprints.
     ``run_summary``: the monitor's :meth:`~cropchips.monitor.RunProgress.summary`, shown when given.
-    Returns the report's path.
+    Returns the report's path or URL.
     """
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        raise InputDataError(f"{output_dir} does not exist: give the workers' output folder")
-    chips, indexed = load_chips(output_dir)
+    storage = open_storage(output)
+    if storage.is_local and not Path(storage.url()).is_dir():
+        raise InputDataError(f"{storage} does not exist: give the workers' output folder")
+    chips, indexed = load_chips(storage)
     chips = chips.sort_values("name").reset_index(drop=True) if len(chips) else chips
     resolved = _resolve_cells(cells, chips)
     written = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
@@ -672,12 +668,12 @@ def build_report(output_dir: str | Path, *, cells: Iterable[CellLike] | None = N
     for i in wanted:
         name = str(chips["name"].iat[i])
         try:
-            pixels = quicklook(output_dir / str(chips["image"].iat[i]), output_dir / str(chips["mask"].iat[i]))
+            pixels = quicklook(storage.source(str(chips["image"].iat[i])), storage.source(str(chips["mask"].iat[i])))
         except (OSError, ValueError, IndexError) as exc:  # one unreadable chip must not stop the report
             log.warning("no quicklook for %s: %s", name, exc)
             continue
         if quicklooks:
-            _write_bytes_atomically(output_dir / QUICKLOOKS_DIR / f"{name}.png", encode_png(pixels))
+            storage.write_bytes(f"{QUICKLOOKS_DIR}/{name}.png", encode_png(pixels))
             written_pngs += 1
         if i in gallery_rows:
             small = _subsample(pixels, GALLERY_MAX_SIDE)
@@ -688,7 +684,7 @@ def build_report(output_dir: str | Path, *, cells: Iterable[CellLike] | None = N
 
     title = "cropchips dataset report"
     body = "".join([
-        _summary(output_dir, chips, indexed, resolved, run_summary, written),
+        _summary(storage, chips, indexed, resolved, run_summary, written),
         _class_balance(_class_totals(chips)),
         _split_counts(chips),
         _cell_map(resolved, chips),
@@ -699,14 +695,22 @@ def build_report(output_dir: str | Path, *, cells: Iterable[CellLike] | None = N
             "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
             "style-src 'unsafe-inline'\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-            f"<title>{_e(title)}: {_e(output_dir.name)}</title><style>{_CSS}</style></head><body>"
-            f"<header><h1>{_e(title)}</h1><p>{_e(output_dir.resolve())}</p></header>"
+            f"<title>{_e(title)}: {_e(_display_name(storage))}</title><style>{_CSS}</style></head><body>"
+            f"<header><h1>{_e(title)}</h1><p>{_e(_display_location(storage))}</p></header>"
             f"<main>{body}</main><footer>written {_e(written)} by cropchips.report</footer></body></html>\n")
-    path = output_dir / REPORT_NAME
-    _write_bytes_atomically(path, page.encode("utf-8"))
+    storage.write_bytes(REPORT_NAME, page.encode("utf-8"))
+    path = storage.url(REPORT_NAME)
     log.info("report %s: %d chips, %d cells, %d in the gallery%s", path, len(chips), len(resolved), len(gallery),
-             f", {written_pngs} quicklooks in {output_dir / QUICKLOOKS_DIR}" if quicklooks else "")
-    return path
+             f", {written_pngs} quicklooks in {storage.url(QUICKLOOKS_DIR)}" if quicklooks else "")
+    return Path(path) if storage.is_local else path
+
+
+def _display_location(storage: Storage) -> str:
+    return str(Path(storage.url()).resolve()) if storage.is_local else storage.url()
+
+
+def _display_name(storage: Storage) -> str:
+    return storage.url().rstrip("/").rsplit("/", 1)[-1]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

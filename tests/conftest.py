@@ -37,6 +37,46 @@ def broker():
 _counter = itertools.count()
 
 
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (moto's, in its own process) on a free loopback port.
+
+    Yields the environment a client needs: test credentials, region and AWS_ENDPOINT_URL, with
+    the user's own AWS config files out of the way."""
+    from cropchips.embedded_broker import free_port, wait_for_port
+
+    port = free_port()
+    home = tmp_path_factory.mktemp("aws")
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_port("127.0.0.1", port, timeout=30)
+    except Exception:
+        server.kill()
+        pytest.fail("the moto S3 server did not start")
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": endpoint, "AWS_CONFIG_FILE": str(home / "config"),
+           "AWS_SHARED_CREDENTIALS_FILE": str(home / "credentials")}
+    try:
+        yield env
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch):
+    """A fresh bucket on the S3 server, with this process's AWS_* environment pointed at it."""
+    import boto3
+
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    name = f"bucket-{next(_counter)}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name
+
+
 @pytest.fixture
 def topics(broker):
     """Fresh topic names and group id for one test, created with the right partition counts."""

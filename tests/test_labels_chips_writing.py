@@ -129,12 +129,12 @@ def test_write_chip_profile_and_atomicity(tmp_path):
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
-    import cropchips.writing as writing
+    import cropchips.storage as storage
 
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(writing.os, "replace", boom)
+    monkeypatch.setattr(storage.os, "replace", boom)
     image = np.ones((10, 32, 32), "uint16")
     with pytest.raises(OSError, match="disk full"):
         write_chip(tmp_path, "x", image, np.ones((32, 32), "uint8"), crs="EPSG:32630", transform=Affine.identity())
@@ -166,25 +166,26 @@ def test_temporaries_of_dead_writers_and_old_ones_are_removed(tmp_path):
 
 def test_transient_write_errors_are_retried(tmp_path, monkeypatch, caplog):
     import errno
+    import cropchips.storage as storage
     import cropchips.writing as writing
 
-    real = writing.atomic_write
+    real = writing.write_tiff
     calls = []
 
     def flaky(path, *args, **kwargs):
-        calls.append(path.name)
+        calls.append(path.name.rsplit("~", 1)[-1])
         if len(calls) == 1:
             raise OSError(errno.ESTALE, "Stale file handle")
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(writing, "atomic_write", flaky)
-    monkeypatch.setattr(writing.time, "sleep", lambda s: None)
+    monkeypatch.setattr(writing, "write_tiff", flaky)
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
     image = np.ones((10, 16, 16), "uint16")
     write_chip(tmp_path, "c-chip00", image, np.ones((16, 16), "uint8"), crs="EPSG:32630",
                transform=Affine(10, 0, 0, 0, -10, 0))
     assert calls == ["c-chip00.tif", "c-chip00.tif", "c-chip00.tif"]  # image retried once, then the mask
     assert "retry 1/2" in caplog.text
-    monkeypatch.setattr(writing, "atomic_write", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "denied")))
+    monkeypatch.setattr(writing, "write_tiff", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "denied")))
     with pytest.raises(PermissionError):
         write_chip(tmp_path, "c-chip01", image, np.ones((16, 16), "uint8"), crs="EPSG:32630",
                    transform=Affine(10, 0, 0, 0, -10, 0))

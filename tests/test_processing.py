@@ -27,7 +27,7 @@ def files(out):
 def test_finished_task_is_re_reported_without_redoing_it(sample_area, task, tmp_path):
     first = processor(sample_area, tmp_path).process(task)
     assert first.status == "ok" and len(first.chips) == 5 and not first.reused
-    assert manifest_path(tmp_path, task.cell.id).exists()
+    assert (tmp_path / manifest_path(task.cell.id)).exists()
     before = files(tmp_path)
     again = processor(sample_area, tmp_path).process(task)
     assert again.reused and again.status == "ok"

@@ -226,11 +226,10 @@ def _item(record: Mapping[str, Any], split: str, created: datetime) -> pystac.It
     ProjectionExtension.ext(item, add_if_missing=True).apply(
         code=record["crs"], bbox=list(record["bounds"]), shape=shape, transform=transform)
 
+    method = record.get("method", "")
+    made = "Time stack of the scenes, 10 bands per date" if method == "stack" else f"{method} composite of the scenes"
     image = pystac.Asset(href=f"{_VIRTUAL_ROOT}/{record['image']}", title="Sentinel-2 L2A surface reflectance",
-                         media_type=_media_type(config), roles=["data"],
-                         description=("Median composite" if record.get("method") == "median" else
-                                      "Time stack, one block of 10 bands per date" if record.get("method") == "stack"
-                                      else f"{record.get('method', '')} composite") + " of the scenes, uint16 DN")
+                         media_type=_media_type(config), roles=["data"], description=f"{made}; uint16 DN, 0 = no data")
     item.add_asset("image", image)
     EOExtension.ext(image, add_if_missing=True).bands = eo_bands(record.get("bands") or BANDS)
 

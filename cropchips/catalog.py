@@ -25,7 +25,8 @@ from pystac.utils import str_to_datetime
 
 from .classes import CLASS_NAMES
 from .messages import BANDS
-from .writing import METADATA_DIR, TMP_PREFIX, atomic_output
+from .storage import Storage, open_storage
+from .writing import METADATA_DIR
 
 with warnings.catch_warnings():
     # pystac flags the label extension as unmaintained ("pilot"); it is still the one STAC
@@ -116,25 +117,23 @@ def build_catalog(records: Sequence[dict[str, Any]], splits: Mapping[str, str], 
     return documents
 
 
-def write_catalog(output_dir: Path, documents: Mapping[str, dict[str, Any]]) -> Path:
-    """Write ``documents`` under ``output_dir`` atomically, items first and ``catalog.json`` last (a
-    reader never finds a link to a file not yet written); then delete items no longer in the catalog."""
+def write_catalog(output: Storage | Path | str, documents: Mapping[str, dict[str, Any]]) -> Path | str:
+    """Publish ``documents`` (each whole), items first and ``catalog.json`` last (a reader never
+    finds a link to a file not yet written); then delete items no longer in the catalog.
+    Returns where ``catalog.json`` is."""
+    storage = open_storage(output)
     for rel in documents:
         if Path(rel).is_absolute() or ".." in Path(rel).parts:
             raise ValueError(f"catalog document path {rel!r} must be relative to the output folder, without '..'")
     for rel in sorted(documents, key=lambda path: (path == CATALOG_NAME, path == COLLECTION_PATH, path)):
-        path = output_dir / rel
-        with atomic_output(path) as tmp:
-            tmp.write_text(json.dumps(documents[rel], indent=1, ensure_ascii=False))
-    keep = {Path(rel).name for rel in documents if rel.startswith(f"{ITEMS_DIR}/")}
-    # Temporary files belong to a writer still at work (or to remove_stale_temporaries).
-    stale = [p for p in (output_dir / ITEMS_DIR).glob("*.json")
-             if p.name not in keep and not p.name.startswith(TMP_PREFIX)]
-    for path in stale:
-        path.unlink(missing_ok=True)
-    log.info("STAC catalog %s: %d items written, %d stale items removed", output_dir / CATALOG_NAME,
+        storage.write_bytes(rel, json.dumps(documents[rel], indent=1, ensure_ascii=False).encode("utf-8"))
+    keep = {rel for rel in documents if rel.startswith(f"{ITEMS_DIR}/")}
+    stale = [rel for rel in storage.list(ITEMS_DIR) if rel.endswith(".json") and rel not in keep]
+    for rel in stale:
+        storage.delete(rel)
+    log.info("STAC catalog %s: %d items written, %d stale items removed", storage.url(CATALOG_NAME),
              len(keep), len(stale))
-    return output_dir / CATALOG_NAME
+    return Path(storage.url(CATALOG_NAME)) if storage.is_local else storage.url(CATALOG_NAME)
 
 
 def eo_bands(descriptions: Sequence[str]) -> list[Band]:

@@ -139,13 +139,17 @@ def write_index(output: Storage | Path | str, frame: gpd.GeoDataFrame) -> str:
 
 def finalize(output: Storage | Path | str, records: Sequence[dict[str, Any]] | None = None,
              policy: SplitPolicy = SplitPolicy()) -> dict[str, Any]:
-    """Build and write the index from ``records`` (or from the sidecars); return a summary."""
+    """Build and write the index and the STAC catalog from ``records`` (or from the sidecars);
+    return a summary."""
     storage = open_storage(output)
     records = list(records) if records is not None else records_from_metadata(storage)
     frame, dropped = build_index(records, policy)
     path = write_index(storage, frame)
+    from .catalog import build_catalog, write_catalog  # pystac: only when a dataset is finalised
+
+    catalog = write_catalog(storage, build_catalog(records, dict(zip(frame["name"], frame["split"]))))
     counts = frame["split"].value_counts().to_dict() if len(frame) else {}
-    summary = {"index": str(path), "chips": int(len(frame)),
+    summary = {"index": str(path), "catalog": str(catalog), "chips": int(len(frame)),
                "splits": {s: int(counts.get(s, 0)) for s in SPLITS},
                "dropped_for_overlap": {s: int(dropped.get(s, 0)) for s in SPLITS}}
     log.info("index %s: %d chips, %s", path, len(frame), summary["splits"])

@@ -30,6 +30,7 @@ from cropchips.dataset import SplitPolicy, finalize, records_from_metadata
 from cropchips.hrefs import HrefPolicy
 from cropchips.processing import ProcessingOptions, TaskProcessor
 from cropchips.scenes import EARTH_SEARCH_KEYS
+from cropchips.storage import LocalStorage
 from cropchips.writing import TMP_PREFIX
 
 CHIP = 64
@@ -297,14 +298,14 @@ def test_only_chips_in_splits_are_catalogued_and_stale_items_are_removed(written
     documents = build_catalog(list(written["records"].values()), kept)
     assert sorted(d["id"] for d in documents.values() if d["type"] == "Feature") == names[1:]
     order = []
-    real_atomic_output = catalog_module.atomic_output
+    real_write_bytes = LocalStorage.write_bytes
 
-    def recording(path):
-        order.append(path.relative_to(out).as_posix())
-        return real_atomic_output(path)
+    def recording(self, rel, data):
+        order.append(rel)
+        return real_write_bytes(self, rel, data)
 
     with monkeypatch.context() as patch:
-        patch.setattr(catalog_module, "atomic_output", recording)
+        patch.setattr(LocalStorage, "write_bytes", recording)
         write_catalog(out, documents)
     assert order[-2:] == [COLLECTION_PATH, CATALOG_NAME] and sorted(order) == sorted(documents)
     assert not (out / ITEMS_DIR / f"{names[0]}.json").exists()

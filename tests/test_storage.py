@@ -140,6 +140,15 @@ def test_tasks_written_to_s3_equal_the_local_ones_and_are_reused(s3_bucket, samp
     index = gpd.read_parquet(io.BytesIO(get(s3_bucket, "run1/index.parquet")))
     assert summary["chips"] == len(index) and sorted(index["name"]) == names
     assert set(index["image"]) == {f"images/{n}.tif" for n in names}
+    assert summary["catalog"] == f"s3://{s3_bucket}/run1/catalog.json"
+    assert [k for k in keys(s3_bucket, "run1/stac/items/")] == [f"{n}.json" for n in names]
+    catalog = json.loads(get(s3_bucket, "run1/catalog.json"))
+    collection_link = next(link["href"] for link in catalog["links"] if link["rel"] == "child")
+    collection = json.loads(get(s3_bucket, "run1/" + collection_link.removeprefix("./")))
+    item_links = [link["href"] for link in collection["links"] if link["rel"] == "item"]
+    assert len(item_links) == len(names)
+    item = json.loads(get(s3_bucket, f"run1/stac/items/{names[0]}.json"))
+    assert item["assets"]["image"]["href"] == f"../../images/{names[0]}.tif"
     report = build_report(url, quicklooks=True)
     assert report == f"s3://{s3_bucket}/run1/report.html"
     page = get(s3_bucket, "run1/report.html").decode()

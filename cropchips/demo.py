@@ -24,6 +24,9 @@ from .sample import generate_sample
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
+#: The sample area is a few km across: 1 km split blocks give it train, val and test chips
+#: (the production default, 10 km, would put every chip in one block).
+DEMO_SPLIT_BLOCK_M = 1000
 
 
 def script(name: str) -> str:
@@ -60,7 +63,7 @@ def run_demo(output: Path, *, workers: int = 2, chip_size: int | None = None, py
         try:
             monitor = subprocess.run(
                 [python, script("monitor.py"), "--exit-when-done", "--json", "--run-id", run_id,
-                 "--output-dir", str(dataset), "--report",
+                 "--output-dir", str(dataset), "--report", "--split-block-size", str(DEMO_SPLIT_BLOCK_M),
                  "--timeout", str(timeout_s), *common], stdout=subprocess.PIPE, text=True, check=False)
         finally:
             deadline = time.monotonic() + 60
@@ -89,8 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         summary = run_demo(Path(args.output), workers=args.workers, chip_size=args.chip_size)
         print(json.dumps(summary, indent=2, sort_keys=True))
-        print(f"\nDataset written to {summary['output_dir']}/images and {summary['output_dir']}/masks;"
-              f" open {summary['output_dir']}/report.html in a browser")
+        out = summary["output_dir"]
+        print(f"\nDataset written to {out}/images and {out}/masks, indexed in {out}/index.parquet and "
+              f"{out}/catalog.json (STAC); open {out}/report.html in a browser")
         return EXIT_OK if summary["monitor_exit_code"] == 0 else EXIT_ERROR
 
     return run(body)

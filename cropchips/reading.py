@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 import math
 import random
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -16,6 +19,7 @@ import rasterio
 from affine import Affine
 from pyproj import Transformer
 from rasterio.enums import Resampling
+from rasterio.env import set_gdal_config
 from rasterio.errors import RasterioIOError
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
@@ -155,14 +159,103 @@ def resampling_for(band: str, src_res: float, dst_res: float) -> Resampling:
     return Resampling.bilinear
 
 
-def read_band(href: str, band: str, grid: TargetGrid) -> np.ndarray:
+class OpenDatasets:
+    """Band files kept open across reads and tasks of one process, the least recently used closed first.
+
+    A file that stays open keeps its parsed header and, in GDAL's block cache, its decoded tiles.
+    A neighbouring cell's task that needs the same 1024 px tiles (one covers about 2 x 2 cells at
+    10 m, 4 x 4 at 20 m) then neither fetches nor decodes them again; GDAL's ``/vsicurl/`` cache
+    does not help there, because the tile reads of a window go through its multi-range path,
+    which bypasses that cache. The block cache is process-wide, so creating this sets its size
+    (``GDAL_CACHEMAX``): that bounds the memory, and the least recently used tiles go first.
+
+    Thread-safe: a file in use by one thread is read by another through a handle of its own.
+    """
+
+    def __init__(self, block_cache_bytes: int, max_open: int = 256):
+        if block_cache_bytes <= 0 or max_open <= 0:
+            raise ValueError("block_cache_bytes and max_open must be > 0")
+        self.max_open = max_open
+        self.block_cache_bytes = block_cache_bytes
+        self._lock = threading.Lock()
+        self._open: OrderedDict[str, tuple[rasterio.DatasetReader, threading.Lock]] = OrderedDict()
+        set_gdal_config("GDAL_CACHEMAX", int(block_cache_bytes))
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._open)
+
+    @contextmanager
+    def dataset(self, href: str) -> Iterator[rasterio.DatasetReader]:
+        """The open dataset of ``href`` (opened on first use), for this thread alone while in use.
+        A read that fails closes it, so that a retry starts from a fresh handle."""
+        with self._lock:
+            entry = self._open.get(href)
+            if entry is not None:
+                self._open.move_to_end(href)
+        if entry is None:
+            src = rasterio.open(href)
+            with self._lock:
+                entry = self._open.get(href)
+                if entry is None:
+                    entry = self._open[href] = (src, threading.Lock())
+                    self._evict()
+                else:  # another thread opened it meanwhile
+                    src.close()
+        src, in_use = entry
+        if not in_use.acquire(blocking=False):
+            with rasterio.open(href) as own:
+                yield own
+            return
+        try:
+            yield src
+        except BaseException:
+            with self._lock:
+                if self._open.get(href) is entry:
+                    del self._open[href]
+            src.close()
+            raise
+        finally:
+            in_use.release()
+
+    def _evict(self) -> None:
+        """Close the least recently used files beyond ``max_open`` (files in use are skipped)."""
+        for href in list(self._open):
+            if len(self._open) <= self.max_open:
+                return
+            src, in_use = self._open[href]
+            if in_use.acquire(blocking=False):
+                try:
+                    del self._open[href]
+                    src.close()
+                finally:
+                    in_use.release()
+
+    def close(self) -> None:
+        """Close every file not in use."""
+        with self._lock:
+            for href, (src, in_use) in list(self._open.items()):
+                if in_use.acquire(blocking=False):
+                    try:
+                        del self._open[href]
+                        src.close()
+                    finally:
+                        in_use.release()
+
+
+def read_band(href: str, band: str, grid: TargetGrid, datasets: OpenDatasets | None = None) -> np.ndarray:
     """One band of one scene onto ``grid`` (any CRS and resolution in, ``grid`` out), 0 outside the file.
 
-    Only the tiles the grid's window needs are read. Transient I/O errors are retried.
+    Only the tiles the grid's window needs are read. Transient I/O errors are retried. With
+    ``datasets`` the file stays open afterwards (see :class:`OpenDatasets`); without, it is closed.
     """
     def read() -> np.ndarray:
-        with rasterio.Env(**GDAL_OPTIONS), rasterio.open(href) as src:
-            return read_onto_grid(src, band, grid)
+        with rasterio.Env(**GDAL_OPTIONS):
+            if datasets is None:
+                with rasterio.open(href) as src:
+                    return read_onto_grid(src, band, grid)
+            with datasets.dataset(href) as src:
+                return read_onto_grid(src, band, grid)
 
     return with_read_retries(read, band, href)
 
@@ -212,7 +305,7 @@ def _lattice_offsets(src: rasterio.DatasetReader, grid: TargetGrid) -> tuple[int
     row = (t.f - grid.transform.f) / res
     if not all(abs(v - round(v)) < 1e-6 for v in (factor, col, row)) or round(factor) < 1:
         return None
-    return int(round(factor)), int(round(col)), int(round(row))
+    return round(factor), round(col), round(row)
 
 
 def _read_padded(src: rasterio.DatasetReader, rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
@@ -312,16 +405,17 @@ def _is_missing(message: str) -> bool:
     return "no such file" in low or "404" in low or "not recognized as" in low or "does not exist" in low
 
 
-def read_stack(scenes: Sequence[Scene], grid: TargetGrid, *, threads: int = 8) -> SceneStack:
+def read_stack(scenes: Sequence[Scene], grid: TargetGrid, *, threads: int = 8,
+               datasets: OpenDatasets | None = None) -> SceneStack:
     """Read the 10 bands and SCL of every scene onto ``grid``, ``threads`` files at a time
-    (remote reads are latency-bound, so they overlap)."""
+    (remote reads are latency-bound, so they overlap); ``datasets``: see :func:`read_band`."""
     data = np.zeros((len(scenes), len(BANDS), grid.height, grid.width), dtype="uint16")
     scl = np.zeros((len(scenes), grid.height, grid.width), dtype="uint8")
     jobs = [(i, b, band) for i in range(len(scenes)) for b, band in enumerate(BANDS + (SCL,))]
 
     def run(job: tuple[int, int, str]) -> None:
         i, b, band = job
-        array = read_band(scenes[i].assets[band], band, grid)
+        array = read_band(scenes[i].assets[band], band, grid, datasets)
         if band == SCL:
             scl[i] = array
         else:

@@ -1,10 +1,13 @@
 """Reading real Sentinel-2 COGs onto a cell's grid: alignment, exact copies, 20 m upsampling, nodata."""
 
 
+from dataclasses import replace
+from pathlib import Path
+
 import numpy as np
-from affine import Affine
 import pytest
 import rasterio
+from affine import Affine
 from rasterio.windows import from_bounds
 
 from cropchips.messages import BANDS, Cell
@@ -211,7 +214,7 @@ def test_20m_bilinear_matches_the_warper_on_the_real_cog(scene):
     path = scene.assets["B11"]
     compared = 0
     for grid in _grids(path, OFFSETS):
-        ours, warped = _check_against_warper_and_oracle(path, grid)
+        ours, _ = _check_against_warper_and_oracle(path, grid)
         compared += int((ours > 0).sum())
     assert compared > 200_000  # the grids really cover data
 
@@ -259,3 +262,76 @@ def test_grids_off_the_files_lattice_go_through_the_warper(scene):
             ours = read_band(scene.assets[band], band, grid)
             assert (ours > 0).mean() > 0.9
             assert np.array_equal(ours, _warped(scene.assets[band], grid, resampling))
+
+
+# --- Band files kept open across tasks: shared tiles are fetched and decoded once.
+
+def test_open_datasets_fetch_shared_tiles_once_and_give_the_same_pixels(scene):
+    from cropchips.cog_server import CogServer
+    from cropchips.reading import OpenDatasets
+
+    folder = Path(scene.assets["B02"]).parent
+    origin = grid_origin(scene.assets["B02"])
+    # Two neighbouring cells whose grids (with margin) share tiles of every band file.
+    west = cell_grid(Cell(id="w", row=0, col=0, bbox=(-11.6, 24.6, -11.5, 24.7)), 32629, origin, RES, margin_px=5)
+    east = cell_grid(Cell(id="e", row=0, col=1, bbox=(-11.5, 24.6, -11.4, 24.7)), 32629, origin, RES, margin_px=5)
+    with CogServer(folder) as server:
+        remote = replace(scene, assets={band: server.href(path) for band, path in scene.assets.items()})
+        fetched = {}
+        stacks = {}
+        for label, datasets in (("closed", None), ("kept open", OpenDatasets(64 * 2**20))):
+            server.reset_stats()
+            stacks[label] = [read_stack([remote], grid, threads=4, datasets=datasets) for grid in (west, east)]
+            fetched[label] = server.stats.bytes
+            if datasets is not None:
+                assert len(datasets) == len(scene.assets)  # one handle per band file, reused by the second cell
+                datasets.close()
+                assert len(datasets) == 0
+    for a, b in zip(stacks["closed"], stacks["kept open"]):
+        assert np.array_equal(a.data, b.data) and np.array_equal(a.scl, b.scl)
+    # Closing every file after reading it fetches the shared tiles (and headers) twice.
+    assert fetched["kept open"] < 0.5 * fetched["closed"], fetched
+
+
+def test_open_datasets_close_the_least_recently_used_and_survive_concurrent_use(scene):
+    from cropchips.reading import OpenDatasets
+
+    datasets = OpenDatasets(16 * 2**20, max_open=3)
+    grid = cell_grid(CELL, 32629, grid_origin(scene.assets["B02"]), RES, margin_px=2)
+    for band in ("B02", "B03", "B04", "B08"):
+        read_band(scene.assets[band], band, grid, datasets)
+    assert len(datasets) == 3
+    # The same files read by several threads at once (one scene twice): same pixels as without the cache.
+    stack = read_stack([scene, scene, scene], grid, threads=6, datasets=datasets)
+    expected = read_stack([scene], grid, threads=1)
+    assert all(np.array_equal(stack.data[i], expected.data[0]) for i in range(3))
+    assert len(datasets) == 3
+    datasets.close()
+
+
+def test_a_failed_read_drops_the_kept_file_and_the_retry_reopens_it(scene, tmp_path, monkeypatch):
+    import cropchips.reading as reading
+    from rasterio.errors import RasterioIOError
+
+    from cropchips.reading import OpenDatasets
+
+    monkeypatch.setattr(reading.time, "sleep", lambda s: None)
+    datasets = OpenDatasets(16 * 2**20)
+    grid = cell_grid(CELL, 32629, grid_origin(scene.assets["B02"]), RES, margin_px=2)
+    first = read_band(scene.assets["B02"], "B02", grid, datasets)
+    with datasets.dataset(scene.assets["B02"]) as kept:
+        pass
+    real = reading.read_onto_grid
+    calls = []
+
+    def fail_once(src, band, grid):
+        calls.append(src)
+        if len(calls) == 1:
+            raise RasterioIOError("CURL error: Connection reset by peer")
+        return real(src, band, grid)
+
+    monkeypatch.setattr(reading, "read_onto_grid", fail_once)
+    again = read_band(scene.assets["B02"], "B02", grid, datasets)
+    assert np.array_equal(again, first)
+    assert calls[0] is kept and kept.closed and calls[1] is not kept  # the retry used a fresh handle
+    datasets.close()

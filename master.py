@@ -12,7 +12,7 @@ from cropchips import config
 from cropchips.cli import EXIT_OK, run, setup_logging
 from cropchips.errors import ConfigError
 from cropchips.grid import Grid
-from cropchips.master import MasterOptions, make_plan, publish
+from cropchips.master import TASK_PARTITIONINGS, MasterOptions, make_plan, publish
 
 
 def build_parser(env: Mapping[str, str] | None = None) -> config.EnvArgumentParser:
@@ -37,6 +37,9 @@ def build_parser(env: Mapping[str, str] | None = None) -> config.EnvArgumentPars
     p.option("--datetime", default=config.DEFAULT_DATETIME, group=s, help="date range START/END (YYYY-MM-DD)")
     p.option("--max-cloud", type=float, default=10.0, group=s, help="use scenes with eo:cloud_cover below this percentage")
     config.add_kafka_options(p)
+    p.option("--task-partitioning", default="grid", choices=TASK_PARTITIONINGS,
+             help="grid: a cell's row-major index modulo the partitions, so each worker gets a band of neighbouring "
+                  "cells that share COG tiles, spread evenly; hash: Kafka's hash of the cell id")
     p.option("--run-id", default=None, help="identifier of this run (default: generated from the time)")
     p.flag("--dry-run", help="plan the tasks and print a summary, publish nothing")
     p.option("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
@@ -54,7 +57,8 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         collection=args.collection, datetime=args.datetime, max_cloud=args.max_cloud,
         kafka=config.kafka_settings(args, "cropchips-master", env),
         tasks_topic=args.tasks_topic, results_topic=args.results_topic, dlq_topic=args.dlq_topic,
-        tasks_partitions=args.tasks_partitions, run_id=args.run_id, broker_wait_s=args.broker_wait)
+        tasks_partitions=args.tasks_partitions, task_partitioning=args.task_partitioning, run_id=args.run_id,
+        broker_wait_s=args.broker_wait)
     return options, args
 
 

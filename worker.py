@@ -47,6 +47,9 @@ def build_parser(env: Mapping[str, str] | None = None) -> config.EnvArgumentPars
     p.option("--local-scenes-dir", default=None, group=c,
              help="comma-separated folders from which local scene files may be read (default: none)")
     p.option("--read-threads", type=config.positive_int, default=8, group=c, help="band files read concurrently")
+    p.option("--read-cache-mb", type=config.non_negative_int, default=256, group=c,
+             help="MiB of decoded COG tiles kept across tasks, with the band files left open, so that neighbouring "
+                  "cells do not fetch and decode shared tiles again (0: close every file after reading it)")
     config.add_kafka_options(p)
     k = p.add_argument_group("consumer")
     p.option("--group-id", default=config.DEFAULT_GROUP_ID, group=k, help="consumer group shared by all workers")
@@ -68,7 +71,7 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
     processing = ProcessingOptions(
         output_dir=args.output_dir, gpkg=args.gpkg, layer=args.layer, chip_size=args.chip_size,
         max_chips_per_cell=args.max_chips_per_cell, composite=args.composite, resolution=args.resolution,
-        read_threads=args.read_threads, class_map=args.class_map, force=args.force, harmonize=args.harmonize,
+        read_threads=args.read_threads, read_cache_mb=args.read_cache_mb, class_map=args.class_map, force=args.force, harmonize=args.harmonize,
         min_clear_fraction=args.min_clear_fraction, max_nodata_fraction=args.max_nodata_fraction,
         temporal=args.temporal, max_scenes=args.max_scenes, format=args.format,
         hrefs=HrefPolicy.from_options(args.allowed_hrefs, args.local_scenes_dir))
@@ -86,9 +89,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         processing, options, args = parse_args(argv)
         setup_logging(args.log_level)
-        worker = Worker(options, TaskProcessor(processing, default_worker_id(args.number)))
-        worker.install_signal_handlers()
-        worker.run()
+        processor = TaskProcessor(processing, default_worker_id(args.number))
+        try:
+            worker = Worker(options, processor)
+            worker.install_signal_handlers()
+            worker.run()
+        finally:
+            processor.close()
         return EXIT_OK
 
     return run(body)

@@ -27,7 +27,7 @@ from .labels import rasterize_classes
 from .manifest import chips_from_manifest, read_complete_manifest, remove_other_chips, write_manifest
 from .messages import BANDS, ChipRecord, Result, Task
 from .radiometry import radiometry, remove_offset
-from .reading import cell_grid, choose_epsg, grid_origin, read_stack
+from .reading import OpenDatasets, cell_grid, choose_epsg, grid_origin, read_stack
 from .storage import open_storage
 from .writing import FORMATS, METADATA_DIR, OUTPUT_SUBDIRS, write_chip
 
@@ -55,6 +55,8 @@ class ProcessingOptions:
     """Output pixel size in metres."""
     read_threads: int = 8
     """Band files read concurrently."""
+    read_cache_mb: int = 256
+    """MiB of decoded tiles kept across tasks with the band files open (0: close each file after reading it)."""
     class_map: str | None = None
     """HCAT -> class CSV (None: the packaged one)."""
     force: bool = False
@@ -88,6 +90,8 @@ class ProcessingOptions:
             raise ConfigError(f"--format must be one of {FORMATS}, got {self.format!r}")
         if self.max_scenes < 0:
             raise ConfigError("--max-scenes must be >= 0 (0: all scenes)")
+        if self.read_cache_mb < 0:
+            raise ConfigError("--read-cache-mb must be >= 0 (0: no cache)")
 
     @property
     def method(self) -> str:
@@ -124,6 +128,8 @@ class TaskProcessor:
         self.storage.prepare(OUTPUT_SUBDIRS)
         self.layer = layer or open_layer(options.gpkg, options.layer)
         self.class_map = class_map or load_class_map(options.class_map)
+        # Band files stay open across tasks, so that the next cell reuses the decoded tiles it shares.
+        self.datasets = OpenDatasets(options.read_cache_mb * 2**20) if options.read_cache_mb else None
         class_map_text = Path(options.class_map or DEFAULT_CLASS_MAP_PATH).read_bytes()
         # What decides a task's outputs besides the task itself: a manifest written with
         # other settings does not count as done.
@@ -134,6 +140,11 @@ class TaskProcessor:
             "max_scenes": options.max_scenes, "format": options.format, "class_map_sha256": hashlib.sha256(class_map_text).hexdigest(),
             "gpkg": str(options.gpkg), "layer": self.layer.layer, "software": __version__,
         }
+
+    def close(self) -> None:
+        """Close the band files kept open across tasks."""
+        if self.datasets is not None:
+            self.datasets.close()
 
     def _result(self, task: Task, status: str, watch: Stopwatch, **kwargs) -> Result:
         return Result(run_id=task.run_id, task_id=task.task_id, cell_id=task.cell.id, worker_id=self.worker_id,
@@ -184,7 +195,7 @@ class TaskProcessor:
             return self._result(task, "no_fields", watch, error="no field polygon lies in the cell")
 
         with watch.stage("read"):
-            stack = read_stack(task.scenes, grid, threads=opts.read_threads)
+            stack = read_stack(task.scenes, grid, threads=opts.read_threads, datasets=self.datasets)
         with watch.stage("composite"):
             usable = [int(i) for i in np.flatnonzero(has_data(stack.data, stack.scl))]
             if not usable:

@@ -15,8 +15,10 @@ def test_demo_runs_the_whole_pipeline_and_leaves_a_dataset(tmp_path):
     done = subprocess.run([sys.executable, "-m", "cropchips.demo", "--output", str(tmp_path / "demo"),
                            "--chip-size", "64"], capture_output=True, text=True, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
-    summary, end = json.JSONDecoder().raw_decode(done.stdout)
-    assert "catalog.json (STAC)" in done.stdout[end:]
+    # The master's and the monitor's own lines come first; the demo's summary is the last JSON object.
+    start = done.stdout.rfind("\n{\n") + 1
+    summary, end = json.JSONDecoder().raw_decode(done.stdout[start:])
+    assert "catalog.json (STAC)" in done.stdout[start + end:]
     assert summary["statuses"]["failed"] == 0 and summary["statuses"]["ok"] >= 1 and summary["chips"] > 0
     dataset = tmp_path / "demo" / "dataset"
     images = sorted(p.stem for p in (dataset / "images").glob("*.tif"))

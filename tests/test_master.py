@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 import master
@@ -127,3 +128,48 @@ def test_publishes_deterministic_tasks_and_a_run_header(broker, topics, sample_a
         assert task.scenes and all(len(s.assets) == 11 for s in task.scenes)
     headers = [decode(r.value) for r in read_topic(kafka, topics["results"])]
     assert [h.task_count for h in headers] == [n, n] and headers[0].run_id == "run-a"
+
+
+def test_grid_partitioning_gives_each_worker_a_band_of_neighbouring_cells_evenly():
+    from cropchips.grid import Grid
+    from cropchips.master import task_partition
+
+    grid = Grid(start_x=-5.8, start_y=37.2, step=0.05, x_cells=10, y_cells=10)
+    tasks = [Task(run_id="r", task_id=f"t-{cell.id}", cell=cell, scenes=()) for cell in grid.cells()]
+    parts = [task_partition(t, grid, 10) for t in tasks]
+    assert all(p == t.cell.col for p, t in zip(parts, tasks))  # 10 columns, 10 partitions: one column each
+    # The range assignor gives 4 workers 3/3/2/2 consecutive partitions: each gets a band of whole columns
+    # (cells that share the scenes' tiles), 30/30/20/20 tasks (Kafka's hash of the ids gives 40/22/18/20).
+    ranges = [range(0, 3), range(3, 6), range(6, 8), range(8, 10)]
+    bands = [sorted({t.cell.col for t, p in zip(tasks, parts) if p in r}) for r in ranges]
+    assert bands == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]
+    assert [sum(p in r for p in parts) for r in ranges] == [30, 30, 20, 20]
+    # Another partition count: still even (12 partitions: 8 or 9 tasks each), and neighbours in a row stay adjacent.
+    counts = np.bincount([task_partition(t, grid, 12) for t in tasks], minlength=12)
+    assert counts.min() == 8 and counts.max() == 9
+
+
+@pytest.mark.parametrize("partitioning", ["grid", "hash"])
+def test_publish_puts_each_cell_in_its_partition(broker, topics, sample_master_options, sample_plan, partitioning):
+    from dataclasses import replace
+
+    from kafka.partitioner.default import murmur2
+
+    from cropchips.master import publish, task_partition
+
+    options = replace(sample_master_options, kafka=KafkaSettings(broker.bootstrap_servers),
+                      tasks_topic=topics["tasks"], results_topic=topics["results"], dlq_topic=topics["dlq"],
+                      task_partitioning=partitioning)
+    publish(sample_plan, options)
+    publish(sample_plan, options)  # a re-published task lands behind its earlier copy
+    records = read_topic(options.kafka, topics["tasks"])
+    assert len(records) == 2 * len(sample_plan.tasks)
+    for record in records:
+        task = decode(record.value)
+        assert record.key == task.cell.id.encode()  # the key stays the cell id
+        if partitioning == "grid":
+            assert record.partition == task_partition(task, options.grid, 10)
+        else:
+            assert record.partition == (murmur2(record.key) & 0x7FFFFFFF) % 10  # Kafka's default partitioner
+    if partitioning == "grid":
+        assert len({r.partition for r in records}) == len(sample_plan.tasks)  # 4 cells, 4 partitions

@@ -28,8 +28,10 @@ def test_kill_9_chaos_loses_nothing_and_doubles_nothing(broker, topics, big_area
     rng = random.Random(7)
     bootstrap = broker.bootstrap_servers
     publish_area(big_area, bootstrap, topics, "--run-id", "run-chaos")
+    # No tile cache: the 100 tiny cells share a few tiles, and with the cache the run is over before
+    # the first kill; read afresh, each task lasts long enough to be killed mid-way.
     extra = ["--chip-size", "64", "--max-chips-per-cell", "3", "--burst", "--burst-idle", "10",
-             "--session-timeout-ms", "3000"]
+             "--session-timeout-ms", "3000", "--read-cache-mb", "0"]
     workers = {n: WorkerProcess(n, big_area, tmp_path, bootstrap, topics, *extra) for n in (1, 2, 3)}
     for w in workers.values():
         w.wait_for("partitions assigned")

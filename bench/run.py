@@ -776,7 +776,7 @@ def print_table(report: dict[str, Any]) -> None:
     if "round_robin_partitions" in w:
         x = w["round_robin_partitions"]
         print(f"  tasks round-robin over {x['partitions']} partitions, {x['workers']} workers: {x['chips_per_s']:.3f} chips/s "
-              f"(hash keys {x['chips_per_s_hash_keys']:.3f}); imbalance {x['imbalance']} (hash keys "
+              f"(default partitioning {x['chips_per_s_hash_keys']:.3f}); imbalance {x['imbalance']} (default "
               f"{x['imbalance_hash_keys']}); {x['scaling_vs_1']:.2f}x one worker")
     if "curl_cache_512mib" in w:
         x = w["curl_cache_512mib"]

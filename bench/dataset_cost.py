@@ -25,7 +25,6 @@ import shutil
 import statistics
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from cropchips.dataset import SplitPolicy, build_index, write_index

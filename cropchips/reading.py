@@ -223,24 +223,23 @@ class OpenDatasets:
         for href in list(self._open):
             if len(self._open) <= self.max_open:
                 return
-            src, in_use = self._open[href]
-            if in_use.acquire(blocking=False):
-                try:
-                    del self._open[href]
-                    src.close()
-                finally:
-                    in_use.release()
+            self._close_if_idle(href)
 
     def close(self) -> None:
         """Close every file not in use."""
         with self._lock:
-            for href, (src, in_use) in list(self._open.items()):
-                if in_use.acquire(blocking=False):
-                    try:
-                        del self._open[href]
-                        src.close()
-                    finally:
-                        in_use.release()
+            for href in list(self._open):
+                self._close_if_idle(href)
+
+    def _close_if_idle(self, href: str) -> None:
+        """Close and forget ``href`` unless a reader holds it (caller holds ``_lock``)."""
+        src, in_use = self._open[href]
+        if in_use.acquire(blocking=False):
+            try:
+                del self._open[href]
+                src.close()
+            finally:
+                in_use.release()
 
 
 def read_band(href: str, band: str, grid: TargetGrid, datasets: OpenDatasets | None = None) -> np.ndarray:

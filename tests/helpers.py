@@ -68,3 +68,29 @@ def final_summary(bootstrap, topics, run_id=None):
         args += ["--run-id", run_id]
     done = run_script("monitor.py", *args, timeout=120)
     return done.returncode, json.loads(done.stdout.strip().splitlines()[-1]) if done.stdout.strip() else {}
+
+
+def kill_at_random(workers: dict, restart, kafka, results_topic: str, *, tasks: int, rng, pause: tuple[float, float],
+                   seconds: float, max_kills: int | None = None) -> int:
+    """SIGKILL a random live worker every ``pause`` (low, high) seconds and start ``restart(n)``
+    in its place, until ``tasks`` results are in, every worker has exited, ``seconds`` have
+    passed or ``max_kills`` is reached. Returns the number of kills."""
+    import signal
+
+    from cropchips.kafka_io import read_topic
+    from cropchips.messages import decode
+
+    kills = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and (max_kills is None or kills < max_kills):
+        time.sleep(rng.uniform(*pause))
+        done = {decode(r.value).task_id for r in read_topic(kafka, results_topic, idle_s=0.3)
+                if r.value and b'"type":"result"' in r.value}
+        if len(done) >= tasks or all(w.proc.poll() is not None for w in workers.values()):
+            break
+        victim = rng.choice([n for n, w in workers.items() if w.proc.poll() is None] or [next(iter(workers))])
+        workers[victim].proc.send_signal(signal.SIGKILL)
+        workers[victim].wait(timeout=30)
+        kills += 1
+        workers[victim] = restart(victim)
+    return kills

@@ -12,7 +12,7 @@ from cropchips.embedded_broker import EmbeddedBroker, free_port
 from cropchips.kafka_io import KafkaSettings, read_topic
 from cropchips.messages import Result, decode
 from cropchips.writing import TMP_PREFIX
-from helpers import WorkerProcess, final_summary, publish_area
+from helpers import WorkerProcess, final_summary, kill_at_random, publish_area
 
 
 @pytest.fixture(scope="module")
@@ -35,20 +35,9 @@ def test_kill_9_chaos_loses_nothing_and_doubles_nothing(broker, topics, big_area
     workers = {n: WorkerProcess(n, big_area, tmp_path, bootstrap, topics, *extra) for n in (1, 2, 3)}
     for w in workers.values():
         w.wait_for("partitions assigned")
-    kills = 0
     kafka = KafkaSettings(bootstrap)
-    deadline = time.monotonic() + 150
-    while time.monotonic() < deadline:
-        time.sleep(rng.uniform(2.0, 4.0))
-        done = {decode(r.value).task_id for r in read_topic(kafka, topics["results"], idle_s=0.3)
-                if r.value and b'"type":"result"' in r.value}
-        if len(done) >= 100 or all(w.proc.poll() is not None for w in workers.values()):
-            break
-        victim = rng.choice([n for n, w in workers.items() if w.proc.poll() is None] or [1])
-        workers[victim].proc.send_signal(signal.SIGKILL)
-        workers[victim].wait(timeout=30)
-        kills += 1
-        workers[victim] = WorkerProcess(victim, big_area, tmp_path, bootstrap, topics, *extra)
+    kills = kill_at_random(workers, lambda n: WorkerProcess(n, big_area, tmp_path, bootstrap, topics, *extra), kafka,
+                           topics["results"], tasks=100, rng=rng, pause=(2.0, 4.0), seconds=150)
     for w in workers.values():
         assert w.wait(timeout=180) == 0, w.log[-3000:]
     assert kills >= 3, "the run ended before the chaos began: make the tasks slower"

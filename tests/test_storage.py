@@ -10,8 +10,6 @@ import io
 import json
 import os
 import random
-import signal
-import time
 
 import boto3
 import geopandas as gpd
@@ -27,7 +25,7 @@ from cropchips.messages import BANDS, Result, decode
 from cropchips.processing import ProcessingOptions, TaskProcessor
 from cropchips.report import build_report
 from cropchips.storage import TMP_PREFIX, LocalStorage, ObjectStorage, open_storage
-from helpers import WorkerProcess, final_summary, kafka_args, publish_area
+from helpers import WorkerProcess, final_summary, kafka_args, kill_at_random, publish_area
 
 CHIP = 64
 
@@ -187,20 +185,9 @@ def test_killed_workers_leave_no_partial_object_and_lose_nothing(broker, topics,
     workers = {n: WorkerProcess(n, s3_area, url, bootstrap, topics, *extra) for n in (1, 2)}
     for w in workers.values():
         w.wait_for("partitions assigned")
-    kills = 0
     kafka = KafkaSettings(bootstrap)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and kills < 4:
-        time.sleep(rng.uniform(1.5, 3.0))
-        done = {decode(r.value).task_id for r in read_topic(kafka, topics["results"], idle_s=0.3)
-                if r.value and b'"type":"result"' in r.value}
-        if len(done) >= 30 or all(w.proc.poll() is not None for w in workers.values()):
-            break
-        victim = rng.choice([n for n, w in workers.items() if w.proc.poll() is None] or [1])
-        workers[victim].proc.send_signal(signal.SIGKILL)
-        workers[victim].wait(timeout=30)
-        kills += 1
-        workers[victim] = WorkerProcess(victim, s3_area, url, bootstrap, topics, *extra)
+    kills = kill_at_random(workers, lambda n: WorkerProcess(n, s3_area, url, bootstrap, topics, *extra), kafka,
+                           topics["results"], tasks=30, rng=rng, pause=(1.5, 3.0), seconds=90, max_kills=4)
     for w in workers.values():
         assert w.wait(timeout=180) == 0, w.log[-3000:]
     assert kills >= 2, "the run ended before the kills began: make the tasks slower"

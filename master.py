@@ -38,8 +38,8 @@ def build_parser(env: Mapping[str, str] | None = None) -> config.EnvArgumentPars
     p.option("--max-cloud", type=float, default=10.0, group=s, help="use scenes with eo:cloud_cover below this percentage")
     config.add_kafka_options(p)
     p.option("--task-partitioning", default="grid", choices=TASK_PARTITIONINGS,
-             help="grid: a cell's row-major index modulo the partitions, so each worker gets a band of neighbouring "
-                  "cells that share COG tiles, spread evenly; hash: Kafka's hash of the cell id")
+             help="grid: cells ordered along a Hilbert curve, one run of it per partition, so each worker gets a "
+                  "compact region of cells that share COG tiles, spread evenly; hash: Kafka's hash of the cell id")
     p.option("--run-id", default=None, help="identifier of this run (default: generated from the time)")
     p.flag("--dry-run", help="plan the tasks and print a summary, publish nothing")
     p.option("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -53,7 +54,7 @@ class MasterOptions:
     tasks_partitions: int = 10
     """Partitions of the tasks topic when it is created."""
     task_partitioning: str = "grid"
-    """How tasks are spread over the partitions: ``grid`` (see :func:`task_partition`) or ``hash``
+    """How tasks are spread over the partitions: ``grid`` (see :func:`grid_order`) or ``hash``
     (Kafka's hash of the cell id)."""
     run_id: str | None = None
     """Run identifier (None: generated from the time)."""
@@ -147,20 +148,40 @@ def record_params(options: MasterOptions) -> dict[str, Any]:
 TASK_PARTITIONINGS = ("grid", "hash")
 
 
-def task_partition(task: Task, grid: Grid, partitions: int) -> int:
-    """The partition of a cell's task under ``grid`` partitioning: the cell's row-major index in the
-    grid, modulo the partition count.
+def hilbert_index(col: int, row: int, side: int) -> int:
+    """Position of cell (col, row) along the Hilbert curve that fills a ``side`` x ``side`` square
+    (``side`` a power of two): cells close on the curve are close in the grid."""
+    index = 0
+    s = side // 2
+    while s:
+        rx, ry = int(col & s > 0), int(row & s > 0)
+        index += s * s * ((3 * rx) ^ ry)
+        if ry == 0:  # rotate the quadrant so that the curve stays continuous
+            if rx == 1:
+                col, row = side - 1 - col, side - 1 - row
+            col, row = row, col
+        s //= 2
+    return index
 
-    Consecutive cells of a row go to consecutive partitions, and the consumer group's range
-    assignor hands each worker a contiguous range of partitions, so each worker gets a band of
-    neighbouring columns, and each partition a column's cells in order. Neighbouring cells share
-    the scenes' 1024 px tiles (one spans about 2 x 2 cells at 10 m), which the worker then reads
-    and decodes once instead of in two processes. The tasks also spread evenly over the
-    partitions, unlike the hash of the cell id. A cell always maps to the same partition (same
-    grid, same partition count), so a re-published task queues behind its earlier copy, as with
-    the hash.
+
+def grid_order(tasks: Sequence[Task], partitions: int) -> list[tuple[Task, int]]:
+    """The tasks in Hilbert-curve order of their cells, each with its partition index under
+    ``grid`` partitioning: the curve cut into ``partitions`` runs of equal length (±1 task).
+
+    Each partition thus holds a compact patch of neighbouring cells, in curve order, and the
+    consumer group's range assignor hands each worker a run of consecutive partitions: a compact
+    region. Neighbouring cells share the scenes' 1024 px tiles (one spans about 2 x 2 cells of
+    0.05 deg at 10 m), which a worker then fetches and decodes once, from its tile cache, instead
+    of in several processes; and the tasks spread evenly, unlike the hash of the cell ids. The
+    same plan always gets the same partitions (a re-published plan queues behind its earlier copy).
     """
-    return (task.cell.row * grid.x_cells + task.cell.col) % partitions
+    if partitions < 1:
+        raise ValueError("partitions must be >= 1")
+    side = 1
+    while side <= max((max(t.cell.col, t.cell.row) for t in tasks), default=0):
+        side *= 2
+    ordered = sorted(tasks, key=lambda t: (hilbert_index(t.cell.col, t.cell.row, side), t.cell.id))
+    return [(task, i * partitions // len(ordered)) for i, task in enumerate(ordered)]
 
 
 def publish(plan: Plan, options: MasterOptions) -> None:
@@ -175,12 +196,11 @@ def publish(plan: Plan, options: MasterOptions) -> None:
         # The topic may exist with another partition count than --tasks-partitions: use its own.
         ids = sorted(producer.partitions_for(options.tasks_topic) or ()) if options.task_partitioning == "grid" else []
 
-        def partition(task: Task) -> int | None:
-            return ids[task_partition(task, options.grid, len(ids))] if ids else None
-
+        placed = ([(task, ids[i]) for task, i in grid_order(plan.tasks, len(ids))] if ids
+                  else [(task, None) for task in plan.tasks])
         # The key stays the cell id either way (tracing, and the hash partitioning).
         futures = [(task, producer.send(options.tasks_topic, key=task.cell.id.encode(), value=encode(task),
-                                        partition=partition(task))) for task in plan.tasks]
+                                        partition=partition)) for task, partition in placed]
         producer.flush(timeout=60)
         for task, future in futures:
             try:

@@ -130,23 +130,50 @@ def test_publishes_deterministic_tasks_and_a_run_header(broker, topics, sample_a
     assert [h.task_count for h in headers] == [n, n] and headers[0].run_id == "run-a"
 
 
-def test_grid_partitioning_gives_each_worker_a_band_of_neighbouring_cells_evenly():
-    from cropchips.grid import Grid
-    from cropchips.master import task_partition
+def test_hilbert_order_steps_to_a_neighbour_every_time():
+    from cropchips.master import hilbert_index
 
-    grid = Grid(start_x=-5.8, start_y=37.2, step=0.05, x_cells=10, y_cells=10)
+    for side in (2, 4, 16):
+        at = {hilbert_index(c, r, side): (c, r) for c in range(side) for r in range(side)}
+        assert sorted(at) == list(range(side * side))  # every cell once
+        steps = [abs(at[i][0] - at[i + 1][0]) + abs(at[i][1] - at[i + 1][1]) for i in range(side * side - 1)]
+        assert set(steps) == {1}
+
+
+def _spread(cells) -> float:
+    """Mean distance (in cells) of a set of cells from its own centre."""
+    cols, rows = np.array([c.col for c in cells]), np.array([c.row for c in cells])
+    return float(np.hypot(cols - cols.mean(), rows - rows.mean()).mean())
+
+
+@pytest.mark.parametrize("x_cells,y_cells", [(10, 10), (16, 4), (37, 23)])
+def test_grid_partitioning_gives_each_worker_a_compact_region_evenly(x_cells, y_cells):
+    from cropchips.grid import Grid
+    from cropchips.master import grid_order
+
+    grid = Grid(start_x=-5.8, start_y=37.2, step=0.05, x_cells=x_cells, y_cells=y_cells)
     tasks = [Task(run_id="r", task_id=f"t-{cell.id}", cell=cell, scenes=()) for cell in grid.cells()]
-    parts = [task_partition(t, grid, 10) for t in tasks]
-    assert all(p == t.cell.col for p, t in zip(parts, tasks))  # 10 columns, 10 partitions: one column each
-    # The range assignor gives 4 workers 3/3/2/2 consecutive partitions: each gets a band of whole columns
-    # (cells that share the scenes' tiles), 30/30/20/20 tasks (Kafka's hash of the ids gives 40/22/18/20).
-    ranges = [range(0, 3), range(3, 6), range(6, 8), range(8, 10)]
-    bands = [sorted({t.cell.col for t, p in zip(tasks, parts) if p in r}) for r in ranges]
-    assert bands == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]
-    assert [sum(p in r for p in parts) for r in ranges] == [30, 30, 20, 20]
-    # Another partition count: still even (12 partitions: 8 or 9 tasks each), and neighbours in a row stay adjacent.
-    counts = np.bincount([task_partition(t, grid, 12) for t in tasks], minlength=12)
-    assert counts.min() == 8 and counts.max() == 9
+    placed = grid_order(tasks, 10)
+    assert sorted(t.task_id for t, _ in placed) == sorted(t.task_id for t in tasks)
+    counts = np.bincount([p for _, p in placed], minlength=10)
+    assert counts.max() - counts.min() <= 1  # even (Kafka's hash of the ids gives 40/22/18/20 for 10 x 10)
+    assert [p for _, p in placed] == sorted(p for _, p in placed)  # each partition one run of the order
+    # A partition's cells lie together: far less spread than as many cells taken at random (the
+    # curve leaves a non-square grid and comes back elsewhere, so a partition may hold two patches).
+    rng = np.random.default_rng(0)
+    cells = [t.cell for t in tasks]
+    spreads, random_spreads = [], []
+    for p in range(10):
+        mine = [t.cell for t, q in placed if q == p]
+        spreads.append(_spread(mine))
+        random_spreads += [_spread([cells[i] for i in rng.choice(len(cells), len(mine), replace=False)])
+                           for _ in range(5)]
+    assert np.median(spreads) < 0.5 * np.median(random_spreads), (spreads, np.median(random_spreads))
+    # Within a partition, the worker's next cell is next door (the curve leaves the grid only at its edges).
+    steps = [max(abs(a.cell.col - b.cell.col), abs(a.cell.row - b.cell.row))
+             for (a, p), (b, q) in zip(placed, placed[1:]) if p == q]
+    assert np.mean(steps) <= 1.5
+    assert grid_order(list(reversed(tasks)), 10) == placed  # the same plan, the same placement
 
 
 @pytest.mark.parametrize("partitioning", ["grid", "hash"])
@@ -155,7 +182,7 @@ def test_publish_puts_each_cell_in_its_partition(broker, topics, sample_master_o
 
     from kafka.partitioner.default import murmur2
 
-    from cropchips.master import publish, task_partition
+    from cropchips.master import grid_order, publish
 
     options = replace(sample_master_options, kafka=KafkaSettings(broker.bootstrap_servers),
                       tasks_topic=topics["tasks"], results_topic=topics["results"], dlq_topic=topics["dlq"],
@@ -164,11 +191,12 @@ def test_publish_puts_each_cell_in_its_partition(broker, topics, sample_master_o
     publish(sample_plan, options)  # a re-published task lands behind its earlier copy
     records = read_topic(options.kafka, topics["tasks"])
     assert len(records) == 2 * len(sample_plan.tasks)
+    placed = {task.task_id: p for task, p in grid_order(sample_plan.tasks, 10)}
     for record in records:
         task = decode(record.value)
         assert record.key == task.cell.id.encode()  # the key stays the cell id
         if partitioning == "grid":
-            assert record.partition == task_partition(task, options.grid, 10)
+            assert record.partition == placed[task.task_id]
         else:
             assert record.partition == (murmur2(record.key) & 0x7FFFFFFF) % 10  # Kafka's default partitioner
     if partitioning == "grid":

@@ -147,6 +147,22 @@ def test_tasks_written_to_s3_equal_the_local_ones_and_are_reused(s3_bucket, samp
     assert len(item_links) == len(names)
     item = json.loads(get(s3_bucket, f"run1/stac/items/{names[0]}.json"))
     assert item["assets"]["image"]["href"] == f"../../images/{names[0]}.tif"
+    # The example Dataset reads the bucket with plain geopandas (fsspec) and rasterio (GDAL's /vsis3/).
+    from examples.chip_dataset import ChipDataset
+
+    endpoint = os.environ["AWS_ENDPOINT_URL"].removeprefix("http://")
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in {"AWS_S3_ENDPOINT": endpoint, "AWS_HTTPS": "NO", "AWS_VIRTUAL_HOSTING": "FALSE"}.items():
+            patch.setenv(key, value)
+        chips = ChipDataset(url, split=None)
+        assert len(chips) == len(names)
+        for i in range(len(chips)):
+            image, mask = chips[i]
+            name = chips.rows.iloc[i]["name"]
+            with rasterio.open(tmp_path / "local" / "images" / f"{name}.tif") as ref:
+                assert np.allclose(image, ref.read() * 1e-4)
+            with rasterio.open(tmp_path / "local" / "masks" / f"{name}.tif") as ref:
+                assert np.array_equal(mask, ref.read(1))
     report = build_report(url, quicklooks=True)
     assert report == f"s3://{s3_bucket}/run1/report.html"
     page = get(s3_bucket, "run1/report.html").decode()

@@ -27,11 +27,12 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Temporary names carry the writer's host and pid (.tmp~HOST~PID~RANDOM~NAME), so a restarted
 # worker can tell the leftovers of dead processes on its host from files being written.
@@ -65,34 +66,47 @@ def atomic_output(path: Path) -> Iterator[Path]:
         raise
 
 
-def with_retries(write: Callable[[], None], what: str, attempts: int = WRITE_ATTEMPTS, delay: float = 0.5) -> None:
-    """Run ``write``, retrying transient file-system errors (NFS hiccups) with exponential backoff."""
+def retry(call: Callable[[], T], what: str, *, attempts: int, transient: Callable[[BaseException], bool],
+          delay: float = 0.5) -> T:
+    """Run ``call``; retry the errors ``transient`` accepts with exponential backoff, each retry logged."""
     for attempt in range(1, attempts + 1):
         try:
-            return write()
-        except OSError as exc:
-            if exc.errno not in TRANSIENT_ERRNOS or attempt == attempts:
+            return call()
+        except Exception as exc:  # noqa: BLE001 - ``transient`` decides
+            if not transient(exc) or attempt == attempts:
                 raise
-            log.warning("writing %s failed (%s); retry %d/%d in %.1f s", what, exc, attempt, attempts - 1, delay)
+            log.warning("%s failed (%s: %s); retry %d/%d in %.1f s", what, type(exc).__name__, exc,
+                        attempt, attempts - 1, delay)
             time.sleep(delay)
             delay *= 2
+    raise AssertionError("unreachable")
 
 
-def remove_stale_temporaries(root: Path, older_than_s: float = 3600.0) -> int:
-    """Delete temporary files under ``root`` that no live writer owns: those of dead processes on
-    this host, and any older than ``older_than_s`` (left by a host that never came back)."""
+def with_retries(write: Callable[[], None], what: str, attempts: int = WRITE_ATTEMPTS, delay: float = 0.5) -> None:
+    """Run ``write``, retrying transient file-system errors (NFS hiccups) with exponential backoff."""
+    retry(write, f"writing {what}", attempts=attempts, delay=delay,
+          transient=lambda exc: isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS)
+
+
+def remove_stale_temporaries(root: Path, subdirs: Sequence[str] = (), older_than_s: float = 3600.0) -> int:
+    """Delete temporary files in ``root`` and its ``subdirs`` that no live writer owns: those of
+    dead processes on this host, and any older than ``older_than_s`` (left by a host that never
+    came back). Only those folders are listed: the output may sit on a large NFS share."""
     removed = 0
     now = time.time()
     host = socket.gethostname()
-    for entry in Path(root).rglob(f"{TMP_PREFIX}*"):
-        parts = entry.name[len(TMP_PREFIX):].split("~")
-        try:
-            dead_here = len(parts) >= 4 and parts[0] == host and not _pid_alive(int(parts[1]))
-            if dead_here or now - entry.stat().st_mtime > older_than_s:
-                entry.unlink()
-                removed += 1
-        except (FileNotFoundError, ValueError):
-            pass
+    for folder in (Path(root), *(Path(root) / sub for sub in subdirs)):
+        if not folder.is_dir():
+            continue
+        for entry in folder.glob(f"{TMP_PREFIX}*"):
+            parts = entry.name[len(TMP_PREFIX):].split("~")
+            try:
+                dead_here = len(parts) >= 4 and parts[0] == host and not _pid_alive(int(parts[1]))
+                if dead_here or now - entry.stat().st_mtime > older_than_s:
+                    entry.unlink()
+                    removed += 1
+            except (FileNotFoundError, ValueError):
+                pass
     if removed:
         log.info("removed %d temporary files left by stopped workers under %s", removed, root)
     return removed
@@ -215,7 +229,7 @@ class LocalStorage(Storage):
             if (self.root / sub).is_symlink():
                 raise ConfigError(f"{self.root / sub} is a symbolic link; the output folders must be real "
                                   "directories inside --output-dir")
-        remove_stale_temporaries(self.root)
+        remove_stale_temporaries(self.root, subdirs)
 
     def url(self, rel: str = "") -> str:
         return str(self._path(rel)) if rel else str(self.root)
@@ -301,21 +315,10 @@ class ObjectStorage(Storage):
         return f"{protocol}://{self._key(rel)}"
 
     @staticmethod
-    def _retry(call: Callable[[], Any], what: str, attempts: int = UPLOAD_ATTEMPTS, delay: float = 0.5) -> Any:
+    def _retry(call: Callable[[], T], what: str) -> T:
         """Retry object-store errors other than "not found" and "denied" (throttling, resets, 5xx)."""
-        for attempt in range(1, attempts + 1):
-            try:
-                return call()
-            except (FileNotFoundError, PermissionError):
-                raise
-            except Exception as exc:  # noqa: BLE001 - botocore/aiohttp errors have no common base here
-                if attempt == attempts:
-                    raise
-                log.warning("%s failed (%s: %s); retry %d/%d in %.1f s", what, type(exc).__name__, exc,
-                            attempt, attempts - 1, delay)
-                time.sleep(delay)
-                delay *= 2
-        raise AssertionError("unreachable")
+        return retry(call, what, attempts=UPLOAD_ATTEMPTS,
+                     transient=lambda exc: not isinstance(exc, (FileNotFoundError, PermissionError)))
 
 
 def open_storage(location: str | Path | Storage) -> Storage:
@@ -340,15 +343,3 @@ def open_storage(location: str | Path | Storage) -> Storage:
     if not root.strip("/"):
         raise ConfigError(f"--output-dir {text}: give a bucket (and optionally a prefix), e.g. s3://bucket/chips")
     return ObjectStorage(text, fs, root)
-
-
-@contextmanager
-def local_copy(storage: Storage, rel: str) -> Iterator[Path]:
-    """A local path holding ``rel`` (the file itself on a folder, a temporary download otherwise)."""
-    if isinstance(storage, LocalStorage):
-        yield storage.root / rel
-        return
-    with tempfile.TemporaryDirectory(prefix="cropchips-") as folder:
-        path = Path(folder) / Path(rel).name
-        path.write_bytes(storage.read_bytes(rel))
-        yield path

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -11,8 +10,7 @@ import rasterio
 from affine import Affine
 
 from .messages import BANDS, check_safe_id
-from .storage import (TMP_PREFIX, TRANSIENT_ERRNOS, Storage, atomic_output, open_storage,  # noqa: F401 - re-exported
-                      remove_stale_temporaries, temporary_path, with_retries)
+from .storage import Storage, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +74,3 @@ def write_chip(output: Storage | Path | str, name: str, image: np.ndarray, mask:
     storage.publish(mask_rel, lambda tmp: write_tiff(tmp, mask[None], crs=crs, transform=transform,
                                                      descriptions=("class",), fmt=fmt, categorical=True))
     return image_rel, mask_rel
-
-
-def write_json(path: Path, body: dict) -> None:
-    """Write a JSON document atomically (temporary file, fsync, rename)."""
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(body, sort_keys=True, indent=1))

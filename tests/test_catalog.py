@@ -30,8 +30,7 @@ from cropchips.dataset import SplitPolicy, finalize, records_from_metadata
 from cropchips.hrefs import HrefPolicy
 from cropchips.processing import ProcessingOptions, TaskProcessor
 from cropchips.scenes import EARTH_SEARCH_KEYS
-from cropchips.storage import LocalStorage
-from cropchips.writing import TMP_PREFIX
+from cropchips.storage import TMP_PREFIX, LocalStorage
 
 CHIP = 64
 # Small blocks split the sample area three ways and drop chips that overlap another split.

@@ -13,7 +13,8 @@ from cropchips.chips import plan_chips
 from cropchips.labels import rasterize_classes
 from cropchips.messages import BANDS, Cell
 from cropchips.reading import TargetGrid
-from cropchips.writing import TMP_PREFIX, remove_stale_temporaries, write_chip
+from cropchips.storage import TMP_PREFIX, remove_stale_temporaries
+from cropchips.writing import write_chip
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +160,7 @@ def test_temporaries_of_dead_writers_and_old_ones_are_removed(tmp_path):
     for path in (of_dead, of_live, other_host, old_other_host):
         path.write_bytes(b"x")
     os.utime(old_other_host, (0, 0))
-    assert remove_stale_temporaries(tmp_path, older_than_s=60) == 2
+    assert remove_stale_temporaries(tmp_path, ("images", "manifests"), older_than_s=60) == 2
     assert not of_dead.exists() and not old_other_host.exists()
     assert of_live.exists() and other_host.exists()  # may still be being written
 

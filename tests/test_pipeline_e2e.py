@@ -17,7 +17,7 @@ from conftest import REPO, run_script
 from cropchips.classes import load_class_map
 from cropchips.kafka_io import KafkaSettings, read_topic
 from cropchips.messages import BANDS, Result, decode
-from cropchips.writing import TMP_PREFIX
+from cropchips.storage import TMP_PREFIX
 
 CHIP = 64
 

@@ -11,7 +11,7 @@ import pytest
 from cropchips.embedded_broker import EmbeddedBroker, free_port
 from cropchips.kafka_io import KafkaSettings, read_topic
 from cropchips.messages import Result, decode
-from cropchips.writing import TMP_PREFIX
+from cropchips.storage import TMP_PREFIX
 from helpers import WorkerProcess, final_summary, kill_at_random, publish_area
 
 

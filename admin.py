@@ -12,6 +12,7 @@ import json
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
+from typing import Any
 
 from cropchips import admin, config
 from cropchips.cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE, run, setup_logging
@@ -94,6 +95,17 @@ def _json(value: object) -> None:
     print(json.dumps(value, sort_keys=True))
 
 
+def _show(items: Sequence, as_json: bool, line: Callable[[Any], str], empty: str) -> None:
+    """Dataclass ``items`` as one JSON object a line, or one readable line each, or ``empty``."""
+    if as_json:
+        for item in items:
+            _json(asdict(item))
+    elif items:
+        print("\n".join(line(item) for item in items))
+    else:
+        print(empty)
+
+
 def topics_create(kafka: KafkaSettings, args: argparse.Namespace) -> int:
     print(admin.format_created(admin.create_topics(kafka, _specs(args), wait=args.broker_wait)))
     return EXIT_OK
@@ -140,25 +152,14 @@ def group_describe(kafka: KafkaSettings, args: argparse.Namespace) -> int:
 def results_tail(kafka: KafkaSettings, args: argparse.Namespace) -> int:
     lines, _invalid = admin.tail_results(kafka, args.results_topic, args.last, run_id=args.run_id,
                                          wait=args.broker_wait)
-    if args.json:
-        for line in lines:
-            _json(asdict(line))
-    elif lines:
-        print("\n".join(admin.format_result(line) for line in lines))
-    else:
-        print(f"no results on {args.results_topic}" + (f" for run {args.run_id}" if args.run_id else ""))
+    _show(lines, args.json, admin.format_result,
+          f"no results on {args.results_topic}" + (f" for run {args.run_id}" if args.run_id else ""))
     return EXIT_OK
 
 
 def dlq_list(kafka: KafkaSettings, args: argparse.Namespace) -> int:
     letters = admin.dead_letters(kafka, args.dlq_topic, last=args.last, wait=args.broker_wait)
-    if args.json:
-        for letter in letters:
-            _json(asdict(letter))
-    elif letters:
-        print("\n".join(admin.format_dead_letter(letter) for letter in letters))
-    else:
-        print(f"no dead letters on {args.dlq_topic}")
+    _show(letters, args.json, admin.format_dead_letter, f"no dead letters on {args.dlq_topic}")
     return EXIT_OK
 
 

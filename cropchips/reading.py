@@ -250,10 +250,7 @@ def read_band(href: str, band: str, grid: TargetGrid, datasets: OpenDatasets | N
     """
     def read() -> np.ndarray:
         with rasterio.Env(**GDAL_OPTIONS):
-            if datasets is None:
-                with rasterio.open(href) as src:
-                    return read_onto_grid(src, band, grid)
-            with datasets.dataset(href) as src:
+            with (rasterio.open(href) if datasets is None else datasets.dataset(href)) as src:
                 return read_onto_grid(src, band, grid)
 
     return with_read_retries(read, band, href)

@@ -2,9 +2,17 @@
 
 Every file of the dataset is *published* whole: a writer produces it in a local temporary file,
 then the storage makes it visible under its final name in one step. On a folder that step is a
-rename beside the target (atomic, also on NFS); on an object store it is a single upload, which
-the store makes visible only once complete. Readers therefore never see a partial file, and a
-killed writer leaves at most a local temporary behind (removed by the next worker on the host).
+rename beside the target (atomic, also on NFS), followed by an fsync of the folder so that the
+rename survives a crash; on an object store it is a single upload, which the store makes visible
+only once complete. Readers therefore never see a partial file, and a killed writer leaves at
+most a local temporary behind (removed by the next worker on the host).
+
+A folder's paths stay inside it: a relative path with ``..``, an absolute one, or one that goes
+through a symbolic link is refused on every read, write and delete (the folder may be shared
+over NFS with other users, who could plant a link that sends chips anywhere on this machine).
+
+Three conditional operations serve as locks and leases: ``create_exclusive`` (create only if
+absent), ``read_version`` and ``delete_if_version`` (delete only if unchanged since read).
 
 Object stores are reached through fsspec (``s3://`` needs ``s3fs``; ``gs://``, ``az://`` and the
 rest need their fsspec package). Credentials and endpoints come from each library's usual
@@ -16,16 +24,19 @@ settings: for S3, ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import json
 import logging
 import os
+import shutil
 import socket
+import stat
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
@@ -41,29 +52,103 @@ TMP_PREFIX = ".tmp~"
 TRANSIENT_ERRNOS = {errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN, errno.ENOSPC}
 WRITE_ATTEMPTS = 3
 UPLOAD_ATTEMPTS = 4
-#: Local folder for files on their way to an object store.
-SCRATCH_DIR = Path(tempfile.gettempdir()) / "cropchips-scratch"
+HASH_CHUNK = 4 * 2**20
+
+# POSIX flags (getattr: importing this module must not fail where they are missing).
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+# O_NOFOLLOW: a link at that name fails with ELOOP instead of being followed out of the folder.
+_DIR_FLAGS = os.O_RDONLY | _DIRECTORY | _NOFOLLOW | _CLOEXEC
+# O_NONBLOCK: a FIFO planted at a file's name must not hang the reader (no effect on regular files).
+_READ_FLAGS = os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | _CLOEXEC
+# Linux names an open directory as /proc/self/fd/N: a producer writing there writes into exactly
+# the directory that was checked, even if someone swaps a link in for it meanwhile.
+_FD_DIR = Path("/proc/self/fd")
+
+
+class UnsafePathError(ConfigError, PermissionError):
+    """A path that would leave the output folder (``..``, absolute, or through a symbolic link)."""
+
+
+def split_relative(rel: str) -> list[str]:
+    """The components of a POSIX path relative to a storage root; UnsafePathError for anything
+    that could leave the root (absolute, ``..``, ``.``, empty components, NUL)."""
+    parts = rel.split("/")
+    if not rel or "\0" in rel or any(part in ("", ".", "..") for part in parts):
+        raise UnsafePathError(f"{rel!r} is not a path inside the output folder: give a relative POSIX path "
+                              "without '..', '.' or empty components (e.g. images/NAME.tif)")
+    return parts
+
+
+def temporary_name(name: str) -> str:
+    """A unique temporary file name for ``name`` (host, pid and a random part; see TMP_PREFIX)."""
+    return f"{TMP_PREFIX}{socket.gethostname()}~{os.getpid()}~{uuid.uuid4().hex[:8]}~{name}"
 
 
 def temporary_path(path: Path) -> Path:
     """A unique temporary name beside ``path`` (same directory: the rename is atomic, also on NFS)."""
-    return path.parent / f"{TMP_PREFIX}{socket.gethostname()}~{os.getpid()}~{uuid.uuid4().hex[:8]}~{path.name}"
+    return path.parent / temporary_name(path.name)
+
+
+def file_version(info: os.stat_result) -> str:
+    """A token that changes whenever the file is replaced: a rename brings a new inode, a rewrite
+    in place a new mtime or size."""
+    return f"{info.st_ino}-{info.st_mtime_ns}-{info.st_size}"
+
+
+def fsync_dir(dir_fd: int) -> None:
+    """Make a rename, link or unlink in this directory durable; on a file system that cannot
+    sync a directory (some FUSE mounts say EINVAL) the entry is as durable as it gets there."""
+    try:
+        os.fsync(dir_fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF):
+            raise
+        log.debug("fsync of a directory is not supported here (%s)", exc)
+
+
+def _fd_path(dir_fd: int, folder: Path) -> Path:
+    """A path naming the open directory itself where the system offers one, else its name."""
+    return _FD_DIR / str(dir_fd) if _FD_DIR.is_dir() else folder
+
+
+@contextmanager
+def _replace_in(dir_fd: int, name: str, folder: Path) -> Iterator[Path]:
+    """Yield a temporary path in the open directory ``dir_fd``; on success the file is fsync'ed,
+    renamed to ``name`` and the directory fsync'ed (so the rename survives a crash); on error the
+    temporary is removed. ``folder`` is the directory's name, for systems without /proc."""
+    tmp_name = temporary_name(name)
+    try:
+        yield _fd_path(dir_fd, folder) / tmp_name
+        fd = os.open(tmp_name, _READ_FLAGS, dir_fd=dir_fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        # rename(2) replaces a symbolic link at ``name`` itself; it never writes through it.
+        os.replace(tmp_name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        fsync_dir(dir_fd)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp_name, dir_fd=dir_fd)
+        raise
 
 
 @contextmanager
 def atomic_output(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write to; on success it is fsync'ed and renamed
-    to ``path`` (atomic, also on NFS: same directory, same file system), on error removed."""
+    to ``path`` (atomic, also on NFS: same directory, same file system) and the directory is
+    fsync'ed; on error the temporary is removed. The parent folder is used as named (links
+    followed): LocalStorage is the one that keeps paths inside a root."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(path)
+    dir_fd = os.open(path.parent, os.O_RDONLY | _DIRECTORY | _CLOEXEC)
     try:
-        yield tmp
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        with _replace_in(dir_fd, path.name, path.parent) as tmp:
+            yield tmp
+    finally:
+        os.close(dir_fd)
 
 
 def retry(call: Callable[[], T], what: str, *, attempts: int, transient: Callable[[BaseException], bool],
@@ -124,6 +209,34 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def scratch_dir() -> Path:
+    """This user's private folder for files on their way to an object store.
+
+    ``$TMPDIR/cropchips-scratch-UID``, mode 0700: in a shared /tmp another user could otherwise
+    read the chips or swap a file between its writing and its upload. A folder of that name
+    owned by someone else, or not a real directory, is refused; one of ours that others can
+    enter is emptied and made private again (what it holds may have been planted).
+    """
+    path = Path(tempfile.gettempdir()) / f"cropchips-scratch-{os.getuid()}"
+    for _ in range(2):
+        with suppress(FileExistsError):
+            path.mkdir(mode=0o700)
+        info = os.lstat(path)
+        if not stat.S_ISDIR(info.st_mode):
+            raise ConfigError(f"{path} is not a directory (a symbolic link or a file put there by someone); "
+                              "remove it, or set TMPDIR to a private folder")
+        if info.st_uid != os.getuid():
+            raise ConfigError(f"{path} belongs to uid {info.st_uid}, not to this user (uid {os.getuid()}), so "
+                              "that user could read or swap files on their way to the store; remove it (as root) "
+                              "or set TMPDIR to a private folder")
+        if stat.S_IMODE(info.st_mode) & 0o077 == 0:
+            return path
+        log.warning("%s was open to other users (mode %o); emptying it and making it private (0700)",
+                    path, stat.S_IMODE(info.st_mode))
+        shutil.rmtree(path)  # does not follow links inside the folder
+    raise ConfigError(f"{path} could not be made private (mode 0700); remove it, or set TMPDIR to a private folder")
+
+
 class Storage:
     """The output location: paths are POSIX and relative to its root (``images/NAME.tif``)."""
 
@@ -151,6 +264,28 @@ class Storage:
     def delete(self, rel: str) -> None:
         """Remove the file if it exists."""
         raise NotImplementedError
+
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        """Create ``rel`` holding ``data`` only if no file of that name exists, atomically (a
+        reader sees all of ``data`` or no file). True if this call created it, False if it
+        existed. Never a false True; after a lost reply and a retry, a call that did create the
+        file may say False, so put a token of the caller in ``data`` if that matters."""
+        raise NotImplementedError
+
+    def read_version(self, rel: str) -> tuple[bytes, str]:
+        """The file's content and a version token that changes whenever the file is replaced;
+        FileNotFoundError if there is none. (On S3 the token is the ETag, the MD5 of a simple
+        upload: a replacement with identical bytes keeps it.)"""
+        raise NotImplementedError
+
+    def delete_if_version(self, rel: str, version: str) -> bool:
+        """Delete ``rel`` only if it still has ``version`` (from read_version); True if deleted,
+        False if it was replaced meanwhile or is gone."""
+        raise NotImplementedError
+
+    def sha256(self, rel: str) -> str:
+        """Hex SHA-256 digest of the file's content; FileNotFoundError if there is none."""
+        return hashlib.sha256(self.read_bytes(rel)).hexdigest()
 
     def prepare(self, subdirs: Sequence[str] = ()) -> None:
         """Make the location ready for a writer (create it, refuse links in place of ``subdirs``,
@@ -188,7 +323,13 @@ class Storage:
 
 
 class LocalStorage(Storage):
-    """A folder on this machine (local disk or an NFS mount), written by temporary file + rename."""
+    """A folder on this machine (local disk or an NFS mount), written by temporary file + rename.
+
+    The root is used as given (it may itself be a link, e.g. to the NFS mount); below it every
+    folder is opened with O_NOFOLLOW one component at a time and the file is reached through that
+    open folder, so a link anywhere below the root, even one swapped in while a worker runs, is
+    refused (UnsafePathError) instead of followed.
+    """
 
     is_local = True
 
@@ -196,46 +337,228 @@ class LocalStorage(Storage):
         self.root = Path(root)
         self.location = str(root)
 
-    def _path(self, rel: str) -> Path:
-        return self.root / rel
+    def _unsafe(self, parts: Sequence[str]) -> UnsafePathError:
+        return UnsafePathError(f"{self.root.joinpath(*parts)} is a symbolic link; the output folders and files "
+                               f"must be real ones inside {self.root} (remove the link)")
+
+    @contextmanager
+    def _folder(self, parts: Sequence[str], *, create: bool) -> Iterator[int]:
+        """An open descriptor of the folder ``root/parts``, reached without following any link
+        below the root; missing folders are made when ``create``, else FileNotFoundError."""
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root, os.O_RDONLY | _DIRECTORY | _CLOEXEC)
+        try:
+            for depth, name in enumerate(parts, start=1):
+                try:
+                    child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT),
+                                                str(self.root.joinpath(*parts[:depth]))) from None
+                    with suppress(FileExistsError):  # another worker may make it at the same moment
+                        os.mkdir(name, 0o777, dir_fd=fd)
+                    child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR) and _is_link(fd, name):
+                        raise self._unsafe(parts[:depth]) from None
+                    raise
+                os.close(fd)
+                fd = child
+            yield fd
+        finally:
+            os.close(fd)
+
+    @contextmanager
+    def _open(self, rel: str) -> Iterator[BinaryIO]:
+        """The regular file ``rel`` open for reading, reached without following links."""
+        parts = split_relative(rel)
+        with self._folder(parts[:-1], create=False) as dir_fd:
+            try:
+                fd = os.open(parts[-1], _READ_FLAGS, dir_fd=dir_fd)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP and _is_link(dir_fd, parts[-1]):
+                    raise self._unsafe(parts) from None
+                if exc.errno == errno.ENOENT:
+                    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(self.root / rel)) from None
+                raise
+        handle = os.fdopen(fd, "rb")
+        with handle:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise UnsafePathError(f"{self.root / rel} is not a regular file; remove it")
+            os.set_blocking(fd, True)
+            yield handle
 
     def publish(self, rel: str, produce: Callable[[Path], None]) -> None:
+        parts = split_relative(rel)
+
         def attempt() -> None:
-            with atomic_output(self._path(rel)) as tmp:
-                produce(tmp)
+            with self._folder(parts[:-1], create=True) as dir_fd:
+                with _replace_in(dir_fd, parts[-1], self.root.joinpath(*parts[:-1])) as tmp:
+                    produce(tmp)
 
         with_retries(attempt, rel)
 
     def read_bytes(self, rel: str) -> bytes:
-        return self._path(rel).read_bytes()
+        with self._open(rel) as handle:
+            return handle.read()
 
     def size(self, rel: str) -> int:
-        return self._path(rel).stat().st_size
+        parts = split_relative(rel)
+        with self._folder(parts[:-1], create=False) as dir_fd:
+            try:
+                info = os.stat(parts[-1], dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(self.root / rel)) from None
+        if stat.S_ISLNK(info.st_mode):
+            raise self._unsafe(parts)
+        return info.st_size
 
     def list(self, folder: str, prefix: str = "") -> list[str]:
-        base = self._path(folder)
-        if not base.is_dir():
+        parts = split_relative(folder) if folder else []
+        try:
+            with self._folder(parts, create=False) as dir_fd, os.scandir(dir_fd) as entries:
+                names = [e.name for e in entries if e.name.startswith(prefix) and not e.name.startswith(TMP_PREFIX)
+                         and e.is_file(follow_symlinks=False)]
+        except (FileNotFoundError, NotADirectoryError):
             return []
-        return sorted(f"{folder}/{e.name}" for e in os.scandir(base)
-                      if e.name.startswith(prefix) and not e.name.startswith(TMP_PREFIX) and e.is_file())
+        return sorted(f"{folder}/{name}" if folder else name for name in names)
 
     def delete(self, rel: str) -> None:
-        self._path(rel).unlink(missing_ok=True)
+        parts = split_relative(rel)
+        try:
+            with self._folder(parts[:-1], create=False) as dir_fd:
+                os.unlink(parts[-1], dir_fd=dir_fd)  # a link at that name is removed itself, never followed
+        except FileNotFoundError:
+            pass
+
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        # The classic NFS-safe lock (open(2), O_EXCL): write a unique temporary, then link(2) it
+        # to the name, which is atomic and fails with EEXIST if the name exists, also over NFS.
+        parts = split_relative(rel)
+        with self._folder(parts[:-1], create=True) as dir_fd:
+            tmp_name = temporary_name(parts[-1])
+            fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o666,
+                         dir_fd=dir_fd)
+            try:
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                try:
+                    os.link(tmp_name, parts[-1], src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+                except OSError as exc:
+                    # Over NFS the reply to a LINK that succeeded can be lost and the retransmission
+                    # fail: the temporary's link count says whether the name is now ours.
+                    if os.stat(tmp_name, dir_fd=dir_fd, follow_symlinks=False).st_nlink != 2:
+                        if isinstance(exc, FileExistsError):
+                            return False
+                        raise
+                fsync_dir(dir_fd)
+                return True
+            finally:
+                with suppress(FileNotFoundError):
+                    os.unlink(tmp_name, dir_fd=dir_fd)
+
+    def read_version(self, rel: str) -> tuple[bytes, str]:
+        with self._open(rel) as handle:
+            while True:  # read again if the file was rewritten in place while being read
+                before = os.fstat(handle.fileno())
+                handle.seek(0)
+                data = handle.read()
+                after = os.fstat(handle.fileno())
+                if file_version(before) == file_version(after):
+                    return data, file_version(after)
+
+    def delete_if_version(self, rel: str, version: str) -> bool:
+        # Rename the file aside first (atomic), so that what gets checked is exactly what gets
+        # deleted; if it is not the expected version, link it back, which never clobbers a newer
+        # file created at the name in the meantime.
+        parts = split_relative(rel)
+        name = parts[-1]
+        try:
+            with self._folder(parts[:-1], create=False) as dir_fd:
+                if not stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                    return False  # a link or a folder is never a version anyone read
+                aside = temporary_name(name)
+                try:
+                    os.rename(name, aside, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                except FileNotFoundError:
+                    return False
+                info = os.stat(aside, dir_fd=dir_fd, follow_symlinks=False)
+                deleted = stat.S_ISREG(info.st_mode) and file_version(info) == version
+                if not deleted:
+                    try:
+                        os.link(aside, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+                    except FileExistsError:
+                        # Between our rename and this link someone created the name anew: theirs
+                        # stands, and the version moved aside (already superseded) goes.
+                        log.warning("%s was replaced twice while being released; keeping the newest",
+                                    self.root / rel)
+                    except OSError:
+                        log.error("could not put %s back after a version check; it is at %s",
+                                  self.root / rel, self.root.joinpath(*parts[:-1], aside))
+                        raise
+                os.unlink(aside, dir_fd=dir_fd)
+                fsync_dir(dir_fd)
+                return deleted
+        except FileNotFoundError:
+            return False
+
+    def sha256(self, rel: str) -> str:
+        with self._open(rel) as handle:
+            return _digest(handle)
 
     def prepare(self, subdirs: Sequence[str] = ()) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         for sub in subdirs:
-            # A link here could send chips anywhere on the machine: refuse it.
+            # A link here could send chips anywhere on the machine: refuse it (every write checks again).
             if (self.root / sub).is_symlink():
                 raise ConfigError(f"{self.root / sub} is a symbolic link; the output folders must be real "
                                   "directories inside --output-dir")
         remove_stale_temporaries(self.root, subdirs)
 
     def url(self, rel: str = "") -> str:
-        return str(self._path(rel)) if rel else str(self.root)
+        if not rel:
+            return str(self.root)
+        split_relative(rel)
+        return str(self.root / rel)
 
     def source(self, rel: str) -> str | BinaryIO:
-        return str(self._path(rel))
+        # Checked now; the reader opens the name again (a link swapped in between is a race left
+        # to readers, which write nothing).
+        with self._open(rel):
+            pass
+        return str(self.root / rel)
+
+
+def _is_link(dir_fd: int, name: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _digest(handle: BinaryIO) -> str:
+    """Hex SHA-256 of a file object, read in chunks (chips and indexes need not fit in memory)."""
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: handle.read(HASH_CHUNK), b""):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """True for an S3 412 PreconditionFailed answer, however s3fs translated it."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        response = getattr(seen, "response", None)  # botocore's ClientError carries the parsed answer
+        if isinstance(response, dict) and response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+            return True
+        seen = seen.__cause__
+    return False
 
 
 class ObjectStorage(Storage):
@@ -249,11 +572,21 @@ class ObjectStorage(Storage):
         self.root = root.rstrip("/")
 
     def _key(self, rel: str) -> str:
-        return f"{self.root}/{rel}" if rel else self.root
+        if not rel:
+            return self.root
+        split_relative(rel)  # no ``..`` either: some S3-compatible servers normalise keys
+        return f"{self.root}/{rel}"
+
+    def _s3(self, rel: str, what: str) -> tuple[str, str]:
+        """Bucket and key of ``rel``, for the conditional requests only S3 (through s3fs) offers here."""
+        if not hasattr(self.fs, "_call_s3"):
+            raise ConfigError(f"{self.location}: {what} needs conditional writes, which are implemented for "
+                              "s3:// (AWS S3 and S3-compatible servers) only; use an s3:// URL or a folder")
+        bucket, key, _ = self.fs.split_path(self._key(rel))
+        return bucket, key
 
     def publish(self, rel: str, produce: Callable[[Path], None]) -> None:
-        SCRATCH_DIR.mkdir(parents=True, exist_ok=True)
-        tmp = temporary_path(SCRATCH_DIR / rel.replace("/", "~"))
+        tmp = temporary_path(scratch_dir() / rel.replace("/", "~"))
         try:
             produce(tmp)
             self._retry(lambda: self.fs.put_file(str(tmp), self._key(rel)), f"upload of {rel}")
@@ -295,10 +628,72 @@ class ObjectStorage(Storage):
             pass
         self.fs.invalidate_cache(self._key(rel))
 
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        # A conditional PUT (If-None-Match: *): the store answers 412 if the key exists, and
+        # makes the object visible only once complete (s3fs passes the condition on to the
+        # completion of a multipart upload too).
+        self._s3(rel, "create_exclusive")
+        key = self._key(rel)
+        try:
+            self._retry(lambda: self.fs.pipe_file(key, data, mode="create"), f"exclusive creation of {rel}")
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if _precondition_failed(exc):  # servers that leave out the Condition s3fs looks for
+                return False
+            raise
+        finally:
+            self.fs.invalidate_cache(key)
+        return True
+
+    def read_version(self, rel: str) -> tuple[bytes, str]:
+        # One GET gives the content and the ETag of that same object version.
+        bucket, key = self._s3(rel, "read_version")
+        from fsspec.asyn import sync
+
+        async def get() -> tuple[bytes, str]:
+            response = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
+            try:
+                return await response["Body"].read(), response["ETag"]
+            finally:
+                response["Body"].close()
+
+        return self._retry(lambda: sync(self.fs.loop, get), f"download of {rel}")
+
+    def delete_if_version(self, rel: str, version: str) -> bool:
+        # DeleteObject with If-Match (AWS S3 and moto honour it: 412 if the ETag differs). The
+        # ETag is checked first as well: a server that ignores If-Match on DELETE would otherwise
+        # delete a replaced object; there a tiny race remains between that check and the delete.
+        # For a simple upload the ETag is the content's MD5: a replacement with identical bytes
+        # keeps it, which is why lease contents carry a unique token.
+        bucket, key = self._s3(rel, "delete_if_version")
+        self.fs.invalidate_cache(self._key(rel))
+        try:
+            current = self._retry(lambda: self.fs.info(self._key(rel)), f"lookup of {rel}").get("ETag")
+            if current != version:
+                return False
+            self._retry(lambda: self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=version),
+                        f"conditional removal of {rel}")
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            if _precondition_failed(exc):
+                return False
+            raise
+        finally:
+            self.fs.invalidate_cache(self._key(rel))
+        return True
+
+    def sha256(self, rel: str) -> str:
+        def digest() -> str:
+            with self.fs.open(self._key(rel), "rb") as handle:
+                return _digest(handle)
+
+        return self._retry(digest, f"download of {rel}")
+
     def prepare(self, subdirs: Sequence[str] = ()) -> None:
         # Nothing half-written can be in the store; clear this host's dead uploads' scratch files.
-        if SCRATCH_DIR.is_dir():
-            remove_stale_temporaries(SCRATCH_DIR)
+        remove_stale_temporaries(scratch_dir())
         try:
             self.fs.ls(self.root)
         except FileNotFoundError:
@@ -316,9 +711,11 @@ class ObjectStorage(Storage):
 
     @staticmethod
     def _retry(call: Callable[[], T], what: str) -> T:
-        """Retry object-store errors other than "not found" and "denied" (throttling, resets, 5xx)."""
+        """Retry object-store errors other than "not found", "denied", "exists" and a failed
+        precondition (throttling, resets, 5xx; 409 ConditionalRequestConflict too)."""
         return retry(call, what, attempts=UPLOAD_ATTEMPTS,
-                     transient=lambda exc: not isinstance(exc, (FileNotFoundError, PermissionError)))
+                     transient=lambda exc: not isinstance(exc, (FileNotFoundError, PermissionError, FileExistsError))
+                     and not _precondition_failed(exc))
 
 
 def open_storage(location: str | Path | Storage) -> Storage:

@@ -18,7 +18,9 @@ EXPORT_DIR="${EXPORT_DIR:-/export/mimmo}"
 MOUNT_DIR="${MOUNT_DIR:-/mnt/mimmo}"
 # hard: I/O waits for the server to come back instead of failing (no half-written chips);
 # timeo=600 (60 s) and retrans=3 are the NFS-over-TCP defaults, spelled out; NFSv4.2.
-MOUNT_OPTIONS="${MOUNT_OPTIONS:-hard,timeo=600,retrans=3,nfsvers=4.2}"
+# nosuid,nodev: every worker can write to the share, so a set-uid program or a device node
+# put there must not work on the machines that mount it (always added, see validate).
+MOUNT_OPTIONS="${MOUNT_OPTIONS:-hard,timeo=600,retrans=3,nfsvers=4.2,nosuid,nodev}"
 ROOT="${ROOT:-/}"
 SKIP_SYSTEM="${SKIP_SYSTEM:-0}"
 DRY_RUN=0
@@ -201,6 +203,16 @@ validate() {
     EXPORT_DIR="$(normalise_dir "$EXPORT_DIR" "--export-dir")"
     MOUNT_DIR="$(normalise_dir "$MOUNT_DIR" "--mount-dir")"
     [[ $MOUNT_OPTIONS =~ ^[A-Za-z0-9_.=,-]+$ ]] || usage_error "MOUNT_OPTIONS must be a comma-separated option list, got '$MOUNT_OPTIONS'"
+    local opt
+    for opt in suid dev defaults; do
+        [[ ,$MOUNT_OPTIONS, != *,$opt,* ]] || usage_error "MOUNT_OPTIONS must not contain '$opt' (it allows set-uid programs or device nodes on the share), got '$MOUNT_OPTIONS'"
+    done
+    for opt in nosuid nodev; do
+        if [[ ,$MOUNT_OPTIONS, != *,$opt,* ]]; then
+            MOUNT_OPTIONS+=",$opt"
+            info "note: added $opt to MOUNT_OPTIONS (the share is writable by every worker)"
+        fi
+    done
     [[ $SKIP_SYSTEM == 0 || $SKIP_SYSTEM == 1 ]] || usage_error "SKIP_SYSTEM must be 0 or 1, got '$SKIP_SYSTEM'"
     [[ $ROOT == /* ]] || usage_error "ROOT must be an absolute path, got '$ROOT'"
 }

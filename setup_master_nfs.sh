@@ -11,6 +11,8 @@
 # systemctl but still edits the files under ROOT.
 set -euo pipefail
 
+# root_squash: a worker's root writes as nobody. nosuid/nodev are not export options on Linux
+# (exports(5) has none): mount_worker_nfs.sh mounts with them on every worker.
 readonly EXPORT_OPTIONS_SAFE="rw,sync,root_squash,no_subtree_check"
 readonly EXPORT_OPTIONS_NO_ROOT_SQUASH="rw,sync,no_root_squash,no_subtree_check"
 readonly PACKAGE="nfs-kernel-server"
@@ -315,7 +317,7 @@ main() {
 Summary$([[ $DRY_RUN -eq 1 ]] && printf ' (dry run, nothing changed)'):
   exported:  $export_line
   in:        $exports$([[ $FILE_CHANGED -eq 0 ]] && printf ' (unchanged)')
-Next, on each worker (as root):
+Next, on each worker (as root; it mounts with nosuid,nodev):
   ./mount_worker_nfs.sh --master-ip ${ip:-<MASTER_IP>} --export-dir $EXPORT_DIR --persist
 Then start the broker here: cp .env.example .env (set MASTER_IP), docker compose up -d
 Workers write files as their own uid (root is squashed to nobody): give that uid write

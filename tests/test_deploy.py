@@ -24,13 +24,15 @@ from cropchips import config
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE = REPO / "docker-compose.yml"
+COMPOSE_SASL = REPO / "docker-compose.sasl.yml"
 ENV_EXAMPLE = REPO / ".env.example"
 MASTER = REPO / "setup_master_nfs.sh"
 WORKER = REPO / "mount_worker_nfs.sh"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 EXPORT_LINE = "/export/mimmo 192.168.128.0/24(rw,sync,root_squash,no_subtree_check)"
-FSTAB_LINE = "192.168.128.236:/export/mimmo /mnt/mimmo nfs hard,timeo=600,retrans=3,nfsvers=4.2,_netdev 0 0"
+MOUNT_OPTIONS = "hard,timeo=600,retrans=3,nfsvers=4.2,nosuid,nodev"
+FSTAB_LINE = f"192.168.128.236:/export/mimmo /mnt/mimmo nfs {MOUNT_OPTIONS},_netdev 0 0"
 # Variables the scripts read: cleared so that the caller's environment cannot leak in.
 SCRIPT_VARIABLES = ("EXPORT_DIR", "SUBNET", "OWNER", "SUDO_USER", "MASTER_IP", "MOUNT_DIR",
                     "MOUNT_OPTIONS", "ROOT", "SKIP_SYSTEM")
@@ -49,6 +51,32 @@ def missing(what: str) -> None:
 @pytest.fixture(scope="module")
 def compose() -> dict:
     return yaml.safe_load(COMPOSE.read_text())
+
+
+@pytest.fixture(scope="module")
+def sasl_override() -> dict:
+    return yaml.safe_load(COMPOSE_SASL.read_text())
+
+
+def merge(base, override):
+    """``docker compose -f base -f override`` for what the override uses: mappings merged key by key
+    (services, environment, depends_on); anything else replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            merged[key] = merge(base[key], value) if key in base else value
+        return merged
+    return override
+
+
+@pytest.fixture(scope="module")
+def compose_sasl(compose, sasl_override) -> dict:
+    return merge(compose, sasl_override)
+
+
+def env_example() -> dict[str, str]:
+    lines = [line for line in ENV_EXAMPLE.read_text().splitlines() if line and not line.startswith("#")]
+    return dict(line.split("=", 1) for line in lines)
 
 
 def interpolate(value, env: dict[str, str]):
@@ -102,7 +130,7 @@ def compose_schema() -> dict:
     return json.loads(vendor.joinpath("compose-spec.json").read_text(encoding="utf-8"))
 
 
-def test_compose_file_matches_the_compose_specification(compose):
+def compose_validator():
     try:
         import jsonschema
     except ModuleNotFoundError:
@@ -110,11 +138,19 @@ def test_compose_file_matches_the_compose_specification(compose):
     schema = compose_schema()
     validator_class = jsonschema.validators.validator_for(schema)
     validator_class.check_schema(schema)
-    validator = validator_class(schema)
-    errors = sorted(validator.iter_errors(compose), key=lambda e: list(e.absolute_path))
-    assert not errors, "\n".join(f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors)
+    return validator_class(schema)
+
+
+def schema_errors(validator, document: dict) -> str:
+    errors = sorted(validator.iter_errors(document), key=lambda e: list(e.absolute_path))
+    return "\n".join(f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors)
+
+
+def test_compose_file_matches_the_compose_specification(compose):
+    validator = compose_validator()
+    assert not schema_errors(validator, compose)
     # And as docker compose sees it once .env is read.
-    assert not list(validator.iter_errors(interpolate(compose, {"MASTER_IP": "192.168.128.236"})))
+    assert not schema_errors(validator, interpolate(compose, {"MASTER_IP": "192.168.128.236"}))
 
     # The schema really constrains services: a misspelt key or a wrong condition is rejected.
     broken = yaml.safe_load(COMPOSE.read_text())
@@ -155,7 +191,10 @@ def test_redpanda_listeners_advertise_master_ip(compose):
 
 def test_redpanda_port_volume_healthcheck_restart(compose):
     redpanda = compose["services"]["redpanda"]
-    assert [str(port) for port in redpanda["ports"]] == ["9092:9092"], "only the OUTSIDE Kafka listener is published"
+    # Only the OUTSIDE Kafka listener is published, and only on the master's LAN address.
+    assert interpolate(redpanda["ports"], {"MASTER_IP": "10.1.2.3"}) == ["10.1.2.3:9092:9092"]
+    with pytest.raises(KeyError, match="set MASTER_IP in .env"):
+        interpolate(redpanda["ports"], {})
     volume, _, target = redpanda["volumes"][0].partition(":")
     assert target == "/var/lib/redpanda/data"
     assert volume in compose["volumes"], "broker data must live on a named volume"
@@ -194,10 +233,99 @@ def test_env_example_defines_every_compose_variable(compose):
         assert default and default.group(1) == env[name], f"{name}: compose default differs from .env.example"
 
 
+PASSWORD_VARIABLE = "CROPCHIPS_SASL_PASSWORD"
+
+
+def port_host_ip(port) -> str:
+    """The host address a published port binds ('' when it names none: every interface)."""
+    if isinstance(port, dict):  # long syntax
+        return str(port.get("host_ip", ""))
+    match = re.fullmatch(r"(?:(?P<ip>\[[^\]]*\]|[^:\[\]]*):)??(?:(?P<host>[0-9-]*):)?(?P<target>[0-9-]+)(?:/\w+)?",
+                         str(port))
+    assert match, f"cannot parse port {port!r}"
+    return match.group("ip") or ""
+
+
+@pytest.mark.parametrize("variant", ["plain", "sasl"])
+def test_no_port_is_published_on_every_interface(compose, request, variant):
+    """Docker's published ports bypass ufw: each one must name the host address it listens on."""
+    assert port_host_ip("9092:9092") == "" and port_host_ip("10.0.0.1:9092:9092") == "10.0.0.1"
+    assert port_host_ip("[::1]:8080:8080") == "[::1]" and port_host_ip("8080") == ""
+    assert port_host_ip({"target": 80, "published": "80"}) == ""
+    document = interpolate(compose if variant == "plain" else request.getfixturevalue("compose_sasl"),
+                           {**env_example(), PASSWORD_VARIABLE: "example-only"})
+    published = {}
+    for name, service in document["services"].items():
+        assert service.get("network_mode") != "host", f"{name}: host networking publishes every port"
+        for port in service.get("ports", []):
+            published[f"{name} {port}"] = port_host_ip(port)
+    for port, host_ip in published.items():
+        assert host_ip not in ("", "0.0.0.0", "::", "[::]"), f"{port} is published on every interface"
+    assert published == {"redpanda 192.168.128.236:9092:9092": "192.168.128.236",
+                         "console 127.0.0.1:8080:8080": "127.0.0.1"}
+
+
+def walk(value, path=()):
+    """(path, string) for every string in a parsed YAML document."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from walk(item, (*path, key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from walk(item, (*path, i))
+    elif isinstance(value, str):
+        yield path, value
+
+
+def test_sasl_override_matches_the_specification_and_holds_no_secret(compose_sasl, sasl_override):
+    validator = compose_validator()
+    env = {**env_example(), PASSWORD_VARIABLE: "example-only"}
+    assert not schema_errors(validator, compose_sasl)
+    assert not schema_errors(validator, interpolate(compose_sasl, env))
+    assert sasl_override["services"]["init-sasl"]["image"] == compose_sasl["services"]["redpanda"]["image"]
+
+    # Every password-like setting is the .env variable, required and without a default, and the
+    # variable appears nowhere else (not in a command line, where ps would show it).
+    secret_settings = {path: text for path, text in walk(sasl_override)
+                       if re.search(r"pass|secret|token", str(path[-1]), re.IGNORECASE)}
+    assert sorted(secret_settings) == [("services", "console", "environment", "KAFKA_SASL_PASSWORD"),
+                                       ("services", "init-sasl", "environment", "SASL_PASSWORD"),
+                                       ("services", "init-topics", "environment", "RPK_PASS")]
+    for path, text in secret_settings.items():
+        assert re.fullmatch(r"\$\{" + PASSWORD_VARIABLE + r":\?[^}]+\}", text), f"{'/'.join(path)}: {text}"
+    elsewhere = [path for path, text in walk(sasl_override) if "${" + PASSWORD_VARIABLE in text
+                 and path not in secret_settings]
+    assert not elsewhere, f"the password is interpolated outside an environment: {elsewhere}"
+    rendered = yaml.safe_dump(interpolate(compose_sasl, env))
+    assert rendered.count("example-only") == 3, "the password reaches the three environments only"
+    with pytest.raises(KeyError, match="set CROPCHIPS_SASL_PASSWORD in .env"):
+        interpolate(compose_sasl, env_example())  # .env.example holds no password
+
+    assert env_example()[PASSWORD_VARIABLE] == "", ".env.example must not hold a password"
+    assert env_example()["CROPCHIPS_SASL_USERNAME"] == "pipeline"
+    used = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", COMPOSE_SASL.read_text()))
+    assert used == {PASSWORD_VARIABLE, "CROPCHIPS_SASL_USERNAME"}
+    assert re.findall(r"\$\{CROPCHIPS_SASL_USERNAME:-([^}]*)\}", COMPOSE_SASL.read_text()) == ["pipeline"] * 3
+
+    # The clients inside the compose network log in too; the base settings are kept.
+    services = interpolate(compose_sasl, env)["services"]
+    assert services["init-topics"]["environment"] == {"RPK_USER": "pipeline", "RPK_PASS": "example-only",
+                                                      "RPK_SASL_MECHANISM": "SCRAM-SHA-256"}
+    assert services["init-topics"]["depends_on"] == {
+        "redpanda": {"condition": "service_healthy"}, "init-sasl": {"condition": "service_completed_successfully"}}
+    console = services["console"]["environment"]
+    assert console["KAFKA_SASL_ENABLED"] == "true" and console["KAFKA_SASL_MECHANISM"] == "SCRAM-SHA-256"
+    assert console["KAFKA_SASL_USERNAME"] == "pipeline" and console["KAFKA_SASL_PASSWORD"] == "example-only"
+    assert console["KAFKA_BROKERS"] == "redpanda:29092"
+
+
 FAKE_RPK = r"""#!/usr/bin/env bash
-# Records its arguments; "topic create" fails with TOPIC_ALREADY_EXISTS for a known topic,
-# and with a connection error when FAKE_RPK_DOWN=1.
+# Records its arguments (and, in env, the login it was given); "topic create" fails with
+# TOPIC_ALREADY_EXISTS for a known topic, "security user create" for a known user, and
+# everything with a connection error when FAKE_RPK_DOWN=1.
 echo "$*" >>"$FAKE_RPK_DIR/calls"
+echo "user=${RPK_USER:-} pass=${RPK_PASS:-} mechanism=${RPK_SASL_MECHANISM:-} admin=${RPK_ADMIN_HOSTS:-}" \
+    >>"$FAKE_RPK_DIR/env"
 if [[ ${FAKE_RPK_DOWN:-0} == 1 ]]; then
     echo "unable to dial: dial tcp: connection refused" >&2; exit 1
 fi
@@ -207,11 +335,22 @@ if [[ $1 == topic && $2 == create ]]; then
     fi
     echo "$3" >>"$FAKE_RPK_DIR/topics"; printf 'TOPIC  STATUS\n%s  OK\n' "$3"
 fi
+if [[ $1 == security && $2 == user && $3 == create ]]; then
+    if grep -qx "$4" "$FAKE_RPK_DIR/users" 2>/dev/null; then
+        echo "unable to create user \"$4\": USER_ALREADY_EXISTS" >&2; exit 1
+    fi
+    echo "$4" >>"$FAKE_RPK_DIR/users"; echo "Created user \"$4\"."
+fi
+if [[ $1 == security && $2 == user && $3 == update ]]; then
+    grep -qx "$4" "$FAKE_RPK_DIR/users" 2>/dev/null || { echo "unable to update user \"$4\": not found" >&2; exit 1; }
+    echo "Updated user \"$4\"."
+fi
 """
 
 
-def run_init_topics(compose: dict, tmp_path: Path, env: dict[str, str], down: bool = False):
-    service = interpolate(compose["services"]["init-topics"], env)
+def run_one_shot(compose: dict, name: str, tmp_path: Path, env: dict[str, str], down: bool = False):
+    """Run a one-shot service's entrypoint and command here, with its environment and a fake rpk."""
+    service = interpolate(compose["services"][name], env)
     entrypoint = service["entrypoint"]
     assert entrypoint[0] == "/bin/bash"
     bin_dir = tmp_path / "bin"
@@ -219,9 +358,45 @@ def run_init_topics(compose: dict, tmp_path: Path, env: dict[str, str], down: bo
     (bin_dir / "rpk").write_text(FAKE_RPK)
     (bin_dir / "rpk").chmod(0o755)
     run_env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_RPK_DIR": str(tmp_path),
-               "FAKE_RPK_DOWN": "1" if down else "0"}
+               "FAKE_RPK_DOWN": "1" if down else "0", **service.get("environment", {})}
     return subprocess.run(["bash", *entrypoint[1:], *service["command"]], env=run_env,
                           capture_output=True, text=True, timeout=30)
+
+
+def run_init_topics(compose: dict, tmp_path: Path, env: dict[str, str], down: bool = False):
+    return run_one_shot(compose, "init-topics", tmp_path, env, down)
+
+
+def test_init_sasl_creates_the_user_makes_it_superuser_then_enables_sasl(compose_sasl, tmp_path):
+    env = {**env_example(), PASSWORD_VARIABLE: "s3cret-for-test"}
+    init = compose_sasl["services"]["init-sasl"]
+    assert init["depends_on"]["redpanda"]["condition"] == "service_healthy" and init["restart"] == "no"
+    first = run_one_shot(compose_sasl, "init-sasl", tmp_path, env)
+    assert first.returncode == 0, first.stderr
+    assert (tmp_path / "calls").read_text().splitlines() == [
+        "security user create pipeline -p s3cret-for-test --mechanism SCRAM-SHA-256",
+        'cluster config set superusers ["pipeline"]',
+        "cluster config set enable_sasl true",
+    ], "the superuser exists before SASL (and with it authorization) is turned on"
+    assert all(line.endswith("admin=redpanda:9644") for line in (tmp_path / "env").read_text().splitlines())
+    assert "created SCRAM-SHA-256 user pipeline" in first.stdout
+
+    (tmp_path / "calls").unlink()
+    again = run_one_shot(compose_sasl, "init-sasl", tmp_path, env)  # a rerun keeps the user, resets its password
+    assert again.returncode == 0, again.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls[1] == "security user update pipeline --new-password s3cret-for-test --mechanism SCRAM-SHA-256"
+    assert calls[-1] == "cluster config set enable_sasl true" and "already exists" in again.stdout
+
+    down = run_one_shot(compose_sasl, "init-sasl", tmp_path, env, down=True)
+    assert down.returncode != 0 and "connection refused" in down.stderr
+
+    # Then the topics are created with that login.
+    (tmp_path / "env").unlink()
+    topics = run_one_shot(compose_sasl, "init-topics", tmp_path, env)
+    assert topics.returncode == 0, topics.stderr
+    logins = (tmp_path / "env").read_text().splitlines()
+    assert logins == ["user=pipeline pass=s3cret-for-test mechanism=SCRAM-SHA-256 admin="] * 4
 
 
 def test_init_topics_creates_the_three_topics_idempotently(compose, tmp_path):
@@ -237,6 +412,14 @@ def test_init_topics_creates_the_three_topics_idempotently(compose, tmp_path):
     partitions = {call[2]: call[call.index("--partitions") + 1] for call in creates}
     assert partitions == {"satellite-tasks": "10", "satellite-results": "1", "satellite-tasks-dlq": "1"}
     assert all("brokers=redpanda:29092" in call for call in calls)
+    # Explicit retention: kept until deleted by default, or what TOPIC_RETENTION_MS says.
+    assert all(call[call.index("-c") + 1] == "retention.ms=-1" for call in creates)
+    (tmp_path / "calls").unlink()
+    (tmp_path / "topics").unlink()
+    week = run_init_topics(compose, tmp_path, {"TOPIC_RETENTION_MS": "604800000"})
+    assert week.returncode == 0, week.stderr
+    creates = [c for c in (tmp_path / "calls").read_text().splitlines() if c.startswith("topic create")]
+    assert len(creates) == 3 and all("-c retention.ms=604800000" in c for c in creates)
 
     second = run_init_topics(compose, tmp_path, {})
     assert second.returncode == 0, second.stderr
@@ -384,8 +567,7 @@ def test_worker_dry_run_prints_fstab_line_and_changes_nothing(root):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert f"would write {root}/etc/fstab: {FSTAB_LINE}" in out
-    assert (f"+ mount -t nfs -o hard,timeo=600,retrans=3,nfsvers=4.2 192.168.128.236:/export/mimmo "
-            f"{root}/mnt/mimmo") in out
+    assert f"+ mount -t nfs -o {MOUNT_OPTIONS} 192.168.128.236:/export/mimmo {root}/mnt/mimmo" in out
     assert f"+ mkdir -p {root}/mnt/mimmo" in out
     assert "worker.py" in out, "the summary says how to start a worker"
     assert snapshot(root) == before
@@ -511,9 +693,22 @@ def test_worker_flags_and_no_fstab_without_persist(root):
     result = run_script(WORKER, root, "--persist", "--master-ip", "10.1.2.3", "--export-dir", "/srv/chips",
                         "--mount-dir", "/data/chips", skip_system=True)
     assert result.returncode == 0, result.stderr
-    assert ("10.1.2.3:/srv/chips /data/chips nfs hard,timeo=600,retrans=3,nfsvers=4.2,_netdev 0 0"
+    assert (f"10.1.2.3:/srv/chips /data/chips nfs {MOUNT_OPTIONS},_netdev 0 0"
             in table_lines(root / "etc/fstab"))
     assert (root / "data/chips").is_dir()
+
+
+def test_worker_always_mounts_nosuid_nodev(root):
+    """Every worker can write to the share: set-uid programs and device nodes on it must not work."""
+    added = run_script(WORKER, root, "--persist", skip_system=True, MOUNT_OPTIONS="hard,nfsvers=4.1")
+    assert added.returncode == 0, added.stderr
+    assert "note: added nosuid" in added.stdout and "note: added nodev" in added.stdout
+    assert table_lines(root / "etc/fstab")[-1] == \
+        "192.168.128.236:/export/mimmo /mnt/mimmo nfs hard,nfsvers=4.1,nosuid,nodev,_netdev 0 0"
+    for options in ("hard,suid", "dev,hard", "defaults"):
+        refused = run_script(WORKER, root, "--dry-run", MOUNT_OPTIONS=options)
+        assert refused.returncode == 2 and "MOUNT_OPTIONS must not contain" in refused.stderr, refused.stderr
+    assert "nosuid,nodev" in run_script(WORKER, root, "--help").stdout
 
 
 def test_non_debian_system_is_refused_but_dry_run_only_warns(root):
@@ -605,7 +800,7 @@ def test_worker_real_run_mounts_once(root, fake_system):
         "apt-get update",
         "apt-get install -y nfs-common",
         "systemctl daemon-reload",
-        f"mount -t nfs -o hard,timeo=600,retrans=3,nfsvers=4.2 192.168.128.236:/export/mimmo {root}/mnt/mimmo",
+        f"mount -t nfs -o {MOUNT_OPTIONS} 192.168.128.236:/export/mimmo {root}/mnt/mimmo",
     ]
     assert FSTAB_LINE in table_lines(root / "etc/fstab")
 

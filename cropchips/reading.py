@@ -1,4 +1,9 @@
-"""Reading Sentinel-2 bands for a cell: the target 10 m grid, GDAL settings for remote COGs, windowed reads."""
+"""Reading Sentinel-2 bands for a cell: the target 10 m grid, GDAL settings for remote COGs, windowed reads.
+
+Scene files come from the network (a task names them), so each is opened as a GeoTIFF only and
+checked before anything is read from it (:func:`open_scene`), and a task's arrays are sized
+before they are allocated (:func:`task_memory_bytes`).
+"""
 
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from rasterio.errors import RasterioIOError
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
+from .composite import clear_mask, has_data
 from .errors import InputDataError, RetryableError
 from .messages import BANDS, SCL, Cell, Scene
 
@@ -56,10 +62,40 @@ GDAL_OPTIONS: dict[str, str] = {
     "GDAL_HTTP_CONNECTTIMEOUT": "15",
     # Earth Search's buckets are public: never look for (or require) AWS credentials.
     "AWS_NO_SIGN_REQUEST": "YES",
+    # A VRT band of subClass VRTRawRasterBand reads any local file as pixels (/etc/passwd as "B02").
+    # Scene files are opened with the GTiff driver only (open_scene), so no VRT is ever parsed; this
+    # is the second lock, honoured by GDAL >= 3.12 (the 3.10 that rasterio 1.4 ships ignores it).
+    "GDAL_VRT_ENABLE_RAWRASTERBAND": "NO",
+    # No option here stops GDAL (curl) from following HTTP redirects to other hosts: GDAL 3.10 has
+    # none. README "Scene files and hrefs: what a worker will open" says what an operator does.
 }
 
 #: Attempts per band read before the error is final (GDAL's own HTTP retries come on top).
 READ_ATTEMPTS = 3
+
+#: Largest block (tile or strip) a scene file may have, in pixels. GDAL decodes and caches whole
+#: blocks, so the block size bounds what one read allocates whatever the window: a 384-byte sparse
+#: GeoTIFF with one 32768 x 32768 tile made a 700 x 700 read allocate 2.1 GiB. 4096 x 4096 (32 MiB
+#: as uint16) is 16 times the 1024 px tiles of Earth Search's COGs, and holds a 10980 px wide strip.
+MAX_BLOCK_PIXELS = 4096 * 4096
+
+#: Largest width or height of a scene file: a Sentinel-2 tile is 10980 px at 10 m.
+MAX_IMAGE_SIDE = 100_000
+
+#: Pixel types a Sentinel-2 L2A band file may have (reflectance: uint16, SCL: uint8).
+SCENE_DTYPES: tuple[str, ...] = ("uint8", "uint16")
+
+#: Bytes a task holds per grid pixel and per scene read, at its peak (the median composite): the
+#: stack (10 bands x 2 bytes + 1 SCL byte), its clear mask (1), composite()'s copy of the usable
+#: scenes' bands (20) with their clear mask (1), and the median's per-band sort buffer and its
+#: working space (4), plus one byte of margin. ``--temporal stack`` and ``least-cloudy`` hold less.
+#: Measured with tracemalloc (26 bytes a scene beyond the stack); a test holds a real task to it.
+TASK_BYTES_PER_SCENE_PIXEL = 21 + 1 + 20 + 1 + 4 + 1
+
+#: Bytes a task holds per grid pixel whatever the scene count, at the same peak: the composite
+#: image (20), the median's counts and middle indices (3 x 8 int64) and its per-band temporaries
+#: (about 16), the clear-observation and coverage maps (4 + 1); measured ~60, rounded up.
+TASK_BYTES_PER_PIXEL = 64
 
 
 @dataclass(frozen=True)
@@ -115,10 +151,60 @@ def choose_epsg(cell: Cell, scenes: Sequence[Scene]) -> int:
 def grid_origin(href: str, band: str = "B02") -> tuple[float, float]:
     """Upper-left corner of a file's pixel grid, from its own header (never the item's metadata)."""
     def read() -> tuple[float, float]:
-        with rasterio.Env(**GDAL_OPTIONS), rasterio.open(href) as src:
+        with rasterio.Env(**GDAL_OPTIONS), open_scene(href) as src:
             return src.transform.c, src.transform.f
 
     return with_read_retries(read, band, href)
+
+
+def open_scene(href: str) -> rasterio.DatasetReader:
+    """Open a scene band file as a GeoTIFF (nothing else) and check that it is safe to read.
+
+    Left to itself GDAL picks the driver from the content: a VRT named ``B02.tif`` would be read
+    as a VRT and make the worker open any file or URL it names. Only the GTiff driver is allowed
+    (rasterio passes ``driver`` to GDALOpenEx as its allowed drivers), so anything else is refused
+    at once, as is a GeoTIFF that :func:`check_scene_file` rejects. Both refusals are final
+    (InputDataError): the same file fails the same way on every retry.
+    """
+    try:
+        src = rasterio.open(href, driver="GTiff")
+    except RasterioIOError as exc:
+        if "not recognized as" in str(exc).lower():
+            raise InputDataError(f"scene file {href} is not a GeoTIFF ({exc}); scene bands are opened as "
+                                 "GeoTIFF/COG only, so a VRT or any other format is refused: point the "
+                                 "task's asset at the band's .tif") from exc
+        raise
+    try:
+        check_scene_file(src, href)
+    except BaseException:
+        src.close()
+        raise
+    return src
+
+
+def check_scene_file(src: rasterio.DatasetReader, href: str) -> None:
+    """Raise InputDataError naming ``href`` unless the open file looks like a Sentinel-2 band:
+    a GeoTIFF with at least one band of uint8/uint16, at most :data:`MAX_IMAGE_SIDE` px a side,
+    in blocks of at most :data:`MAX_BLOCK_PIXELS` (checked before any pixel is read)."""
+    problems = []
+    if src.driver != "GTiff":
+        problems.append(f"it was opened by GDAL's {src.driver} driver, not GTiff")
+    if src.count < 1:
+        problems.append("it has no band")
+    odd = sorted(set(src.dtypes) - set(SCENE_DTYPES))
+    if odd:
+        problems.append(f"its pixel type is {', '.join(odd)}, not {' or '.join(SCENE_DTYPES)}")
+    if not (1 <= src.width <= MAX_IMAGE_SIDE and 1 <= src.height <= MAX_IMAGE_SIDE):
+        problems.append(f"it is {src.width} x {src.height} px, over {MAX_IMAGE_SIDE} px a side")
+    if src.count >= 1:
+        rows, cols = max(src.block_shapes, key=lambda shape: shape[0] * shape[1])
+        if rows * cols > MAX_BLOCK_PIXELS:
+            problems.append(f"its blocks (tiles or strips) are {cols} x {rows} px, over the "
+                            f"{MAX_BLOCK_PIXELS:,} px a block allowed (4096 x 4096)")
+    if problems:
+        raise InputDataError(f"scene file {href} is refused: {'; '.join(problems)}. A Sentinel-2 band is a "
+                             "uint16 (SCL: uint8) GeoTIFF tiled in small blocks (Earth Search COGs: 1024 px); "
+                             "check the task's asset href")
 
 
 def cell_grid(cell: Cell, epsg: int, origin: tuple[float, float], resolution: float, margin_px: int) -> TargetGrid:
@@ -194,7 +280,7 @@ class OpenDatasets:
             if entry is not None:
                 self._open.move_to_end(href)
         if entry is None:
-            src = rasterio.open(href)
+            src = open_scene(href)
             with self._lock:
                 entry = self._open.get(href)
                 if entry is None:
@@ -204,7 +290,7 @@ class OpenDatasets:
                     src.close()
         src, in_use = entry
         if not in_use.acquire(blocking=False):
-            with rasterio.open(href) as own:
+            with open_scene(href) as own:
                 yield own
             return
         try:
@@ -250,7 +336,7 @@ def read_band(href: str, band: str, grid: TargetGrid, datasets: OpenDatasets | N
     """
     def read() -> np.ndarray:
         with rasterio.Env(**GDAL_OPTIONS):
-            with (rasterio.open(href) if datasets is None else datasets.dataset(href)) as src:
+            with (open_scene(href) if datasets is None else datasets.dataset(href)) as src:
                 return read_onto_grid(src, band, grid)
 
     return with_read_retries(read, band, href)
@@ -421,3 +507,86 @@ def read_stack(scenes: Sequence[Scene], grid: TargetGrid, *, threads: int = 8,
         for _ in pool.map(run, jobs):
             pass
     return SceneStack(scenes=list(scenes), data=data, scl=scl)
+
+
+def read_clear_fractions(scenes: Sequence[Scene], grid: TargetGrid, *, threads: int = 8,
+                         datasets: OpenDatasets | None = None) -> list[float | None]:
+    """Per scene, the share of ``grid`` its SCL calls clear, or None where its SCL holds no data.
+
+    Reads the SCL band alone and keeps one array per thread, not one per scene: this ranks the
+    scenes before their 10 bands are read (:func:`read_scenes`). The fraction is computed as
+    the ranking on a full stack computed it (the mean of the clear mask), so it is the same number.
+    """
+    def fraction(scene: Scene) -> float | None:
+        scl = read_band(scene.assets[SCL], SCL, grid, datasets)
+        if not (scl != 0).any():
+            return None
+        return float(clear_mask(scl).mean())
+
+    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="read-scl") as pool:
+        return list(pool.map(fraction, scenes))
+
+
+def clearest_first(fractions: Sequence[float | None]) -> list[int]:
+    """Indices of the scenes with SCL data, clearest first; equal fractions keep the earlier scene."""
+    usable = [i for i, f in enumerate(fractions) if f is not None]
+    order = np.argsort(-np.asarray([fractions[i] for i in usable], dtype="float64"), kind="stable")
+    return [usable[int(j)] for j in order]
+
+
+def scene_has_data(scene: Scene, grid: TargetGrid, datasets: OpenDatasets | None = None) -> bool:
+    """Does any of the scene's 10 bands hold a non-zero pixel on ``grid``? (Reads band after band,
+    stopping at the first that does: usually one.)"""
+    return any((read_band(scene.assets[band], band, grid, datasets) != 0).any() for band in BANDS)
+
+
+def task_memory_bytes(n_scenes: int, grid: TargetGrid) -> int:
+    """Bytes a task's arrays take at their peak when ``n_scenes`` scenes are read onto ``grid``
+    (see :data:`TASK_BYTES_PER_SCENE_PIXEL` and :data:`TASK_BYTES_PER_PIXEL`)."""
+    return (n_scenes * TASK_BYTES_PER_SCENE_PIXEL + TASK_BYTES_PER_PIXEL) * grid.width * grid.height
+
+
+def read_scenes(scenes: Sequence[Scene], grid: TargetGrid, *, max_scenes: int = 0, threads: int = 8,
+                datasets: OpenDatasets | None = None,
+                before_allocating: Callable[[int], None] = lambda n: None) -> tuple[list[int], SceneStack]:
+    """Read the scenes a task will use: all of them, or with ``max_scenes`` the clearest over the grid.
+
+    Returns the indices (into ``scenes``, ascending: date order) of the scenes read and their stack.
+    With more scenes than ``max_scenes``, only the SCL band of every scene is read first; the scenes
+    are ranked by clear fraction (:func:`clearest_first`), and the 10 bands are read for the best
+    ``max_scenes`` only. The choice is the one a full read would make: there a scene takes part only
+    if its bands hold data too (:func:`~cropchips.composite.has_data`), so a chosen scene whose bands
+    are all 0 gives its place to the next clearest, checked with :func:`scene_has_data`.
+
+    ``before_allocating(n)`` is called before the bands of ``n`` scenes are read (with 1 before the
+    SCL pass, so that a grid too large for even one scene is refused before any read); it raises to
+    refuse the task.
+    """
+    everything = list(range(len(scenes)))
+    if not max_scenes or len(scenes) <= max_scenes:
+        before_allocating(len(scenes))
+        return everything, read_stack(scenes, grid, threads=threads, datasets=datasets)
+    before_allocating(1)
+    ranked = clearest_first(read_clear_fractions(scenes, grid, threads=threads, datasets=datasets))
+    chosen, rest = sorted(ranked[:max_scenes]), ranked[max_scenes:]
+    log.info("chose %d of %d scenes by their SCL clear fraction over the cell", len(chosen), len(scenes))
+
+    def read(indices: list[int]) -> SceneStack:
+        before_allocating(len(indices))
+        return read_stack([scenes[i] for i in indices], grid, threads=threads, datasets=datasets)
+
+    stack = read(chosen)
+    empty = {chosen[int(p)] for p in np.flatnonzero(~has_data(stack.data, stack.scl))}
+    if not empty or not rest:
+        return chosen, stack  # the empty ones (if any) are left out by the caller's has_data, as always
+    del stack
+    log.warning("scenes %s have SCL but no band data over the cell; choosing the next clearest instead",
+                [scenes[i].id for i in sorted(empty)])
+    kept = [i for i in chosen if i not in empty]
+    for i in rest:
+        if len(kept) == max_scenes:
+            break
+        if scene_has_data(scenes[i], grid, datasets):
+            kept.append(i)
+    kept.sort()
+    return kept, read(kept)

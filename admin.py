@@ -70,6 +70,12 @@ def build_parser(env: Mapping[str, str] | None = None) -> config.EnvArgumentPars
     dlq_list.option("-n", dest="last", env="CROPCHIPS_LAST", type=config.non_negative_int, default=0,
                     help="show only the last N dead letters (0: all)")
 
+    replay = _leaf(dlq, "replay", "publish the tasks held by dead letters to the tasks topic again, once their "
+                   "cause is fixed (unreadable messages are skipped); finished cells are re-reported, not redone", env)
+    replay.option("--offsets", default="", help="dead-letter offsets to replay, e.g. 3,5-9 (default: all)")
+    replay.flag("--yes", env="CROPCHIPS_REPLAY_YES",
+                help="really publish (without it: print what would be replayed, exit 2)")
+
     doc = _leaf(commands, "doctor", "check the broker, the topics, the output folder and the GeoPackage; "
                 "exit 0 if all pass, 1 otherwise", env)
     doc.option("--output-dir", default="/mnt/mimmo", help="the workers' output folder (shared storage)")
@@ -107,7 +113,8 @@ def _show(items: Sequence, as_json: bool, line: Callable[[Any], str], empty: str
 
 
 def topics_create(kafka: KafkaSettings, args: argparse.Namespace) -> int:
-    print(admin.format_created(admin.create_topics(kafka, _specs(args), wait=args.broker_wait)))
+    print(admin.format_created(admin.create_topics(kafka, _specs(args), wait=args.broker_wait,
+                                                   retention_ms=args.topic_retention_ms)))
     return EXIT_OK
 
 
@@ -128,7 +135,7 @@ def topics_reset(kafka: KafkaSettings, args: argparse.Namespace) -> int:
               "then add --yes")
         return EXIT_USAGE
     report = admin.reset_topic(kafka, args.tasks_topic, args.tasks_partitions, group_id=args.group_id,
-                               wait=args.broker_wait)
+                               wait=args.broker_wait, retention_ms=args.topic_retention_ms)
     if report.existed:
         records = "?" if report.deleted_records is None else report.deleted_records
         print(f"deleted  {report.topic}  {report.old_partitions} partitions, {records} records")
@@ -163,6 +170,22 @@ def dlq_list(kafka: KafkaSettings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def dlq_replay(kafka: KafkaSettings, args: argparse.Namespace) -> int:
+    entries = admin.replay_dead_letters(kafka, args.dlq_topic, args.tasks_topic,
+                                        offsets=admin.parse_offsets(args.offsets), yes=args.yes,
+                                        wait=args.broker_wait)
+    if not entries:
+        print(f"no dead letters on {args.dlq_topic}" + (f" at offsets {args.offsets}" if args.offsets else ""))
+        return EXIT_OK
+    print("\n".join(admin.format_replay(e, args.yes) for e in entries))
+    count = sum(e.replayed for e in entries)
+    if not args.yes:
+        print(f"{count} task(s) would be published to {args.tasks_topic}; add --yes to do it")
+        return EXIT_USAGE
+    print(f"replayed {count} task(s) to {args.tasks_topic}")
+    return EXIT_OK
+
+
 def doctor(kafka: KafkaSettings, args: argparse.Namespace) -> int:
     checks = admin.doctor(admin.DoctorOptions(
         kafka=kafka, topics=_specs(args), output_dir=args.output_dir, gpkg=args.gpkg, layer=args.layer,
@@ -181,6 +204,7 @@ COMMANDS: dict[tuple[str, str | None], Callable[[KafkaSettings, argparse.Namespa
     ("group", "describe"): group_describe,
     ("results", "tail"): results_tail,
     ("dlq", "list"): dlq_list,
+    ("dlq", "replay"): dlq_replay,
     ("doctor", None): doctor,
 }
 

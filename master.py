@@ -36,6 +36,11 @@ def build_parser(env: Mapping[str, str] | None = None) -> config.EnvArgumentPars
              help="STAC collection (sentinel-2-l2a or sentinel-2-c1-l2a)")
     p.option("--datetime", default=config.DEFAULT_DATETIME, group=s, help="date range START/END (YYYY-MM-DD)")
     p.option("--max-cloud", type=float, default=10.0, group=s, help="use scenes with eo:cloud_cover below this percentage")
+    p.option("--max-scenes", type=config.non_negative_int, default=0, group=s,
+             help="put at most this many scenes in a task, the least cloudy by eo:cloud_cover (0: all)")
+    p.option("--max-task-bytes", type=config.positive_int, default=1_000_000, group=s,
+             help="refuse the run, publishing nothing, if a task message would be larger (the brokers' and "
+                  "clients' default limit is 1 MiB)")
     config.add_kafka_options(p)
     p.option("--task-partitioning", default="grid", choices=TASK_PARTITIONINGS,
              help="grid: cells ordered along a Hilbert curve, one run of it per partition, so each worker gets a "
@@ -58,7 +63,8 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         kafka=config.kafka_settings(args, "cropchips-master", env),
         tasks_topic=args.tasks_topic, results_topic=args.results_topic, dlq_topic=args.dlq_topic,
         tasks_partitions=args.tasks_partitions, task_partitioning=args.task_partitioning, run_id=args.run_id,
-        broker_wait_s=args.broker_wait)
+        broker_wait_s=args.broker_wait, max_scenes=args.max_scenes, max_task_bytes=args.max_task_bytes,
+        retention_ms=args.topic_retention_ms)
     return options, args
 
 

@@ -8,11 +8,10 @@ import json
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
 
 from cropchips import config
 from cropchips.cli import EXIT_ERROR, EXIT_OK, run, setup_logging
-from cropchips.dataset import SplitPolicy, finalize
+from cropchips.dataset import SplitPolicy, finalize, records_from_metadata
 from cropchips.errors import ConfigError
 from cropchips.kafka_io import KafkaSettings
 from cropchips.monitor import Monitor, format_summary
@@ -78,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(rebuilt, sort_keys=True))
             return EXIT_OK
         monitor = Monitor(kafka, args.results_topic,
-                          run_id=args.run_id, broker_wait_s=args.broker_wait)
+                          run_id=args.run_id, broker_wait_s=args.broker_wait, retention_ms=args.topic_retention_ms)
         started = time.monotonic()
         try:
             progress = monitor.follow(exit_when_done=args.exit_when_done, timeout_s=args.timeout,
@@ -90,9 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_ERROR
         summary = progress.summary(time.monotonic() - started)
         if args.output_dir and progress.complete():
-            records = [{**asdict(chip), "task_id": r.task_id, "run_id": r.run_id, "worker_id": r.worker_id}
-                       for r in progress.results.values() if r.status == "ok" for chip in r.chips]
-            summary["dataset"] = finalize(args.output_dir, records, policy)
+            # The run's chips, with their full provenance from the sidecars beside them.
+            names = [chip.name for r in progress.results.values() if r.status == "ok" for chip in r.chips]
+            summary["dataset"] = finalize(args.output_dir, records_from_metadata(args.output_dir, names), policy)
             if args.report:
                 cells = cells_from_results(progress.results.values(), grid_from_header(progress.header))
                 summary["report"] = str(build_report(args.output_dir, cells=cells, run_summary=summary,

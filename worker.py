@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 from collections.abc import Mapping, Sequence
 
@@ -50,6 +51,9 @@ def build_parser(env: Mapping[str, str] | None = None) -> config.EnvArgumentPars
     p.option("--read-cache-mb", type=config.non_negative_int, default=256, group=c,
              help="MiB of decoded COG tiles kept across tasks, with the band files left open, so that neighbouring "
                   "cells do not fetch and decode shared tiles again (0: close every file after reading it)")
+    p.option("--max-task-memory-mb", type=config.positive_int, default=4096, group=c,
+             help="refuse (dead-letter) a task whose scene stack and composite would take more MiB than this, "
+                  "before reading it: a huge cell or too many scenes must not take the worker down")
     config.add_kafka_options(p)
     k = p.add_argument_group("consumer")
     p.option("--group-id", default=config.DEFAULT_GROUP_ID, group=k, help="consumer group shared by all workers")
@@ -61,6 +65,27 @@ def build_parser(env: Mapping[str, str] | None = None) -> config.EnvArgumentPars
              help="a worker silent this long is dropped from the group and its tasks go to the others")
     p.option("--shutdown-grace", type=config.non_negative_float, default=30.0, group=k,
              help="on SIGTERM/SIGINT, seconds the current task may still run before it is abandoned uncommitted")
+    p.option("--group-instance-id", default=None, group=k,
+             help="static group membership (KIP-345) on Redpanda/Kafka: an id unique per worker process, or 'auto' "
+                  "for HOST-N; a worker restarted with the same id within --session-timeout-ms gets its partitions "
+                  "back without a rebalance of the others (default: a dynamic member; see the README before "
+                  "using it on other brokers)")
+    p.option("--assignor", default="range", choices=("range", "cooperative-sticky"), group=k,
+             help="partition assignment: range (eager: a rebalance pauses every worker for a few seconds) or "
+                  "cooperative-sticky (only moved partitions pause; measured slower on the embedded broker)")
+    p.option("--revoke-wait", type=config.non_negative_float, default=30.0, group=k,
+             help="when a rebalance takes the running task's partition, seconds to wait for the task so that it "
+                  "is published and committed before the partition goes")
+    r = p.add_argument_group("failures")
+    p.option("--retry-for", type=config.non_negative_float, default=600.0, group=r,
+             help="seconds a task failing on the infrastructure (storage, scene server, network) is retried, "
+                  "uncommitted, before the worker exits 1 so that another worker takes it")
+    p.option("--max-task-starts", type=config.positive_int, default=3, group=r,
+             help="a task that crashed this many workers (killed mid-task: out of memory, a GDAL crash) is "
+                  "dead-lettered instead of started again")
+    p.option("--lease-ttl", type=config.positive_float, default=120.0, group=r,
+             help="seconds a cell's lease (one writer per cell) outlives a worker that stopped renewing it "
+                  "without dying on this host (cut off, frozen, or on another host)")
     p.option("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     return p
 
@@ -74,6 +99,8 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         read_threads=args.read_threads, read_cache_mb=args.read_cache_mb, class_map=args.class_map, force=args.force, harmonize=args.harmonize,
         min_clear_fraction=args.min_clear_fraction, max_nodata_fraction=args.max_nodata_fraction,
         temporal=args.temporal, max_scenes=args.max_scenes, format=args.format,
+        max_task_memory_mb=args.max_task_memory_mb,
+        max_task_starts=args.max_task_starts, lease_ttl_s=args.lease_ttl,
         hrefs=HrefPolicy.from_options(args.allowed_hrefs, args.local_scenes_dir))
     worker = WorkerOptions(
         kafka=config.kafka_settings(args, f"cropchips-worker-{args.number}", env),
@@ -81,8 +108,20 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         group_id=args.group_id, tasks_partitions=args.tasks_partitions, burst=args.burst,
         burst_idle_s=args.burst_idle, max_poll_interval_ms=args.max_poll_interval_ms,
         session_timeout_ms=args.session_timeout_ms,
-        shutdown_grace_s=args.shutdown_grace, broker_wait_s=args.broker_wait)
+        shutdown_grace_s=args.shutdown_grace, broker_wait_s=args.broker_wait, retry_for_s=args.retry_for,
+        revoke_wait_s=args.revoke_wait, retention_ms=args.topic_retention_ms, assignor=args.assignor,
+        group_instance_id=group_instance_id(args.group_instance_id, args.number))
     return processing, worker, args
+
+
+def group_instance_id(flag: str | None, number: str) -> str | None:
+    """``--group-instance-id``: None (a dynamic member), an id, or ``auto`` for HOST-N, one per
+    worker process of a host (two workers started with the same id would fence each other)."""
+    if flag is None or flag.strip().lower() in ("", "none"):
+        return None
+    if flag.strip().lower() == "auto":
+        return f"{socket.gethostname()}-{number}"
+    return flag.strip()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -32,11 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from kafka import KafkaAdminClient, TopicPartition
+from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
 from .errors import BrokerError, CropChipsError, MessageError
-from .kafka_io import KafkaSettings, admin_client, make_consumer
+from .kafka_io import DEFAULT_RETENTION_MS, KafkaSettings, admin_client, make_consumer, topic_configs
 from .messages import Result, decode
 
 log = logging.getLogger(__name__)
@@ -126,10 +127,12 @@ def _wait_for(predicate: Any, what: str, timeout: float) -> None:
         time.sleep(0.1)
 
 
-def _create(admin: KafkaAdminClient, name: str, partitions: int, timeout: float) -> bool:
-    """Create ``name``; False if it exists already. Waits until its partitions have leaders."""
+def _create(admin: KafkaAdminClient, name: str, partitions: int, timeout: float,
+            retention_ms: int = DEFAULT_RETENTION_MS) -> bool:
+    """Create ``name`` with ``retention_ms``; False if it exists already. Waits until its partitions have leaders."""
     try:
-        admin.create_topics({name: {"num_partitions": partitions, "replication_factor": 1}})
+        admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1,
+                                      topic_configs=topic_configs(retention_ms))])
     except TopicAlreadyExistsError:
         return False
     try:
@@ -140,7 +143,8 @@ def _create(admin: KafkaAdminClient, name: str, partitions: int, timeout: float)
     return True
 
 
-def create_topics(settings: KafkaSettings, specs: Sequence[TopicSpec], *, wait: float = 60.0) -> list[TopicState]:
+def create_topics(settings: KafkaSettings, specs: Sequence[TopicSpec], *, wait: float = 60.0,
+                  retention_ms: int = DEFAULT_RETENTION_MS) -> list[TopicState]:
     """Create the topics that are missing (idempotent); report every topic's partition count.
 
     An existing topic is never changed. If its partition count differs from the wanted one
@@ -149,7 +153,7 @@ def create_topics(settings: KafkaSettings, specs: Sequence[TopicSpec], *, wait: 
     admin = open_admin(settings, wait)
     try:
         existing = _partition_counts(admin, None)
-        created = {spec.name: _create(admin, spec.name, spec.partitions, TOPIC_CHANGE_TIMEOUT_S)
+        created = {spec.name: _create(admin, spec.name, spec.partitions, TOPIC_CHANGE_TIMEOUT_S, retention_ms)
                    for spec in specs if spec.name not in existing}
         counts = _partition_counts(admin, [s.name for s in specs])
     except KafkaError as exc:
@@ -263,7 +267,8 @@ class ResetReport:
 
 
 def reset_topic(settings: KafkaSettings, topic: str, partitions: int, *, group_id: str | None = None,
-                wait: float = 60.0, timeout: float = TOPIC_CHANGE_TIMEOUT_S) -> ResetReport:
+                wait: float = 60.0, timeout: float = TOPIC_CHANGE_TIMEOUT_S,
+                retention_ms: int = DEFAULT_RETENTION_MS) -> ResetReport:
     """Delete ``topic`` and create it again, empty, with ``partitions`` partitions.
 
     Waits until the deletion is visible in the metadata before creating (brokers delete
@@ -288,7 +293,7 @@ def reset_topic(settings: KafkaSettings, topic: str, partitions: int, *, group_i
         else:
             log.info("topic %s did not exist: creating it", topic)
         deadline = time.monotonic() + timeout
-        while not _create(admin, topic, partitions, timeout):
+        while not _create(admin, topic, partitions, timeout, retention_ms):
             # Apache Kafka may still be removing the old log: "already exists" for a moment.
             if time.monotonic() > deadline:
                 raise BrokerError(f"topic {topic} still exists {timeout:.0f} s after its deletion; "
@@ -584,6 +589,95 @@ def dead_letters(settings: KafkaSettings, topic: str, *, last: int = 0, preview:
                                   _text(headers.get("worker")), _text(headers.get("source")),
                                   text[:preview] + ("..." if len(value) > preview else ""), len(value), record.offset))
     return letters[-last:] if last > 0 else letters
+
+
+@dataclass(frozen=True)
+class Replay:
+    """What ``dlq replay`` did (or would do) with one dead letter."""
+
+    offset: int
+    """Offset in the dead-letter topic."""
+    task_id: str | None
+    """The task, when the dead letter holds a valid one."""
+    replayed: bool
+    """True when it was (or, without ``yes``, would be) published to the tasks topic again."""
+    reason: str
+    """Why it was skipped, or the error it was dead-lettered with."""
+
+
+def parse_offsets(text: str | None) -> frozenset[int] | None:
+    """``"3,5-7"`` -> {3, 5, 6, 7}; empty or None -> None (every offset)."""
+    if not text or not text.strip():
+        return None
+    chosen: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                low, high = (int(v) for v in part.split("-", 1))
+                if high < low or high - low > 1_000_000:
+                    raise ValueError
+                chosen.update(range(low, high + 1))
+            elif part:
+                chosen.add(int(part))
+        except ValueError:
+            from .errors import ConfigError
+
+            raise ConfigError(f"--offsets {text!r}: give offsets and ranges such as 3,5-9") from None
+    return frozenset(chosen)
+
+
+def replay_dead_letters(settings: KafkaSettings, dlq_topic: str, tasks_topic: str, *,
+                        offsets: frozenset[int] | None = None, yes: bool = False,
+                        wait: float = 60.0) -> list[Replay]:
+    """Publish the tasks held by dead letters (those at ``offsets``, or all) to the tasks topic
+    again, once their cause is fixed. Only valid task messages are replayed, unchanged; poison
+    (unreadable) and truncated dead letters are reported and skipped. Without ``yes`` nothing
+    is published: the list says what would be.
+
+    A replayed task that is already complete is re-reported, not redone (its manifest), so
+    replaying twice does no harm.
+    """
+    from .kafka_io import make_producer
+    from .messages import Task, encode
+
+    plan: list[tuple[Replay, Any]] = []
+    for record in read_all(settings, dlq_topic, wait=wait):
+        if offsets is not None and record.offset not in offsets:
+            continue
+        headers = {k: v for k, v in (record.headers or [])}
+        error = _text(headers.get("error")) or ""
+        if "truncated" in headers:
+            plan.append((Replay(record.offset, None, False, "only the start of the message was kept (it was too "
+                                "large for the dead-letter topic): republish it from the master"), None))
+            continue
+        try:
+            message = decode(record.value)
+        except MessageError as exc:
+            plan.append((Replay(record.offset, None, False, f"not a valid task: {exc}"), None))
+            continue
+        if not isinstance(message, Task):
+            plan.append((Replay(record.offset, None, False, f"a {type(message).__name__}, not a task"), None))
+            continue
+        plan.append((Replay(record.offset, message.task_id, True, error), message))
+    if yes and any(task is not None for _, task in plan):
+        producer = make_producer(settings, wait=wait)
+        try:
+            futures = [producer.send(tasks_topic, key=task.cell.id.encode(), value=encode(task))
+                       for _, task in plan if task is not None]
+            for future in futures:
+                future.get(timeout=30)
+        except KafkaError as exc:
+            raise BrokerError(f"replaying to {tasks_topic} failed: {exc}; nothing is lost, run it again") from exc
+        finally:
+            producer.close(timeout=10)
+        log.info("replayed %d dead letters of %s to %s", len(futures), dlq_topic, tasks_topic)
+    return [entry for entry, _ in plan]
+
+
+def format_replay(entry: Replay, done: bool) -> str:
+    verb = ("replayed" if done else "would replay") if entry.replayed else "skipped"
+    return f"{verb:12}  offset {entry.offset}  {entry.task_id or '-'}  {_one_line(entry.reason or '-', 300)}"
 
 
 # --------------------------------------------------------------------------- doctor

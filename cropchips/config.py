@@ -106,6 +106,9 @@ def add_kafka_options(parser: EnvArgumentParser) -> None:
                   help="dead-letter topic for tasks that cannot be processed")
     parser.option("--tasks-partitions", type=positive_int, default=DEFAULT_TASKS_PARTITIONS, group=group,
                   help="partitions of the tasks topic when it has to be created (bounds the useful worker count)")
+    parser.option("--topic-retention-ms", type=retention_ms, default=-1, group=group,
+                  help="retention.ms of the topics when they have to be created: -1 keeps tasks, results and dead "
+                       "letters until deleted (brokers' default would drop tasks still queued after 7 days)")
     parser.option("--broker-wait", type=non_negative_float, default=60.0, group=group,
                   help="seconds to wait for an unreachable broker before giving up")
     sec = parser.add_argument_group(
@@ -189,11 +192,19 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def retention_ms(text: str) -> int:
+    value = int(text)
+    if value < -1 or value == 0:
+        raise ValueError(f"must be -1 (keep forever) or a positive number of milliseconds, got {value}")
+    return value
+
+
 # argparse prints the function name in "invalid <name> value" errors: make them readable.
 positive_int.__name__ = "positive integer"
 non_negative_int.__name__ = "non-negative integer"
 positive_float.__name__ = "positive number"
 non_negative_float.__name__ = "non-negative number"
+retention_ms.__name__ = "retention in ms"
 
 
 def env_table(parser: EnvArgumentParser) -> list[tuple[str, str]]:

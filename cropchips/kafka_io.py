@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import errors as kafka_errors
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
-from .errors import BrokerError
+from .errors import BrokerError, ConfigError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,6 +48,45 @@ class KafkaSettings:
         return {"bootstrap_servers": self.servers, "client_id": self.client_id, **self.extra}
 
 
+#: ``retention.ms`` of the topics the pipeline creates: -1 keeps every record until it is deleted
+#: (Redpanda and Kafka otherwise drop tasks still queued after 7 days).
+DEFAULT_RETENTION_MS = -1
+
+#: Errors that fail the same way however often they are retried: a record over the size limit, a
+#: topic the client may not use, a bad configuration. Everything else from kafka-python that says
+#: ``retriable``, and every connection failure, is worth another try.
+_FINAL_ERRORS: tuple[type[BaseException], ...] = tuple(
+    getattr(kafka_errors, name) for name in (
+        "MessageSizeTooLargeError", "RecordTooLargeError", "RecordBatchTooLargeError", "InvalidTopicError",
+        "TopicAuthorizationFailedError", "ClusterAuthorizationFailedError", "GroupAuthorizationFailedError",
+        "TransactionalIdAuthorizationFailedError", "SaslAuthenticationFailedError", "AuthenticationFailedError",
+        "IllegalArgumentError", "KafkaConfigurationError", "UnsupportedVersionError", "InvalidRecordError",
+        "CorruptRecordError", "UnsupportedForMessageFormatError", "InvalidRequiredAcksError",
+    ) if hasattr(kafka_errors, name))
+_TRANSIENT_ERRORS: tuple[type[BaseException], ...] = tuple(
+    getattr(kafka_errors, name) for name in (
+        "KafkaTimeoutError", "BrokerNotAvailableError", "KafkaConnectionError", "NodeNotReadyError",
+        "RequestTimedOutError", "NotEnoughReplicasError", "NotEnoughReplicasAfterAppendError",
+    ) if hasattr(kafka_errors, name))
+
+
+def is_retriable(exc: BaseException) -> bool:
+    """True when a failed Kafka call may succeed if tried again (broker down, leader moving,
+    timeout); False for errors that never will (record too large, not authorised)."""
+    if isinstance(exc, _FINAL_ERRORS):
+        return False
+    if isinstance(exc, _TRANSIENT_ERRORS) or isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    return bool(getattr(exc, "retriable", False))
+
+
+def topic_configs(retention_ms: int = DEFAULT_RETENTION_MS) -> dict[str, str]:
+    """Topic settings the pipeline sets when it creates a topic."""
+    if retention_ms < -1 or retention_ms == 0:
+        raise ValueError(f"retention must be -1 (keep forever) or a positive number of ms, got {retention_ms}")
+    return {"retention.ms": str(retention_ms)}
+
+
 def backoff_delays(base: float = 0.5, cap: float = 10.0) -> Iterable[float]:
     """Exponential backoff with full jitter: 0.5, 1, 2, ... capped, each randomised."""
     attempt = 0
@@ -68,6 +108,8 @@ def connect(factory: Callable[..., T], settings: KafkaSettings, wait: float) -> 
         try:
             return factory(bootstrap_timeout_ms=attempt_ms)
         except (KafkaError, OSError) as exc:
+            if isinstance(exc, kafka_errors.KafkaConfigurationError):
+                raise ConfigError(f"invalid Kafka client settings: {exc}") from None  # no wait fixes that
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise BrokerError(
@@ -98,16 +140,18 @@ def admin_client(settings: KafkaSettings, wait: float = 60.0) -> KafkaAdminClien
                    settings, wait)
 
 
-def ensure_topics(settings: KafkaSettings, partitions: Mapping[str, int], wait: float = 60.0) -> list[str]:
-    """Create the topics that do not exist yet; return the ones created.
+def ensure_topics(settings: KafkaSettings, partitions: Mapping[str, int], wait: float = 60.0,
+                  retention_ms: int = DEFAULT_RETENTION_MS) -> list[str]:
+    """Create the topics that do not exist yet, with ``retention_ms``; return the ones created.
 
-    Existing topics are left alone (their partition count is not changed).
+    Existing topics are left alone (their partition count and settings are not changed).
     """
+    configs = topic_configs(retention_ms)
     admin = admin_client(settings, wait)
     try:
         existing = set(admin.list_topics())
-        missing = [NewTopic(name, num_partitions=n, replication_factor=1) for name, n in partitions.items()
-                   if name not in existing]
+        missing = [NewTopic(name, num_partitions=n, replication_factor=1, topic_configs=configs)
+                   for name, n in partitions.items() if name not in existing]
         created = []
         for topic in missing:
             try:
@@ -121,11 +165,12 @@ def ensure_topics(settings: KafkaSettings, partitions: Mapping[str, int], wait: 
         admin.close()
 
 
-def make_producer(settings: KafkaSettings, wait: float = 60.0) -> KafkaProducer:
+def make_producer(settings: KafkaSettings, wait: float = 60.0, **overrides: Any) -> KafkaProducer:
     """A producer that waits for all in-sync replicas (acks=all) and retries sends."""
     return connect(lambda **kw: KafkaProducer(
         **settings.client_config(),
         **kw,
+        **overrides,
         acks="all",
         retries=5,
         linger_ms=5,

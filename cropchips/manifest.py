@@ -1,9 +1,10 @@
 """Per-task manifests: written last and atomically, they mark a task's outputs as complete.
 
 A redelivered task whose manifest matches (same task id, same processing settings, every
-file present with its recorded size) is re-reported without redoing the work. A task that
-crashed mid-write has no manifest and is simply redone: its files are overwritten by
-atomic renames and chips it no longer produces are removed.
+file, provenance sidecars included, present with its recorded size and sha256) is
+re-reported without redoing the work. A task that crashed mid-write has no manifest and is
+simply redone: its files are overwritten by atomic renames and chips it no longer produces
+are removed. Only the holder of the cell's lease (:mod:`cropchips.leases`) writes them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from .writing import IMAGES_DIR, MANIFESTS_DIR, MASKS_DIR, METADATA_DIR
 
 log = logging.getLogger(__name__)
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 
 
 def manifest_path(cell_id: str) -> str:
@@ -25,12 +26,17 @@ def manifest_path(cell_id: str) -> str:
     return f"{MANIFESTS_DIR}/{check_safe_id(cell_id, 'cell id')}.json"
 
 
+def chip_files(chip: dict[str, Any]) -> tuple[str, ...]:
+    """The files of one chip: image, mask and provenance sidecar."""
+    return (chip["image"], chip["mask"], f"{METADATA_DIR}/{chip['name']}.json")
+
+
 def write_manifest(storage: Storage, cell_id: str, body: dict[str, Any]) -> None:
-    """Write the manifest whole, after the chips, with the sizes of the files it vouches for."""
+    """Write the manifest whole, after the chips, with the size and sha256 of every file it vouches for."""
     files = {}
     for chip in body.get("chips", []):
-        for rel in (chip["image"], chip["mask"]):
-            files[rel] = storage.size(rel)
+        for rel in chip_files(chip):
+            files[rel] = {"size": storage.size(rel), "sha256": storage.sha256(rel)}
     storage.write_json(manifest_path(cell_id), {"manifest_version": MANIFEST_VERSION, **body, "files": files})
 
 
@@ -50,10 +56,22 @@ def read_complete_manifest(storage: Storage, cell_id: str, task_id: str, setting
     if body.get("settings") != settings:
         log.info("manifest %s was written with other settings: redoing", path)
         return None
-    for rel, size in body.get("files", {}).items():
+    files = body.get("files")
+    chips = body.get("chips")
+    if not isinstance(files, dict) or not isinstance(chips, list):
+        log.warning("manifest %s is malformed: redoing the task", path)
+        return None
+    expected = {rel for chip in chips for rel in chip_files(chip)}
+    if set(files) != expected:
+        log.warning("manifest %s does not list every file of its chips: redoing the task", path)
+        return None
+    for rel, recorded in files.items():
         try:
-            if storage.size(rel) != size:
+            if not isinstance(recorded, dict) or storage.size(rel) != recorded.get("size"):
                 log.warning("%s changed size since the manifest: redoing the task", rel)
+                return None
+            if storage.sha256(rel) != recorded.get("sha256"):
+                log.warning("%s changed since the manifest (sha256 differs): redoing the task", rel)
                 return None
         except FileNotFoundError:
             log.warning("%s listed in the manifest is missing: redoing the task", rel)

@@ -11,14 +11,23 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .errors import BrokerError, InputDataError
+from kafka.errors import KafkaError
+
+from .errors import BrokerError, ConfigError, InputDataError
 from .fields import open_layer, read_points
 from .grid import Grid
-from .kafka_io import KafkaSettings, ensure_topics, make_producer
-from .messages import RunHeader, Task, encode
+from .kafka_io import DEFAULT_RETENTION_MS, KafkaSettings, ensure_topics, is_retriable, make_producer
+from .messages import MAX_MESSAGE_BYTES, RunHeader, Scene, Task, encode
 from .scenes import filter_items, load_items_file, parse_datetime_range, scenes_for_cell, search_stac, to_scenes
 
 log = logging.getLogger(__name__)
+
+
+#: Kafka's and Redpanda's default message limit is 1 MiB (message.max.bytes, kafka_batch_max_bytes), and so
+#: is kafka-python's producer limit (max_request_size): a task must stay below it with room for the batch framing.
+DEFAULT_MAX_TASK_BYTES = 1_000_000
+#: What a worker accepts at all (messages.MAX_MESSAGE_BYTES).
+MAX_TASK_BYTES_LIMIT = MAX_MESSAGE_BYTES
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,18 @@ class MasterOptions:
     """Run identifier (None: generated from the time)."""
     broker_wait_s: float = 60.0
     """How long to wait for an unreachable broker."""
+    max_scenes: int = 0
+    """At most this many scenes per task, the least cloudy by ``eo:cloud_cover`` (0: all)."""
+    max_task_bytes: int = DEFAULT_MAX_TASK_BYTES
+    """A task message larger than this refuses the whole run before anything is published."""
+    retention_ms: int = DEFAULT_RETENTION_MS
+    """``retention.ms`` of the topics the master has to create (-1: keep forever)."""
+
+    def __post_init__(self) -> None:
+        if self.max_scenes < 0:
+            raise ConfigError("--max-scenes must be >= 0 (0: all scenes)")
+        if not 1024 <= self.max_task_bytes <= MAX_TASK_BYTES_LIMIT:
+            raise ConfigError(f"--max-task-bytes must lie between 1024 and {MAX_TASK_BYTES_LIMIT}")
 
 
 @dataclass
@@ -128,13 +149,44 @@ def make_plan(options: MasterOptions) -> Plan:
 
     run_id = options.run_id or new_run_id()
     tasks = []
+    capped = 0
     for cell in kept:
         cell_scenes = scenes_for_cell(cell, scenes)
         if not cell_scenes:
             log.warning("cell %s: no scene covers it; its task will report no_scenes", cell.id)
+        if options.max_scenes and len(cell_scenes) > options.max_scenes:
+            cell_scenes = least_cloudy(cell_scenes, options.max_scenes)
+            capped += 1
         tasks.append(Task(run_id=run_id, task_id=Task.make_id(cell, cell_scenes), cell=cell, scenes=tuple(cell_scenes)))
+    if capped:
+        log.info("%d tasks keep only their %d least cloudy scenes (--max-scenes)", capped, options.max_scenes)
+    check_task_sizes(tasks, options.max_task_bytes)
     return Plan(run_id=run_id, tasks=tasks, cells_total=grid.x_cells * grid.y_cells, dropped=dropped,
                 polygons=int(counts.sum()), scenes=len(scenes))
+
+
+def least_cloudy(scenes: Sequence[Scene], n: int) -> list[Scene]:
+    """The ``n`` scenes with the lowest ``eo:cloud_cover`` (unknown counts as cloudiest), in their
+    original (date) order; ties keep the earlier scene."""
+    order = sorted(range(len(scenes)), key=lambda i: (scenes[i].cloud_cover is None, scenes[i].cloud_cover or 0.0, i))
+    return [scenes[i] for i in sorted(order[:n])]
+
+
+def check_task_sizes(tasks: Sequence[Task], limit: int) -> None:
+    """Refuse the run, before anything is published, if a task message would exceed ``limit``
+    bytes: the broker would refuse it, and a run published in part has no run header."""
+    sizes = [(len(encode(task)), task) for task in tasks]
+    over = [(size, task) for size, task in sizes if size > limit]
+    if not over:
+        return
+    size, task = max(over, key=lambda pair: pair[0])
+    per_scene = max(1, size // max(1, len(task.scenes)))
+    fits = max(1, (limit - 1024) // per_scene)
+    raise ConfigError(
+        f"{len(over)} of {len(tasks)} tasks would be larger than {limit} bytes (the largest, cell {task.cell.id} "
+        f"with {len(task.scenes)} scenes, is {size} bytes), so nothing was published. Keep fewer scenes per task "
+        f"with --max-scenes (about {fits} fit), narrow --datetime or lower --max-cloud; or, if the broker and "
+        "the workers allow larger messages, raise --max-task-bytes")
 
 
 def record_params(options: MasterOptions) -> dict[str, Any]:
@@ -187,10 +239,13 @@ def grid_order(tasks: Sequence[Task], partitions: int) -> list[tuple[Task, int]]
 def publish(plan: Plan, options: MasterOptions) -> None:
     """Publish every task (acks=all), then the run header; raise BrokerError if any send failed."""
     ensure_topics(options.kafka, {options.tasks_topic: options.tasks_partitions, options.results_topic: 1,
-                                  options.dlq_topic: 1}, wait=options.broker_wait_s)
+                                  options.dlq_topic: 1}, wait=options.broker_wait_s, retention_ms=options.retention_ms)
     if options.task_partitioning not in TASK_PARTITIONINGS:
         raise ValueError(f"task_partitioning must be one of {TASK_PARTITIONINGS}, got {options.task_partitioning!r}")
-    producer = make_producer(options.kafka, wait=options.broker_wait_s)
+    check_task_sizes(plan.tasks, options.max_task_bytes)
+    # The producer's own limit is kafka-python's 1 MiB unless the tasks may be larger.
+    producer = make_producer(options.kafka, wait=options.broker_wait_s,
+                             max_request_size=max(1_048_576, options.max_task_bytes + 65_536))
     failures = []
     try:
         # The topic may exist with another partition count than --tasks-partitions: use its own.
@@ -199,14 +254,21 @@ def publish(plan: Plan, options: MasterOptions) -> None:
         placed = ([(task, ids[i]) for task, i in grid_order(plan.tasks, len(ids))] if ids
                   else [(task, None) for task in plan.tasks])
         # The key stays the cell id either way (tracing, and the hash partitioning).
-        futures = [(task, producer.send(options.tasks_topic, key=task.cell.id.encode(), value=encode(task),
-                                        partition=partition)) for task, partition in placed]
+        futures = []
+        for task, partition in placed:
+            try:
+                futures.append((task, producer.send(options.tasks_topic, key=task.cell.id.encode(),
+                                                    value=encode(task), partition=partition)))
+            except KafkaError as exc:
+                failures.append(f"{task.task_id}: {type(exc).__name__}: {exc}")
+                if not is_retriable(exc):
+                    break  # the same refusal would repeat for every task: stop here
         producer.flush(timeout=60)
         for task, future in futures:
             try:
                 future.get(timeout=30)
             except Exception as exc:
-                failures.append(f"{task.task_id}: {exc}")
+                failures.append(f"{task.task_id}: {type(exc).__name__}: {exc}")
         if failures:
             for line in failures[:20]:
                 log.error("send failed: %s", line)

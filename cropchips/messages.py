@@ -33,6 +33,9 @@ SCENE_ASSETS: tuple[str, ...] = BANDS + (SCL,)
 
 STATUSES = ("ok", "no_scenes", "no_fields", "failed")
 
+#: A message larger than this is refused before it is parsed (a task of 1,000 scenes is ~2 MB).
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
 # Identifiers end up in file names: letters, digits, '-', '_' and '.', never '..'.
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -50,6 +53,11 @@ def check_safe_id(value: Any, what: str) -> str:
 def _require(cond: bool, message: str) -> None:
     if not cond:
         raise MessageError(message)
+
+
+def _count(value: Any) -> bool:
+    """A non-negative integer that fits 64 bits (JSON allows any size)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
 
 
 def _finite(value: Any, what: str) -> float:
@@ -175,7 +183,11 @@ class RunHeader:
 
     def __post_init__(self) -> None:
         check_safe_id(self.run_id, "run id")
-        _require(isinstance(self.task_count, int) and self.task_count >= 0, "run task_count must be a non-negative integer")
+        _require(_count(self.task_count), "run task_count must be a non-negative integer")
+        _require(_count(self.cells_total), "run cells_total must be a non-negative integer")
+        _require(isinstance(self.cells_dropped, dict) and all(_count(v) for v in self.cells_dropped.values()),
+                 "run cells_dropped must map reasons to counts")
+        _require(isinstance(self.params, dict), "run params must be an object")
 
 
 @dataclass(frozen=True)
@@ -217,7 +229,25 @@ class ChipRecord:
     def __post_init__(self) -> None:
         # JSON gives lists: normalise so that a decoded record equals the one encoded.
         for name in ("bounds", "scenes", "bands"):
+            _require(isinstance(getattr(self, name), (list, tuple)), f"chip {name} must be a list")
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name in ("name", "image", "mask", "crs"):
+            _require(isinstance(getattr(self, name), str), f"chip {name} must be a string")
+        _require(len(self.bounds) == 4, f"chip bounds must have 4 numbers, got {self.bounds!r}")
+        object.__setattr__(self, "bounds", tuple(_finite(v, "chip bounds value") for v in self.bounds))
+        _require(isinstance(self.class_pixels, dict) and all(
+            isinstance(k, str) and k.isdigit() and len(k) <= 10 and _count(v) for k, v in self.class_pixels.items()),
+            "chip class_pixels must map class ids to pixel counts")
+        for name in ("clear_fraction", "nodata_fraction"):
+            _finite(getattr(self, name), f"chip {name}")
+        _require(isinstance(self.config, dict), "chip config must be an object")
+
+
+def compact_chip(record: ChipRecord) -> ChipRecord:
+    """The chip as a result carries it: without the per-scene provenance and the settings,
+    which the sidecar beside the chip holds (the result lists the scene ids once, in
+    ``scenes_used``). Keeps a result of 30 chips x 100 scenes at a few kB, not a megabyte."""
+    return ChipRecord(**{**asdict(record), "scenes": (), "config": {}})
 
 
 @dataclass(frozen=True)
@@ -246,6 +276,9 @@ class Result:
     """Stage -> seconds spent (fields, read, composite, rasterize, write, total)."""
     reused: bool = False
     """True when the outputs already existed and the task was not redone."""
+    deliveries: int = 1
+    """How many times workers have taken this task (1: the first time; more after a crash,
+    a rebalance or a second master publishing the same cell)."""
     finished_at: str = ""
     """When the worker finished (ISO 8601 UTC)."""
     schema_version: int = SCHEMA_VERSION
@@ -253,11 +286,26 @@ class Result:
 
     def __post_init__(self) -> None:
         _require(self.status in STATUSES, f"result status must be one of {STATUSES}, got {self.status!r}")
+        for name in ("run_id", "task_id", "cell_id", "worker_id", "finished_at"):
+            _require(isinstance(getattr(self, name), str), f"result {name} must be a string")
+        _require(self.error is None or isinstance(self.error, str), "result error must be a string or null")
+        _require(isinstance(self.chips, (list, tuple)) and isinstance(self.scenes_used, (list, tuple)),
+                 "result chips and scenes_used must be lists")
         object.__setattr__(self, "chips", tuple(c if isinstance(c, ChipRecord) else ChipRecord(**c) for c in self.chips))
         object.__setattr__(self, "scenes_used", tuple(self.scenes_used))
+        _require(all(isinstance(s, str) for s in self.scenes_used), "result scenes_used must be scene ids")
+        _require(isinstance(self.seconds, dict) and all(isinstance(k, str) for k in self.seconds),
+                 "result seconds must map stage names to seconds")
+        for value in self.seconds.values():
+            _finite(value, "result seconds value")
+        _require(isinstance(self.chips_skipped, dict) and all(_count(v) for v in self.chips_skipped.values()),
+                 "result chips_skipped must map reasons to counts")
+        _require(_count(self.deliveries) and self.deliveries >= 1, "result deliveries must be a positive integer")
+        _require(isinstance(self.reused, bool), "result reused must be true or false")
 
     def class_pixels(self) -> dict[int, int]:
         """Class id -> pixels over all chips."""
+        # (validated in ChipRecord: keys are digit strings, values counts)
         totals: dict[int, int] = {}
         for chip in self.chips:
             for key, count in chip.class_pixels.items():
@@ -277,9 +325,28 @@ def encode(message: Message) -> bytes:
 
 
 def decode(raw: bytes | str | None) -> Message:
-    """Parse and validate a message; raise MessageError saying what is wrong."""
+    """Parse and validate a message; raise MessageError saying what is wrong.
+
+    Messages come from the network: whatever goes wrong while parsing or validating one
+    (deep nesting, a 5,000-digit integer, a field of the wrong type) is a MessageError, so a
+    reader can dead-letter it and go on. Nothing else escapes.
+    """
     if raw is None:
         raise MessageError("empty message (null value)")
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise MessageError(f"message of {len(raw)} bytes is larger than {MAX_MESSAGE_BYTES} bytes; "
+                           "nothing this software publishes is that large")
+    try:
+        return _decode(raw)
+    except MessageError:
+        raise
+    except RecursionError:
+        raise MessageError("message is nested too deeply to be a valid message") from None
+    except Exception as exc:  # noqa: BLE001 - any failure on hostile input is a bad message
+        raise MessageError(f"message is not a valid message: {type(exc).__name__}: {str(exc)[:300]}") from None
+
+
+def _decode(raw: bytes | str) -> Message:
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

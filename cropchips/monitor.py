@@ -11,8 +11,8 @@ from typing import Any
 from kafka import TopicPartition
 
 from .errors import BrokerError, MessageError
-from .kafka_io import KafkaSettings, ensure_topics, make_consumer
-from .messages import Result, RunHeader, decode
+from .kafka_io import DEFAULT_RETENTION_MS, KafkaSettings, ensure_topics, make_consumer
+from .messages import Result, RunHeader, Task, decode
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,8 @@ class RunProgress:
                             "chips_per_s": round(v["chips"] / v["seconds"], 3) if v["seconds"] else None}
                         for w, v in sorted(per_worker.items())},
             "duplicates_ignored": self.duplicates,
+            "redelivered_tasks": sum(1 for r in self.results.values() if r.deliveries > 1),
+            "deliveries": sum(r.deliveries for r in self.results.values()),
             "failures": {r.task_id: r.error for r in self.results.values() if r.status == "failed"},
             "elapsed_s": round(elapsed, 1),
         }
@@ -85,7 +87,8 @@ class Monitor:
     """Reads the results topic from the start; tracks the latest run (or a chosen one)."""
 
     def __init__(self, kafka: KafkaSettings, results_topic: str, *, run_id: str | None = None,
-                 broker_wait_s: float = 60.0):
+                 broker_wait_s: float = 60.0, retention_ms: int = DEFAULT_RETENTION_MS):
+        self.retention_ms = retention_ms
         self.kafka = kafka
         self.results_topic = results_topic
         self.pinned_run = run_id
@@ -100,11 +103,16 @@ class Monitor:
         return self.runs[run_id]
 
     def handle(self, raw: bytes) -> None:
+        """Take one message of the results topic; anything unreadable is counted and skipped."""
         try:
             message = decode(raw)
         except MessageError as exc:
             self.invalid += 1
             log.warning("ignoring an unreadable message on %s: %s", self.results_topic, exc)
+            return
+        if isinstance(message, Task):
+            self.invalid += 1
+            log.warning("ignoring a task message on %s (tasks belong on the tasks topic)", self.results_topic)
             return
         if isinstance(message, RunHeader):
             self._run(message.run_id).header = message
@@ -121,7 +129,7 @@ class Monitor:
                idle_exit_s: float | None = None) -> RunProgress | None:
         """Consume results until the run is complete (with ``exit_when_done``), the timeout passes,
         or (when ``idle_exit_s`` is set) nothing arrives for that long."""
-        ensure_topics(self.kafka, {self.results_topic: 1}, wait=self.broker_wait_s)
+        ensure_topics(self.kafka, {self.results_topic: 1}, wait=self.broker_wait_s, retention_ms=self.retention_ms)
         consumer = make_consumer(self.kafka, group_id=None, wait=self.broker_wait_s)
         display = None
         started = time.monotonic()
@@ -184,7 +192,8 @@ class ProgressDisplay:
         workers = " ".join(f"{w}:{v['chips_per_s'] or 0:.1f}/s" for w, v in summary["workers"].items())
         st = summary["statuses"]
         return (f"ok {st['ok']} no_scenes {st['no_scenes']} no_fields {st['no_fields']} failed {st['failed']} | "
-                f"chips {summary['chips']} | classes {classes or '-'} | chips/s per worker {workers or '-'}")
+                f"chips {summary['chips']} | classes {classes or '-'} | chips/s per worker {workers or '-'}"
+                + (f" | duplicates {summary['duplicates_ignored']}" if summary["duplicates_ignored"] else ""))
 
     def update(self, progress: RunProgress) -> None:
         text = self.status_text(progress)
@@ -214,6 +223,9 @@ def format_summary(summary: dict[str, Any], class_names: dict[int, str] | None =
     if summary["class_pixels"]:
         lines.append("  class pixels: " + ", ".join(
             f"{k} {names.get(int(k), '')} {v}".replace("  ", " ") for k, v in summary["class_pixels"].items()))
+    if summary.get("duplicates_ignored") or summary.get("redelivered_tasks"):
+        lines.append(f"  duplicates: {summary['duplicates_ignored']} results reported twice (ignored), "
+                     f"{summary['redelivered_tasks']} tasks delivered more than once")
     for worker, stats in summary["workers"].items():
         lines.append(f"  worker {worker}: {stats['tasks']} tasks, {stats['chips']} chips, "
                      f"{stats['chips_per_s']} chips/s")

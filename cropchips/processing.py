@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import socket
 import time
 from contextlib import contextmanager
@@ -19,15 +20,16 @@ from . import __version__
 from .chips import ChipWindow, plan_chips
 from .classes import DEFAULT_CLASS_MAP_PATH, ClassMap, load_class_map
 from .composite import METHODS, clear_mask, composite, has_data
-from .errors import ConfigError, CropChipsError
+from .errors import ConfigError, CropChipsError, InputDataError, RetryableError, is_transient
 from .fields import FieldLayer, open_layer, read_fields
 from .grid import cell_contains
 from .hrefs import HrefPolicy
 from .labels import rasterize_classes
+from .leases import LEASES_DIR, CellLeases, Lease, Starts, read_starts, write_starts
 from .manifest import chips_from_manifest, read_complete_manifest, remove_other_chips, write_manifest
-from .messages import BANDS, ChipRecord, Result, Task
+from .messages import BANDS, ChipRecord, Result, Task, compact_chip
 from .radiometry import radiometry, remove_offset
-from .reading import OpenDatasets, cell_grid, choose_epsg, grid_origin, read_stack
+from .reading import OpenDatasets, cell_grid, choose_epsg, grid_origin, read_scenes, task_memory_bytes
 from .storage import open_storage
 from .writing import FORMATS, METADATA_DIR, OUTPUT_SUBDIRS, write_chip
 
@@ -75,6 +77,13 @@ class ProcessingOptions:
     """Use at most this many scenes per cell, the clearest over the cell (0: all)."""
     format: str = "gtiff"
     """``gtiff`` (tiled GeoTIFF) or ``cog`` (Cloud-Optimized GeoTIFF with overviews)."""
+    max_task_memory_mb: int = 4096
+    """A task whose scene stack and composite would take more MiB than this is refused before reading
+    (see :func:`~cropchips.reading.task_memory_bytes`)."""
+    max_task_starts: int = 3
+    """A task whose starts crashed this many workers (killed mid-task) is dead-lettered instead."""
+    lease_ttl_s: float = 120.0
+    """A cell's lease expires this long after its holder last renewed it (every third of it)."""
 
     def __post_init__(self) -> None:
         if self.chip_size < 1:
@@ -90,8 +99,14 @@ class ProcessingOptions:
             raise ConfigError(f"--format must be one of {FORMATS}, got {self.format!r}")
         if self.max_scenes < 0:
             raise ConfigError("--max-scenes must be >= 0 (0: all scenes)")
+        if self.max_task_starts < 1:
+            raise ConfigError("--max-task-starts must be >= 1")
+        if self.lease_ttl_s < 3:
+            raise ConfigError("--lease-ttl must be at least 3 seconds")
         if self.read_cache_mb < 0:
             raise ConfigError("--read-cache-mb must be >= 0 (0: no cache)")
+        if self.max_task_memory_mb < 1:
+            raise ConfigError(f"--max-task-memory-mb must be >= 1, got {self.max_task_memory_mb}")
 
     @property
     def method(self) -> str:
@@ -125,7 +140,10 @@ class TaskProcessor:
         self.options = options
         self.worker_id = worker_id
         self.storage = open_storage(options.output_dir)
-        self.storage.prepare(OUTPUT_SUBDIRS)
+        self.storage.prepare((*OUTPUT_SUBDIRS, LEASES_DIR))
+        self.leases = CellLeases(self.storage, worker_id, options.lease_ttl_s)
+        self._started: set[str] = set()  # tasks whose start this process counted and has not ended
+        self._lease: Lease | None = None
         self.layer = layer or open_layer(options.gpkg, options.layer)
         self.class_map = class_map or load_class_map(options.class_map)
         # Band files stay open across tasks, so that the next cell reuses the decoded tiles it shares.
@@ -151,21 +169,50 @@ class TaskProcessor:
                       status=status, seconds=dict(watch.seconds), finished_at=utc_now(), **kwargs)
 
     def process(self, task: Task) -> Result:
-        """Process ``task``; any failure becomes a ``failed`` result with a readable error."""
+        """Process ``task``: the task's own failures (bad input, a bug) become a ``failed`` result
+        with a readable error; failures of the infrastructure (storage, scene server, network,
+        another worker holding the cell) raise RetryableError, for the worker to wait out."""
         watch = Stopwatch()
         start = time.perf_counter()
         try:
-            result = self._process(task, watch)
+            result = self._process_leased(task, watch)
+        except RetryableError as exc:
+            log.warning("task %s: infrastructure failure: %s", task.task_id, exc)
+            raise
         except CropChipsError as exc:
             log.warning("task %s failed: %s", task.task_id, exc)
             result = self._result(task, "failed", watch, error=str(exc))
-        except Exception as exc:  # an unexpected bug must not kill the worker: report it
+        except Exception as exc:  # an unexpected failure must not kill the worker: report it
+            if is_transient(exc):
+                log.warning("task %s: infrastructure failure: %s: %s", task.task_id, type(exc).__name__, exc)
+                raise RetryableError(f"{type(exc).__name__}: {exc}") from exc
             log.exception("task %s failed unexpectedly", task.task_id)
             result = self._result(task, "failed", watch, error=f"internal error: {exc.__class__.__name__}: {exc}")
         result.seconds["total"] = round(time.perf_counter() - start, 4)
         return result
 
-    def _process(self, task: Task, watch: Stopwatch) -> Result:
+    def abandon(self, task: Task, *, crashed: bool = False) -> None:
+        """The worker gives ``task`` up unfinished (shutdown, or an outage it could not wait out).
+        A start given back on shutdown does not count as a crash; one given up after an outage
+        does, so that a task that always fails the same "transient" way ends in the dead letters."""
+        if task.task_id not in self._started:
+            return
+        self._started.discard(task.task_id)
+        if crashed:
+            return
+        try:
+            lease = self.leases.acquire(task.cell.id, task.task_id)
+        except RetryableError:
+            return  # the task's own thread still holds the cell: its start stays counted
+        try:
+            starts = read_starts(self.storage, task.cell.id, task.task_id)
+            starts.unfinished = max(0, starts.unfinished - 1)
+            write_starts(self.storage, task.cell.id, starts)
+        finally:
+            lease.release()
+
+    def _process_leased(self, task: Task, watch: Stopwatch) -> Result:
+        """Check the hrefs, take the cell's lease, count the start, and process (or re-report)."""
         opts = self.options
         cell = task.cell
         task = replace(task, scenes=tuple(
@@ -173,13 +220,65 @@ class TaskProcessor:
             for scene in task.scenes))
         if not task.scenes:
             return self._result(task, "no_scenes", watch, error="no Sentinel-2 scene covers the cell")
-        if not opts.force:
-            done = read_complete_manifest(self.storage, cell.id, task.task_id, self.settings)
-            if done is not None:
-                log.info("task %s already complete (%d chips): re-reporting it", task.task_id, len(done["chips"]))
-                return self._result(task, "ok", watch, chips=chips_from_manifest(done),
-                                    scenes_used=tuple(done["scenes_used"]), chips_skipped=done["chips_skipped"],
-                                    reused=True)
+        lease = self.leases.acquire(cell.id, task.task_id)
+        try:
+            # A retry in place of the same delivery (after an outage) is neither a new delivery nor a new start.
+            first = task.task_id not in self._started
+            starts = read_starts(self.storage, cell.id, task.task_id)
+            if first:
+                starts.deliveries += 1
+            if not opts.force:
+                done = read_complete_manifest(self.storage, cell.id, task.task_id, self.settings)
+                if done is not None:
+                    log.info("task %s already complete (%d chips): re-reporting it", task.task_id, len(done["chips"]))
+                    self._ended(task, starts)
+                    return self._result(task, "ok", watch, chips=tuple(map(compact_chip, chips_from_manifest(done))),
+                                        scenes_used=tuple(done["scenes_used"]), chips_skipped=done["chips_skipped"],
+                                        reused=True, deliveries=max(1, starts.deliveries))
+            if first:
+                if starts.unfinished >= opts.max_task_starts:
+                    crashed, starts.unfinished = starts.unfinished, 0  # a replay from the dead letters starts afresh
+                    write_starts(self.storage, cell.id, starts)
+                    return self._result(task, "failed", watch, deliveries=max(1, starts.deliveries),
+                                        error=f"crashed {crashed} workers: each start of this task ended without a "
+                                              "result (killed: out of memory, a crash in GDAL, kill -9); check the "
+                                              "workers' logs and the cell's scenes, then replay it with "
+                                              "`admin.py dlq replay`")
+                starts.unfinished += 1
+                self._started.add(task.task_id)
+            write_starts(self.storage, cell.id, starts)
+            if first and starts.deliveries > 1:
+                log.info("task %s: delivery %d (%d earlier start(s) ended without a result)", task.task_id,
+                         starts.deliveries, starts.unfinished - 1)
+            self._lease = lease
+            try:
+                result = self._process(task, watch)
+            except Exception as exc:
+                if not is_transient(exc):
+                    self._ended(task, starts)  # a failure, not a crash
+                raise
+            finally:
+                self._lease = None
+            self._ended(task, starts)
+            return replace(result, deliveries=max(1, starts.deliveries))
+        finally:
+            lease.release()
+
+    def _ended(self, task: Task, starts: Starts) -> None:
+        """This delivery of ``task`` ended (well or with a final failure): it was no crash."""
+        if task.task_id in self._started:
+            starts.unfinished = max(0, starts.unfinished - 1)
+            self._started.discard(task.task_id)
+        write_starts(self.storage, task.cell.id, starts)
+
+    def _check_lease(self) -> None:
+        """Before the outputs are made final: the cell must still be ours."""
+        if self._lease is not None:
+            self._lease.check()
+
+    def _process(self, task: Task, watch: Stopwatch) -> Result:
+        opts = self.options
+        cell = task.cell
         epsg = choose_epsg(cell, task.scenes)
         in_zone = [s for s in task.scenes if s.epsg == epsg]
         # Chips may reach half a chip beyond the cell, so a field near an edge still gets a whole chip.
@@ -194,34 +293,46 @@ class TaskProcessor:
         if in_cell == 0:
             return self._result(task, "no_fields", watch, error="no field polygon lies in the cell")
 
+        def within_budget(n_scenes: int) -> None:
+            """Refuse the task before the bands of ``n_scenes`` scenes are allocated, if they would not fit."""
+            need = task_memory_bytes(n_scenes, grid)
+            if need > opts.max_task_memory_mb * 2**20:
+                raise InputDataError(
+                    f"cell {cell.id} needs ~{math.ceil(need / 2**20)} MiB for {n_scenes} scenes on a "
+                    f"{grid.height}x{grid.width} grid, over --max-task-memory-mb {opts.max_task_memory_mb}; "
+                    "use smaller cells (--grid-step) or fewer scenes (--max-scenes)")
+
         with watch.stage("read"):
-            stack = read_stack(task.scenes, grid, threads=opts.read_threads, datasets=self.datasets)
+            # With --max-scenes, the scenes are chosen on their SCL alone before any other band is read.
+            chosen, stack = read_scenes(task.scenes, grid, max_scenes=opts.max_scenes, threads=opts.read_threads,
+                                        datasets=self.datasets, before_allocating=within_budget)
         with watch.stage("composite"):
-            usable = [int(i) for i in np.flatnonzero(has_data(stack.data, stack.scl))]
-            if not usable:
+            # ``positions`` index the stack, ``usable``/``used`` the task's scenes (chosen[position]).
+            positions = [int(p) for p in np.flatnonzero(has_data(stack.data, stack.scl))]
+            if not positions:
                 return self._result(task, "no_scenes", watch,
                                     error=f"all {len(task.scenes)} scenes are empty (nodata) over the cell")
+            usable = [chosen[p] for p in positions]
             clear = clear_mask(stack.scl)
-            if opts.max_scenes and len(usable) > opts.max_scenes:
-                # The clearest scenes over the cell, kept in date order.
-                fractions = clear[usable].reshape(len(usable), -1).mean(axis=1)
-                best = np.argsort(-fractions, kind="stable")[: opts.max_scenes]
-                usable = sorted(usable[i] for i in best)
             radio = {i: radiometry(task.scenes[i], opts.harmonize) for i in usable}
-            for i in usable:
-                remove_offset(stack.data[i], radio[i].applied_dn)
+            for p, i in zip(positions, usable):
+                remove_offset(stack.data[p], radio[i].applied_dn)
             if opts.temporal == "stack":
-                used = usable
-                image = stack.data[used].reshape(len(used) * len(BANDS), grid.height, grid.width)
-                clear_obs = clear[used].mean(axis=0)  # per pixel, the share of dates that are clear
+                used, used_positions = usable, positions
+                # A view when every scene read is usable (the usual case), else a copy of the usable ones.
+                data = stack.data if len(positions) == len(chosen) else stack.data[positions]
+                image = data.reshape(len(used) * len(BANDS), grid.height, grid.width)
+                clear_obs = clear[used_positions].mean(axis=0)  # per pixel, the share of dates that are clear
                 descriptions = tuple(f"{task.scenes[i].datetime[:10]} {band}" for i in used for band in BANDS)
             else:
-                comp = composite(stack.data[usable], stack.scl[usable], opts.composite)
-                used = [usable[i] for i in comp.scene_indices]
+                # composite() leaves out scenes without data itself, so the stack goes in whole, not copied.
+                comp = composite(stack.data, stack.scl, opts.composite)
+                used_positions = list(comp.scene_indices)
+                used = [chosen[p] for p in used_positions]
                 image = comp.image
-                clear_obs = clear[used].any(axis=0).astype("float32")
+                clear_obs = clear[used_positions].any(axis=0).astype("float32")
                 descriptions = BANDS
-            covered = (stack.scl[used] != 0).any(axis=0)  # inside some used scene's footprint
+            covered = (stack.scl[used_positions] != 0).any(axis=0)  # inside some used scene's footprint
             del stack
         with watch.stage("rasterize"):
             mask = rasterize_classes(fields, grid)
@@ -267,6 +378,7 @@ class TaskProcessor:
                            {"task_id": task.task_id, "run_id": task.run_id, "worker_id": self.worker_id,
                             **asdict(record)})
                 records.append(record)
+            self._check_lease()  # another writer must not have taken the cell meanwhile
             remove_other_chips(self.storage, cell.id, keep={r.name for r in records})
             scene_ids = tuple(task.scenes[i].id for i in used)
             write_manifest(self.storage, cell.id, {
@@ -275,7 +387,7 @@ class TaskProcessor:
                 "chips_skipped": dict(skipped), "worker_id": self.worker_id, "written_at": utc_now()})
         log.info("task %s: %d chips from %d scenes (%s)", task.task_id, len(records), len(scene_ids),
                  ", ".join(f"{k} skipped: {v}" for k, v in skipped.items()) or "none skipped")
-        return self._result(task, "ok", watch, chips=tuple(records), scenes_used=scene_ids,
+        return self._result(task, "ok", watch, chips=tuple(map(compact_chip, records)), scenes_used=scene_ids,
                             chips_skipped=dict(skipped))
 
 

@@ -94,3 +94,13 @@ def kill_at_random(workers: dict, restart, kafka, results_topic: str, *, tasks: 
         kills += 1
         workers[victim] = restart(victim)
     return kills
+
+
+def http_items(sample, server, path):
+    """The sample's STAC items with every asset href pointing at the HTTP server (a CogServer)."""
+    doc = json.loads(sample.items.read_text())
+    for item in doc["features"]:
+        for asset in item["assets"].values():
+            asset["href"] = server.href(asset["href"])
+    path.write_text(json.dumps(doc))
+    return path

@@ -221,6 +221,40 @@ def test_dlq_list_shows_the_error_worker_and_source_headers(broker, topics):
     assert [(d.error, d.worker, d.source) for d in letters] == [("message is not valid JSON", "2@w2", "tasks/0/4")]
 
 
+def test_dlq_replay_republishes_valid_tasks_and_skips_poison(broker, topics):
+    from cropchips.messages import Cell, Task, decode
+
+    cells = [Cell(id=f"replay-{i}", row=0, col=i, bbox=(float(i), 0.0, i + 0.5, 0.5)) for i in range(3)]
+    tasks = [Task(run_id="run-r", task_id=f"replay-{i}-abc", cell=c, scenes=()) for i, c in enumerate(cells)]
+    values = [encode(tasks[0]), b"{not json", encode(tasks[1]), encode(tasks[2])[:40], encode(tasks[2])]
+    headers = [[("error", b"reading B04 failed 3 times: HTTP 503")], [("error", b"not valid JSON")],
+               [("error", b"crashed 3 workers")], [("error", b"unknown fields"), ("truncated", b"900000")],
+               [("error", b"HTTP 503")]]
+    publish(broker, topics["dlq"], values, headers=headers)
+    kafka = KafkaSettings(broker.bootstrap_servers)
+
+    dry = admin_run("dlq", "replay", *kafka_args(broker, topics))
+    assert dry.returncode == 2, dry.stdout + dry.stderr
+    assert "3 task(s) would be published" in dry.stdout and "add --yes" in dry.stdout
+    assert read_topic(kafka, topics["tasks"]) == []  # nothing published without --yes
+
+    some = admin_run("dlq", "replay", "--offsets", "0-1", "--yes", *kafka_args(broker, topics))
+    assert some.returncode == 0, some.stdout + some.stderr
+    assert "replayed 1 task(s)" in some.stdout and "skipped       offset 1" in some.stdout
+    assert [decode(r.value).task_id for r in read_topic(kafka, topics["tasks"])] == ["replay-0-abc"]
+
+    rest = admin_run("dlq", "replay", "--offsets", "2-4", "--yes", *kafka_args(broker, topics))
+    assert rest.returncode == 0, rest.stdout + rest.stderr
+    assert "only the start of the message was kept" in rest.stdout
+    replayed = [r for r in read_topic(kafka, topics["tasks"])]
+    assert sorted(decode(r.value).task_id for r in replayed) == ["replay-0-abc", "replay-1-abc", "replay-2-abc"]
+    # Unchanged bytes, keyed by cell like the master's tasks.
+    assert {r.value for r in replayed} == {encode(t) for t in tasks}
+    assert {r.key for r in replayed} == {c.id.encode() for c in cells}
+    bad = admin_run("dlq", "replay", "--offsets", "x-y", *kafka_args(broker, topics))
+    assert bad.returncode == 1 and "--offsets" in bad.stderr
+
+
 # --------------------------------------------------------------------------- doctor
 
 
@@ -299,7 +333,7 @@ def test_every_admin_flag_has_an_env_twin_documented():
     fragment = REPO / "docs" / "admin.md"
     doc = (REPO / "README.md").read_text() + (fragment.read_text() if fragment.exists() else "")
     leaves = leaf_parsers(admin_script.build_parser(env={}))
-    assert len(leaves) == 7
+    assert len(leaves) == 8
     for leaf in leaves:
         for flag, env in env_table(leaf):
             assert re.search(rf"`{re.escape(flag)}` \| `{env}`", doc), f"{flag} / {env} not documented"

@@ -2,29 +2,17 @@
 
 from __future__ import annotations
 
-import json
-
 from conftest import run_script
 from cropchips.cog_server import CogServer, FaultPlan
 from cropchips.kafka_io import KafkaSettings, read_topic
 from cropchips.messages import Result, decode
-from helpers import WorkerProcess, final_summary, kafka_args
-
-
-def serve_items(sample, server, path):
-    """The sample's STAC items with every asset href pointing at the HTTP server."""
-    doc = json.loads(sample.items.read_text())
-    for item in doc["features"]:
-        for asset in item["assets"].values():
-            asset["href"] = server.href(asset["href"])
-    path.write_text(json.dumps(doc))
-    return path
+from helpers import WorkerProcess, final_summary, http_items, kafka_args
 
 
 def test_all_tasks_succeed_through_a_store_failing_a_fifth_of_requests(broker, topics, sample_area, tmp_path):
     faults = FaultPlan(error_rate=0.1, reset_rate=0.1, seed=11, only_ranges=False)
     with CogServer(sample_area.root, faults=faults, latency_s=0.005) as server:
-        items = serve_items(sample_area, server, tmp_path / "items-http.json")
+        items = http_items(sample_area, server, tmp_path / "items-http.json")
         published = run_script(
             "master.py", "--gpkg", str(sample_area.gpkg), "--layer", sample_area.layer,
             "--start-x", str(sample_area.start_x), "--start-y", str(sample_area.start_y),

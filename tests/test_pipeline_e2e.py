@@ -174,7 +174,10 @@ def test_image_pixels_are_the_cloud_masked_median_of_the_scenes(pipeline_run):
     assert offsets == {-0.1}
     expected = np.where(expected > 0, np.maximum(expected - 1000, 1), 0)
     assert np.array_equal(red, expected.astype("uint16"))
-    assert all(s["applied_dn"] == 1000 and s["processing_baseline"] == "05.09" for s in chip.scenes)
+    # Each scene's radiometry is in the chip's provenance sidecar (the result lists scene ids only).
+    sidecar = json.loads((output / "metadata" / f"{chip.name}.json").read_text())
+    assert [s["id"] for s in sidecar["scenes"]] == list(result.scenes_used) and not chip.scenes
+    assert all(s["applied_dn"] == 1000 and s["processing_baseline"] == "05.09" for s in sidecar["scenes"])
     assert len(result.scenes_used) >= 2 and (red > 0).mean() > 0.9
 
 

@@ -186,11 +186,16 @@ def test_provenance_sidecar_matches_the_result(sample_area, sample_task, tmp_pat
         assert sidecar["bands"] == list(BANDS)
 
 
+def sidecar(out, chip):
+    """The chip's provenance sidecar (per-scene radiometry lives there, not in the result)."""
+    return json.loads((out / "metadata" / f"{chip.name}.json").read_text())
+
+
 def test_least_cloudy_records_its_one_scene(sample_area, sample_task, tmp_path):
     result = sample_processor(sample_area, tmp_path, composite="least-cloudy").process(sample_task)
     assert len(result.scenes_used) == 1
-    assert all(c.method == "least-cloudy" and [s["id"] for s in c.scenes] == list(result.scenes_used)
-               for c in result.chips)
+    assert all(c.method == "least-cloudy" and [s["id"] for s in sidecar(tmp_path, c)["scenes"]]
+               == list(result.scenes_used) for c in result.chips)
 
 
 def test_time_series_stack(sample_area, sample_task, tmp_path):
@@ -202,7 +207,7 @@ def test_time_series_stack(sample_area, sample_task, tmp_path):
         assert img.count == len(dates) * 10 and img.dtypes[0] == "uint16"
         assert img.descriptions == tuple(f"{d} {b}" for d in dates for b in BANDS)
         stack = img.read()
-    assert chip.method == "stack" and [s["datetime"][:10] for s in chip.scenes] == dates
+    assert chip.method == "stack" and [s["datetime"][:10] for s in sidecar(tmp_path, chip)["scenes"]] == dates
     # Each date's block is that scene's own pixels (harmonised), not a composite.
     scene = sorted(sample_task.scenes, key=lambda s: s.datetime)[0]
     with rasterio.open(scene.assets["B04"]) as src:
@@ -212,5 +217,5 @@ def test_time_series_stack(sample_area, sample_task, tmp_path):
     # --max-scenes keeps the clearest dates, in date order.
     two = sample_processor(sample_area, tmp_path / "two", temporal="stack", max_scenes=2,
                            min_clear_fraction=0.5).process(sample_task)
-    kept = [s["datetime"][:10] for s in two.chips[0].scenes]
+    kept = [s["datetime"][:10] for s in sidecar(tmp_path / "two", two.chips[0])["scenes"]]
     assert len(kept) == 2 and kept == sorted(kept) and "2023-05-30" not in kept  # the cloudy date goes

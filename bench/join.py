@@ -1,0 +1,124 @@
+"""A worker joining mid-run: how long the others pause, and whether any task runs twice.
+
+    python -m bench.join                # 2 workers busy, a third joins; 3 rounds
+    python -m bench.join --rounds 1 --tasks 40 --task-s 0.5
+
+The workers are the real Kafka loop (:class:`cropchips.worker.Worker`) on the real broker
+(embedded Tansu), in threads of this process; only their task processor is a stand-in that
+sleeps ``--task-s`` seconds, so the figures are the loop's and the broker's, not GDAL's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+from typing import Any
+
+from cropchips.embedded_broker import EmbeddedBroker
+from cropchips.kafka_io import KafkaSettings, ensure_topics, make_producer
+from cropchips.messages import Cell, Result, Task, encode
+from cropchips.processing import utc_now
+from cropchips.worker import Worker, WorkerOptions
+
+
+class Sleeper:
+    """A task processor that sleeps; records (task id, start, end) per call."""
+
+    def __init__(self, name: str, seconds: float, log: list):
+        self.worker_id = name
+        self.seconds = seconds
+        self.log = log
+
+    def process(self, task: Task) -> Result:
+        start = time.monotonic()
+        time.sleep(self.seconds)
+        self.log.append((self.worker_id, task.task_id, start, time.monotonic()))
+        return Result(run_id=task.run_id, task_id=task.task_id, cell_id=task.cell.id, worker_id=self.worker_id,
+                      status="no_fields", finished_at=utc_now())
+
+
+def one_round(broker: EmbeddedBroker, n: int, tasks: int, task_s: float, static: bool, assignor: str) -> dict[str, Any]:
+    kafka = KafkaSettings(broker.bootstrap_servers)
+    names = {"tasks": f"join-tasks-{n}", "results": f"join-results-{n}", "dlq": f"join-dlq-{n}", "group": f"join-{n}"}
+    ensure_topics(kafka, {names["tasks"]: 10, names["results"]: 1, names["dlq"]: 1})
+    producer = make_producer(kafka)
+    for i in range(tasks):
+        cell = Cell(id=f"c{i:04d}", row=i // 100, col=i % 100, bbox=(0.0, 0.0, 0.1, 0.1))
+        producer.send(names["tasks"], key=cell.id.encode(),
+                      value=encode(Task(run_id="run-join", task_id=f"t{i:04d}", cell=cell, scenes=()))).get(timeout=10)
+    producer.close()
+    log: list = []
+
+    def worker(name: str) -> Worker:
+        options = WorkerOptions(kafka=kafka, tasks_topic=names["tasks"], results_topic=names["results"],
+                                dlq_topic=names["dlq"], group_id=names["group"], burst=True, burst_idle_s=8.0,
+                                session_timeout_ms=10000, group_instance_id=f"bench-{name}" if static else None,
+                                assignor=assignor)
+        return Worker(options, Sleeper(name, task_s, log))
+
+    first = [worker("w1"), worker("w2")]
+    threads = [threading.Thread(target=w.run, daemon=True) for w in first]
+    for t in threads:
+        t.start()
+    while len(log) < 6:  # both busy, a few tasks in
+        time.sleep(0.05)
+    joined_at = time.monotonic()
+    late = worker("w3")
+    threads.append(threading.Thread(target=late.run, daemon=True))
+    threads[-1].start()
+    for t in threads:
+        t.join(timeout=600)
+    runs: dict[str, int] = {}
+    for _, task_id, _, _ in log:
+        runs[task_id] = runs.get(task_id, 0) + 1
+    pauses = {}
+    for name in ("w1", "w2"):
+        mine = sorted((s, e) for w, _, s, e in log if w == name)
+        # The longest gap between one task's end and the next start, from the join on.
+        gaps = [b[0] - a[1] for a, b in zip(mine, mine[1:]) if b[0] >= joined_at]
+        pauses[name] = round(max(gaps, default=0.0), 2)
+    newcomer = [s for w, _, s, _ in log if w == "w3"]
+    return {"static": static, "assignor": assignor, "pause_s": pauses,
+            "newcomer_first_task_s": round(min(newcomer) - joined_at, 2) if newcomer else None,
+            "tasks_run_twice": sum(1 for c in runs.values() if c > 1), "tasks_never_run": tasks - len(runs),
+            "handed_over": sum(w.summary.handed_over for w in first + [late]),
+            "commits_retried": sum(w.summary.commits_retried for w in first + [late]),
+            "commits_refused": sum(w.summary.commit_failures for w in first + [late])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.join", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--tasks", type=int, default=60)
+    p.add_argument("--task-s", type=float, default=0.5)
+    p.add_argument("--out", default=None, help="write the JSON report here too")
+    args = p.parse_args(argv)
+    report: dict[str, Any] = {"rounds": []}
+    cases = [(False, "range"), (True, "range"), (False, "cooperative-sticky"), (True, "cooperative-sticky")]
+    with EmbeddedBroker() as broker:
+        n = 0
+        for static, assignor in cases:
+            for _ in range(args.rounds):
+                report["rounds"].append(one_round(broker, n, args.tasks, args.task_s, static, assignor))
+                n += 1
+    for static, assignor in cases:
+        rows = [r for r in report["rounds"] if r["static"] == static and r["assignor"] == assignor]
+        report[f"{'static' if static else 'dynamic'} {assignor}"] = {
+            "median_pause_s": statistics.median(max(r["pause_s"].values()) for r in rows),
+            "tasks_run_twice": sum(r["tasks_run_twice"] for r in rows),
+            "tasks_never_run": sum(r["tasks_never_run"] for r in rows),
+            "median_newcomer_first_task_s": statistics.median(r["newcomer_first_task_s"] or 0.0 for r in rows)}
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as handle:
+            handle.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

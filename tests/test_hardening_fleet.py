@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 
+import pytest
 
 from conftest import REPO, run_script
 from cropchips.cog_server import CogServer
@@ -18,7 +19,7 @@ from cropchips.kafka_io import KafkaSettings, make_producer, read_topic
 from cropchips.messages import Cell, Result, RunHeader, Task, decode, encode
 from cropchips.processing import utc_now
 from cropchips.worker import Worker, WorkerOptions
-from helpers import WorkerProcess, final_summary, http_items, kafka_args
+from helpers import WorkerProcess, final_summary, http_items, kafka_args, publish_area
 
 
 def master_args(sample, items):
@@ -91,6 +92,47 @@ def test_an_outage_past_the_retry_bound_stops_the_worker_and_loses_nothing(broke
     code, summary = final_summary(broker.bootstrap_servers, topics, "run-long-outage")
     assert code == 0 and summary["statuses"]["ok"] == 4, summary
     assert read_topic(kafka, topics["dlq"]) == []
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 2 MiB file system (tmpfs), so that writes fail with ENOSPC like a full NFS share."""
+    from conftest import IN_CI
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        if IN_CI:
+            pytest.fail(f"cannot mount a tmpfs (root needed): {done.stderr}")
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_is_waited_out_not_dead_lettered(broker, topics, sample_area, tmp_path, small_disk):
+    kafka = KafkaSettings(broker.bootstrap_servers)
+    publish_area(sample_area, broker.bootstrap_servers, topics, "--run-id", "run-full")
+    filler = small_disk / "filler"
+    with open(filler, "wb") as handle:  # fill the disk to the last block
+        try:
+            while True:
+                handle.write(b"\0" * 65536)
+                handle.flush()
+        except OSError:
+            pass
+    worker = WorkerProcess(1, sample_area, small_disk / "out", broker.bootstrap_servers, topics, "--chip-size", "32",
+                           "--retry-for", "300", "--burst", "--burst-idle", "5")
+    worker.wait_for("retrying in", timeout=120)
+    assert "No space left on device" in worker.log
+    filler.unlink()  # the operator frees space
+    assert worker.wait(timeout=240) == 0, worker.log[-4000:]
+    assert read_topic(kafka, topics["dlq"]) == []
+    code, summary = final_summary(broker.bootstrap_servers, topics, "run-full")
+    assert code == 0 and summary["statuses"]["ok"] == 4 and summary["chips"] == 20, summary
 
 
 # --------------------------------------------------------------------------- crash loops

@@ -364,7 +364,11 @@ class Worker:
         delays = backoff_delays(base=1.0, cap=60.0)
         while True:
             runner = self._run_task(inflight)
-            if runner is None or inflight.delivered or inflight.revoked:
+            if runner is None or inflight.delivered:
+                return None
+            if inflight.revoked:
+                if runner.error is not None:
+                    self._abandon(task)  # it did not finish here: its start is given back, not a crash
                 return None
             error = runner.error
             if error is None:
@@ -388,8 +392,7 @@ class Worker:
             log.warning("task %s: %s; retrying in %.1f s (for up to %.0f s more), the task stays uncommitted",
                         task.task_id, error, delay, self.options.retry_for_s - (now - first_failure))
             if not self._idle(delay, inflight):
-                if not inflight.revoked:
-                    self._abandon(task)
+                self._abandon(task)  # stopped or handed over while waiting: not a crash
                 return None
 
     def _idle(self, seconds: float, inflight: _InFlight) -> bool:

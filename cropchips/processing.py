@@ -141,6 +141,11 @@ class TaskProcessor:
         self.worker_id = worker_id
         self.storage = open_storage(options.output_dir)
         self.storage.prepare((*OUTPUT_SUBDIRS, LEASES_DIR))
+        if not self.storage.conditional_writes:
+            # Refuse at start, not task by task: without leases two writers could mix one cell's files.
+            raise ConfigError(f"--output-dir {options.output_dir}: workers give each cell one writer with a lease, "
+                              "which needs atomic conditional writes: a folder (local or NFS) or s3:// (AWS S3 and "
+                              "S3-compatible servers); this store offers neither")
         self.leases = CellLeases(self.storage, worker_id, options.lease_ttl_s)
         self._started: set[str] = set()  # tasks whose start this process counted and has not ended
         self._lease: Lease | None = None

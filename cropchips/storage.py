@@ -245,6 +245,11 @@ class Storage:
     #: True for a folder on this machine's file system (local disk or NFS).
     is_local: bool
 
+    @property
+    def conditional_writes(self) -> bool:
+        """True when create_exclusive and delete_if_version are atomic here (cell leases need them)."""
+        return True
+
     def publish(self, rel: str, produce: Callable[[Path], None]) -> None:
         """Call ``produce(path)`` to write a local temporary file, then make it ``rel``, whole."""
         raise NotImplementedError
@@ -565,6 +570,10 @@ class ObjectStorage(Storage):
     """An fsspec file system (S3 and the like): each file is one upload of a finished local file."""
 
     is_local = False
+
+    @property
+    def conditional_writes(self) -> bool:
+        return hasattr(self.fs, "_call_s3")  # s3fs: If-None-Match / If-Match requests
 
     def __init__(self, url: str, fs: Any, root: str):
         self.location = url

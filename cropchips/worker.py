@@ -41,7 +41,7 @@ from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from .errors import BrokerError, ConfigError, CropChipsError, MessageError, RetryableError
+from .errors import BrokerError, ConfigError, MessageError, RetryableError
 from .kafka_io import (DEFAULT_RETENTION_MS, KafkaSettings, backoff_delays, ensure_topics, is_retriable,
                        make_consumer, make_producer)
 from .messages import Result, Task, check_safe_id, decode, encode
@@ -652,5 +652,3 @@ def _poison_result(record: Any, worker_id: str, reason: str) -> Result:
                   worker_id=worker_id, status="failed", error=f"invalid task message: {reason}"[:4000],
                   finished_at=utc_now())
 
-
-__all__ = ["Worker", "WorkerGaveUp", "WorkerOptions", "WorkerSummary", "CropChipsError"]

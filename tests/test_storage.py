@@ -398,6 +398,15 @@ def test_conditional_writes_on_a_store_without_them_are_a_clear_error():
             call()
 
 
+def test_a_worker_refuses_at_start_a_store_without_conditional_writes(sample_area, s3_bucket, tmp_path):
+    """Refused once, at start, with what to use instead: not every task dead-lettered one by one."""
+    assert not open_storage("memory://cropchips-test/out").conditional_writes
+    assert open_storage(tmp_path).conditional_writes and open_storage(f"s3://{s3_bucket}/x").conditional_writes
+    with pytest.raises(ConfigError, match="a folder .local or NFS. or s3://"):
+        TaskProcessor(ProcessingOptions(output_dir="memory://cropchips-test/out", gpkg=str(sample_area.gpkg),
+                                        layer=sample_area.layer), "m@test")
+
+
 def test_tasks_written_to_s3_equal_the_local_ones_and_are_reused(s3_bucket, sample_area, sample_plan, tmp_path):
     url = f"s3://{s3_bucket}/run1"
 

@@ -170,9 +170,9 @@ def open_scene(href: str) -> rasterio.DatasetReader:
         src = rasterio.open(href, driver="GTiff")
     except RasterioIOError as exc:
         if "not recognized as" in str(exc).lower():
-            raise InputDataError(f"scene file {href} is not a GeoTIFF ({exc}); scene bands are opened as "
-                                 "GeoTIFF/COG only, so a VRT or any other format is refused: point the "
-                                 "task's asset at the band's .tif") from exc
+            raise NotAGeoTIFF(f"scene file {href} is not a GeoTIFF ({exc}); scene bands are opened as "
+                              "GeoTIFF/COG only, so a VRT or any other format is refused: point the "
+                              "task's asset at the band's .tif") from exc
         raise
     try:
         check_scene_file(src, href)
@@ -458,33 +458,58 @@ def _bilinear_x2(src: rasterio.DatasetReader, grid: TargetGrid, col: int, row: i
     return np.where(den >= 9, out, 0).astype(native.dtype)
 
 
+class NotAGeoTIFF(InputDataError):
+    """GDAL's GeoTIFF driver does not recognise the file (or, over a network, what arrived of it)."""
+
+
 def with_read_retries(read: Callable[[], T], band: str, href: str) -> T:
     """Run ``read``; retry transient I/O errors with exponential backoff and jitter, each retry logged.
 
-    A missing file is final at once (InputDataError); other errors become RetryableError
-    after :data:`READ_ATTEMPTS` tries (GDAL's own HTTP retries of 5xx answers come on top).
+    A missing file (a local path that is not there, HTTP 404) is final at once (InputDataError).
+    Over a network, a connection cut while GDAL reads the header makes the file look missing or
+    "not recognized" too, so for a remote href those are retried like any other error: a file
+    that still is not a GeoTIFF after :data:`READ_ATTEMPTS` tries is final, anything else then
+    becomes RetryableError (GDAL's own HTTP retries of 5xx answers come on top).
     """
+    remote = _is_remote(href)
     delay = 0.5
     for attempt in range(1, READ_ATTEMPTS + 1):
         try:
             return read()
+        except NotAGeoTIFF as exc:
+            if not remote or attempt == READ_ATTEMPTS:
+                raise
+            message = str(exc)
         except RasterioIOError as exc:
             message = str(exc)
-            if _is_missing(message):
+            if _is_missing(message, remote):
                 raise InputDataError(f"cannot open {band} at {href}: {message}") from exc
             if attempt == READ_ATTEMPTS:
+                if remote and _looks_malformed(message):
+                    raise InputDataError(f"cannot read {band} at {href} ({attempt} tries): {message}") from exc
                 raise RetryableError(f"reading {band} from {href} failed {attempt} times: {message}") from exc
-            wait = random.uniform(delay / 2, delay)
-            log.warning("read of %s from %s failed (%s); retry %d/%d in %.1f s", band, href, message,
-                        attempt, READ_ATTEMPTS - 1, wait)
-            time.sleep(wait)
-            delay *= 2
+        wait = random.uniform(delay / 2, delay)
+        log.warning("read of %s from %s failed (%s); retry %d/%d in %.1f s", band, href, message,
+                    attempt, READ_ATTEMPTS - 1, wait)
+        time.sleep(wait)
+        delay *= 2
     raise AssertionError("unreachable")
 
 
-def _is_missing(message: str) -> bool:
+def _is_remote(href: str) -> bool:
+    return "://" in href and not href.startswith("file://")
+
+
+def _is_missing(message: str, remote: bool = False) -> bool:
     low = message.lower()
+    if remote:  # only the server's own word is final; "does not exist" may be a cut connection
+        return "http response code: 404" in low or "http error code: 404" in low or "404 not found" in low
     return "no such file" in low or "404" in low or "not recognized as" in low or "does not exist" in low
+
+
+def _looks_malformed(message: str) -> bool:
+    """After every retry, a message about the file's content (not the connection) is final."""
+    return "not recognized as" in message.lower()
 
 
 def read_stack(scenes: Sequence[Scene], grid: TargetGrid, *, threads: int = 8,

@@ -1,323 +1,28 @@
-"""A self-contained HTML report of a dataset folder: run summary, class balance, splits, cell map, quicklooks."""
+"""The report's HTML: one function per section, the inline CSS and the page around them."""
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
-import json
-import logging
 import math
-import re
-import struct
-import sys
-import zlib
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-import geopandas as gpd
-import numpy as np
-import rasterio
-import shapely
-from pyproj import Transformer
+from ..classes import CLASS_NAMES
+from ..dataset import SPLITS
+from ..messages import STATUSES
+from ..storage import Storage
+from ..writing import METADATA_DIR
+from .cells import _CELL_ROW_COL, CellStatus
+from .colours import OTHER_SPLIT_COLOUR, OTHER_STATUS_COLOUR, PALETTE, SPLIT_COLOURS, STATUS_COLOURS
+from .images import OVERLAY_ALPHA, STRETCH_PERCENTILES
 
-from .classes import CLASS_NAMES
-from .cli import EXIT_OK, run, setup_logging
-from .dataset import INDEX_NAME, SPLITS, records_from_metadata
-from .errors import InputDataError
-from .grid import Grid
-from .messages import BANDS, STATUSES, Result, RunHeader
-from .storage import Storage, open_storage
-from .writing import METADATA_DIR
-
-log = logging.getLogger(__name__)
-
-REPORT_NAME = "report.html"
-QUICKLOOKS_DIR = "quicklooks"
-#: White pixels between the true-colour and the overlay halves of a quicklook.
-QUICKLOOK_GAP = 4
-#: Opacity of the class colours drawn over the true-colour image.
-OVERLAY_ALPHA = 0.45
-#: Gallery images are subsampled to at most this many pixels a side (quicklook files are not).
-GALLERY_MAX_SIDE = 256
-#: Percentiles of the per-band linear stretch.
-STRETCH_PERCENTILES = (2.0, 98.0)
-RGB_BANDS = ("B04", "B03", "B02")
-
-#: One fixed colour per class id, used by the bar chart, the split bars, the legend and the overlays.
-PALETTE: dict[int, str] = {
-    0: "#9e9e9e",  # unlabelled (never drawn over the quicklooks)
-    1: "#808000",  # olive plantations
-    2: "#8e24aa",  # vineyards
-    3: "#e53935",  # fruit
-    4: "#1b5e20",  # nuts, orchards, forest
-    5: "#fdd835",  # cereals
-    6: "#26c6da",  # legumes
-    7: "#3949ab",  # vegetables
-    8: "#fb8c00",  # fallow, bare arable land
-}
-STATUS_COLOURS: dict[str, str] = {"ok": "#2e7d32", "no_scenes": "#607d8b", "no_fields": "#f9a825",
-                                  "failed": "#c62828"}
-OTHER_STATUS_COLOUR = "#bdbdbd"
-SPLIT_COLOURS: dict[str, str] = {"train": "#1565c0", "val": "#ef6c00", "test": "#6a1b9a"}
-OTHER_SPLIT_COLOUR = "#616161"
-#: Worst first: a cell with tasks of several statuses shows the first that occurs.
-_STATUS_PRECEDENCE = ("failed", "no_scenes", "no_fields", "ok")
-_CELL_ROW_COL = re.compile(r"^g(?P<grid>[0-9a-f]+)-r(?P<row>\d+)-c(?P<col>\d+)$")
-
-Bbox = tuple[float, float, float, float]
+#: A gallery figure: chip name, split, clear fraction, quicklook PNG, (width, height) in pixels.
+GalleryItem = tuple[str, str, float | None, bytes, tuple[int, int]]
 
 
-@dataclass(frozen=True)
-class CellStatus:
-    """One grid cell as the report draws it."""
-
-    cell_id: str
-    """The cell id (the prefix of its chips' names)."""
-    bbox: Bbox | None
-    """(min lon, min lat, max lon, max lat) in EPSG:4326; None: the envelope of its chips."""
-    status: str = "ok"
-    """``ok``, ``no_scenes``, ``no_fields`` or ``failed``."""
-    error: str | None = None
-    """Why the cell is not ``ok``, when known."""
-
-
-CellLike = CellStatus | Sequence[Any] | Mapping[str, Any]
-
-
-# ----------------------------------------------------------------------------- PNG and pixels
-
-def encode_png(pixels: np.ndarray, level: int = 6) -> bytes:
-    """A PNG of ``pixels`` (rows, cols, 3) RGB or (rows, cols) grey, uint8: numpy and zlib only."""
-    pixels = np.ascontiguousarray(pixels)
-    if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[2] != 3):
-        raise ValueError(f"encode_png needs (rows, cols[, 3]) uint8, got {pixels.shape} {pixels.dtype}")
-    height, width = pixels.shape[:2]
-    colour_type = 2 if pixels.ndim == 3 else 0
-    raw = np.zeros((height, 1 + pixels[0].size), dtype=np.uint8)  # filter byte 0 (none) per row
-    raw[:, 1:] = pixels.reshape(height, -1)
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw.tobytes(), level))
-            + chunk(b"IEND", b""))
-
-
-def _hex_rgb(colour: str) -> tuple[int, int, int]:
-    return int(colour[1:3], 16), int(colour[3:5], 16), int(colour[5:7], 16)
-
-
-def stretch_rgb(bands: np.ndarray, percentiles: tuple[float, float] = STRETCH_PERCENTILES) -> np.ndarray:
-    """(3, rows, cols) DNs -> (rows, cols, 3) uint8, each band stretched linearly between its
-    percentiles over the valid pixels; pixels that are 0 (nodata) in any band are black."""
-    valid = np.all(bands > 0, axis=0)
-    out = np.zeros(bands.shape[1:] + (3,), dtype=np.uint8)
-    if not valid.any():
-        return out
-    for i in range(3):
-        values = bands[i][valid].astype("float64")
-        low, high = np.percentile(values, percentiles)
-        if high <= low:
-            high = low + 1.0
-        scaled = np.clip((bands[i].astype("float64") - low) / (high - low), 0.0, 1.0)
-        out[..., i] = np.round(scaled * 255).astype(np.uint8)
-    out[~valid] = 0
-    return out
-
-
-def overlay_classes(rgb: np.ndarray, mask: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
-    """The class colours of ``mask`` (class 0 left clear) blended over ``rgb`` with ``alpha``."""
-    colours = np.array([_hex_rgb(PALETTE.get(k, "#000000")) for k in range(256)], dtype="float64")
-    labelled = (mask > 0)[..., None]
-    blended = (1.0 - alpha) * rgb.astype("float64") + alpha * colours[mask]
-    return np.where(labelled, np.round(blended), rgb).astype(np.uint8)
-
-
-def _rgb_indexes(descriptions: Sequence[str | None], count: int) -> list[int]:
-    """1-based band indexes of B04, B03, B02: by band description, else the standard band order."""
-    names = [d or "" for d in descriptions]
-    if all(name in names for name in RGB_BANDS):
-        return [names.index(name) + 1 for name in RGB_BANDS]
-    return [BANDS.index(name) + 1 for name in RGB_BANDS] if count >= len(BANDS) else [1, 1, 1]
-
-
-def read_rgb(image_path: str | Path | BinaryIO) -> np.ndarray:
-    """B04, B03, B02 of an image chip as (3, rows, cols) DNs; for a time series (``DATE B02`` band
-    descriptions), the date with the most valid pixels, the latest on a tie."""
-    with rasterio.open(image_path) as src:
-        descriptions = list(src.descriptions)
-        dates = sorted({d.split()[0] for d in descriptions if d and len(d.split()) == 2})
-        if dates:
-            best, best_valid = None, -1
-            for date in reversed(dates):  # latest first: it wins ties
-                indexes = [descriptions.index(f"{date} {b}") + 1 for b in RGB_BANDS
-                           if f"{date} {b}" in descriptions]
-                if len(indexes) != 3:
-                    continue
-                bands = src.read(indexes)
-                valid = int(np.all(bands > 0, axis=0).sum())
-                if valid > best_valid:
-                    best, best_valid = bands, valid
-            if best is not None:
-                return best
-        return src.read(_rgb_indexes(descriptions, src.count))
-
-
-def quicklook(image_path: str | Path | BinaryIO, mask_path: str | Path | BinaryIO) -> np.ndarray:
-    """True colour | true colour with the class overlay, side by side: (rows, 2 cols + gap, 3) uint8."""
-    rgb = stretch_rgb(read_rgb(image_path))
-    with rasterio.open(mask_path) as src:
-        mask = src.read(1)
-    if mask.shape != rgb.shape[:2]:
-        raise ValueError(f"{mask_path} is {mask.shape}, its image {rgb.shape[:2]}")
-    rows, cols = mask.shape
-    out = np.full((rows, 2 * cols + QUICKLOOK_GAP, 3), 255, dtype=np.uint8)
-    out[:, :cols] = rgb
-    out[:, cols + QUICKLOOK_GAP:] = overlay_classes(rgb, mask)
-    return out
-
-
-def _subsample(pixels: np.ndarray, max_side: int) -> np.ndarray:
-    step = max(1, math.ceil(max(pixels.shape[0], pixels.shape[1] / 2) / max_side))
-    if step == 1:
-        return pixels
-    cols = (pixels.shape[1] - QUICKLOOK_GAP) // 2
-    left, right = pixels[::step, :cols:step], pixels[::step, cols + QUICKLOOK_GAP::step]
-    gap = np.full((left.shape[0], QUICKLOOK_GAP, 3), 255, dtype=np.uint8)
-    return np.concatenate([left, gap, right], axis=1)
-
-
-# ----------------------------------------------------------------------------- inputs
-
-def load_chips(output: Storage | Path | str) -> tuple[Any, bool]:
-    """The chips to report: ``index.parquet`` (and True), or, without one, every chip's sidecar
-    with split ``unindexed`` (and False)."""
-    storage = open_storage(output)
-    if storage.exists(INDEX_NAME):
-        return gpd.read_parquet(storage.source(INDEX_NAME)), True
-    log.warning("%s has no %s: reporting the chips of %s/ without splits (run monitor.py --rebuild-index)",
-                storage, INDEX_NAME, METADATA_DIR)
-    rows = []
-    for r in records_from_metadata(storage):
-        to_lonlat = Transformer.from_crs(r["crs"], "EPSG:4326", always_xy=True)
-        rows.append({
-            "name": r["name"], "image": r["image"], "mask": r["mask"], "cell_id": r.get("cell_id", ""),
-            "split": "unindexed", "clear_fraction": r.get("clear_fraction"), "run_id": r.get("run_id", ""),
-            "scene_ids": [s["id"] for s in r.get("scenes", ())],
-            "scene_dates": [s["datetime"][:10] for s in r.get("scenes", ())],
-            **{f"class_{k}_pixels": int(r.get("class_pixels", {}).get(str(k), 0)) for k in CLASS_NAMES},
-            "geometry": shapely.box(*to_lonlat.transform_bounds(*r["bounds"], densify_pts=5))})
-    columns = ["name", "image", "mask", "cell_id", "split", "clear_fraction", "run_id", "scene_ids", "scene_dates",
-               *[f"class_{k}_pixels" for k in CLASS_NAMES]]
-    if not rows:
-        return gpd.GeoDataFrame({c: [] for c in columns}, geometry=[], crs="EPSG:4326"), False
-    return gpd.GeoDataFrame(rows, geometry="geometry", crs="EPSG:4326"), False
-
-
-def _as_cell(cell: CellLike) -> CellStatus:
-    if isinstance(cell, CellStatus):
-        return cell
-    if isinstance(cell, Mapping):
-        return CellStatus(str(cell["cell_id"]), _bbox(cell.get("bbox")), str(cell.get("status", "ok")),
-                          cell.get("error"))
-    values = list(cell)
-    if not 2 <= len(values) <= 4:
-        raise ValueError(f"a cell is (cell_id, bbox, status[, error]), got {cell!r}")
-    return CellStatus(str(values[0]), _bbox(values[1]), str(values[2]) if len(values) > 2 else "ok",
-                      values[3] if len(values) > 3 else None)
-
-
-def _bbox(value: Any) -> Bbox | None:
-    if value is None:
-        return None
-    minx, miny, maxx, maxy = (float(v) for v in value)
-    return minx, miny, maxx, maxy
-
-
-def grid_from_header(header: RunHeader | None) -> Grid | None:
-    """The master's grid from a run header's recorded parameters, or None when it is not there."""
-    params = (header.params if header is not None else {}).get("grid")
-    if not isinstance(params, Mapping):
-        return None
-    try:
-        return Grid(**{k: params[k] for k in ("start_x", "start_y", "step", "x_cells", "y_cells")})
-    except (KeyError, TypeError, ValueError) as exc:
-        log.warning("the run header's grid %r is unusable (%s): cells are drawn from their chips", params, exc)
-        return None
-
-
-def cells_from_results(results: Iterable[Result], grid: Grid | None = None) -> list[CellStatus]:
-    """One :class:`CellStatus` per cell of ``results`` (the worst status among its tasks), with its
-    box from ``grid`` (a :class:`~cropchips.grid.Grid`, e.g. :func:`grid_from_header`) when given."""
-    by_cell: dict[str, list[Result]] = {}
-    for result in results:
-        by_cell.setdefault(result.cell_id, []).append(result)
-    cells = []
-    for cell_id in sorted(by_cell):
-        statuses = {r.status for r in by_cell[cell_id]}
-        status = next((s for s in _STATUS_PRECEDENCE if s in statuses), min(statuses))
-        error = next((r.error for r in by_cell[cell_id] if r.status == status and r.error), None)
-        bbox = None
-        match = _CELL_ROW_COL.match(cell_id)
-        if grid is not None and match and match["grid"] == grid.grid_id:
-            try:
-                bbox = grid.cell(int(match["row"]), int(match["col"])).bbox
-            except IndexError:
-                bbox = None
-        cells.append(CellStatus(cell_id, bbox, status, error))
-    return cells
-
-
-def _resolve_cells(cells: Iterable[CellLike] | None, chips: Any) -> list[CellStatus]:
-    """The given cells (boxes filled in from the chips where missing) plus any cell that has chips
-    but was not given (status ok)."""
-    envelopes: dict[str, Bbox] = {}
-    if len(chips):
-        for cell_id, group in chips.groupby("cell_id"):
-            envelopes[str(cell_id)] = tuple(float(v) for v in group.geometry.total_bounds)  # type: ignore[assignment]
-    resolved: dict[str, CellStatus] = {}
-    for raw in cells or ():
-        cell = _as_cell(raw)
-        if cell.bbox is None and cell.cell_id in envelopes:
-            cell = CellStatus(cell.cell_id, envelopes[cell.cell_id], cell.status, cell.error)
-        if cell.status not in STATUSES:
-            log.warning("cell %s has an unknown status %r; drawn grey", cell.cell_id, cell.status)
-        resolved[cell.cell_id] = cell
-    missing = sorted(set(envelopes) - set(resolved))
-    if cells is not None and missing:
-        log.warning("%d cells have chips but were not among the cells given (drawn as ok): %s",
-                    len(missing), ", ".join(missing[:5]))
-    for cell_id in missing:
-        resolved[cell_id] = CellStatus(cell_id, envelopes[cell_id], "ok")
-    return [resolved[k] for k in sorted(resolved)]
-
-
-def select_gallery(chips: Any, max_gallery: int) -> list[int]:
-    """Row positions of at most ``max_gallery`` chips: cells taken in turn (sorted by id), each
-    cell's chips by name, so every cell shows before any shows twice; deterministic."""
-    if max_gallery <= 0 or not len(chips):
-        return []
-    order = sorted(range(len(chips)), key=lambda i: (str(chips["cell_id"].iat[i]), str(chips["name"].iat[i])))
-    queues: dict[str, list[int]] = {}
-    for i in order:
-        queues.setdefault(str(chips["cell_id"].iat[i]), []).append(i)
-    picked: list[int] = []
-    depth = 0
-    while len(picked) < max_gallery and any(depth < len(q) for q in queues.values()):
-        for queue in queues.values():
-            if depth < len(queue) and len(picked) < max_gallery:
-                picked.append(queue[depth])
-        depth += 1
-    return sorted(picked, key=lambda i: str(chips["name"].iat[i]))
-
-
-# ----------------------------------------------------------------------------- HTML pieces
 
 def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
@@ -567,7 +272,7 @@ def _summary(storage: Storage, chips: Any, indexed: bool, cells: list[CellStatus
             f'<p class="muted">written {_e(written)}</p></section>')
 
 
-def _gallery(items: list[tuple[str, str, float | None, bytes, tuple[int, int]]], total: int) -> str:
+def _gallery(items: list[GalleryItem], total: int) -> str:
     legend = "".join(f'<span class="key"><span class="swatch" style="background:{PALETTE[k]}"></span>'
                      f'{k} {_e(_class_label(k))}</span>' for k in sorted(CLASS_NAMES) if k)
     figures = []
@@ -640,69 +345,25 @@ footer{max-width:1220px;margin:0 auto;padding:0 24px 30px;color:var(--muted);fon
 """
 
 
-# ----------------------------------------------------------------------------- the report
-
-def build_report(output: Storage | Path | str, *, cells: Iterable[CellLike] | None = None,
-                 run_summary: Mapping[str, Any] | None = None, quicklooks: bool = False,
-                 max_gallery: int = 24) -> Path | str:
-    """Write ``OUTPUT/report.html`` (self-contained: inline CSS, SVG and PNG data URIs, no script,
-    no external resource) and, with ``quicklooks``, ``OUTPUT/quicklooks/NAME.png`` per chip.
-
-    ``cells``: (cell_id, bbox lon/lat or None, status[, error]) tuples, mappings with those keys or
-    :class:`CellStatus`; None: one ``ok`` cell per chip ``cell_id``, boxed by its chips' footprints.
-    ``run_summary``: the monitor's :meth:`~cropchips.monitor.RunProgress.summary`, shown when given.
-    Returns the report's path or URL.
-    """
-    storage = open_storage(output)
-    if storage.is_local and not Path(storage.url()).is_dir():
-        raise InputDataError(f"{storage} does not exist: give the workers' output folder")
-    chips, indexed = load_chips(storage)
-    chips = chips.sort_values("name").reset_index(drop=True) if len(chips) else chips
-    resolved = _resolve_cells(cells, chips)
-    written = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-    gallery_rows = set(select_gallery(chips, max_gallery))
-    wanted = range(len(chips)) if quicklooks else sorted(gallery_rows, key=lambda i: str(chips["name"].iat[i]))
-    gallery: list[tuple[str, str, float | None, bytes, tuple[int, int]]] = []
-    written_pngs = 0
-    for i in wanted:
-        name = str(chips["name"].iat[i])
-        try:
-            pixels = quicklook(storage.source(str(chips["image"].iat[i])), storage.source(str(chips["mask"].iat[i])))
-        except (OSError, ValueError, IndexError) as exc:  # one unreadable chip must not stop the report
-            log.warning("no quicklook for %s: %s", name, exc)
-            continue
-        if quicklooks:
-            storage.write_bytes(f"{QUICKLOOKS_DIR}/{name}.png", encode_png(pixels))
-            written_pngs += 1
-        if i in gallery_rows:
-            small = _subsample(pixels, GALLERY_MAX_SIDE)
-            clear = chips["clear_fraction"].iat[i] if "clear_fraction" in chips else None
-            gallery.append((name, str(chips["split"].iat[i]), None if clear is None else float(clear),
-                            encode_png(small), (small.shape[1], small.shape[0])))
-    gallery.sort(key=lambda item: item[0])
-
+def render_page(storage: Storage, chips: Any, indexed: bool, cells: list[CellStatus],
+                run_summary: Mapping[str, Any] | None, gallery: list[GalleryItem], written: str) -> str:
+    """The whole report page: summary, class balance, splits, cell map, problems and gallery."""
     title = "cropchips dataset report"
     body = "".join([
-        _summary(storage, chips, indexed, resolved, run_summary, written),
+        _summary(storage, chips, indexed, cells, run_summary, written),
         _class_balance(_class_totals(chips)),
         _split_counts(chips),
-        _cell_map(resolved, chips),
-        _problems(resolved, run_summary),
+        _cell_map(cells, chips),
+        _problems(cells, run_summary),
         _gallery(gallery, len(chips)),
     ])
-    page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
             "style-src 'unsafe-inline'\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>{_e(title)}: {_e(_display_name(storage))}</title><style>{_CSS}</style></head><body>"
             f"<header><h1>{_e(title)}</h1><p>{_e(_display_location(storage))}</p></header>"
             f"<main>{body}</main><footer>written {_e(written)} by cropchips.report</footer></body></html>\n")
-    storage.write_bytes(REPORT_NAME, page.encode("utf-8"))
-    path = storage.url(REPORT_NAME)
-    log.info("report %s: %d chips, %d cells, %d in the gallery%s", path, len(chips), len(resolved), len(gallery),
-             f", {written_pngs} quicklooks in {storage.url(QUICKLOOKS_DIR)}" if quicklooks else "")
-    return Path(path) if storage.is_local else path
 
 
 def _display_location(storage: Storage) -> str:
@@ -711,25 +372,3 @@ def _display_location(storage: Storage) -> str:
 
 def _display_name(storage: Storage) -> str:
     return storage.url().rstrip("/").rsplit("/", 1)[-1]
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m cropchips.report OUTPUT_DIR [--quicklooks] [--max-gallery N]``."""
-    parser = argparse.ArgumentParser(prog="python -m cropchips.report", description=__doc__)
-    parser.add_argument("output_dir", help="the workers' output folder (with index.parquet, ideally)")
-    parser.add_argument("--quicklooks", action="store_true", help="also write quicklooks/NAME.png for every chip")
-    parser.add_argument("--max-gallery", type=int, default=24, help="chips shown in the report's gallery")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
-    args = parser.parse_args(argv)
-
-    def body() -> int:
-        setup_logging(args.log_level)
-        path = build_report(args.output_dir, quicklooks=args.quicklooks, max_gallery=args.max_gallery)
-        print(json.dumps({"report": str(path)}))
-        return EXIT_OK
-
-    return run(body)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

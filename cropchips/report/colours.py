@@ -1,0 +1,19 @@
+"""The report's fixed colours: one per class, per cell status and per split."""
+
+#: One fixed colour per class id, used by the bar chart, the split bars, the legend and the overlays.
+PALETTE: dict[int, str] = {
+    0: "#9e9e9e",  # unlabelled (never drawn over the quicklooks)
+    1: "#808000",  # olive plantations
+    2: "#8e24aa",  # vineyards
+    3: "#e53935",  # fruit
+    4: "#1b5e20",  # nuts, orchards, forest
+    5: "#fdd835",  # cereals
+    6: "#26c6da",  # legumes
+    7: "#3949ab",  # vegetables
+    8: "#fb8c00",  # fallow, bare arable land
+}
+STATUS_COLOURS: dict[str, str] = {"ok": "#2e7d32", "no_scenes": "#607d8b", "no_fields": "#f9a825",
+                                  "failed": "#c62828"}
+OTHER_STATUS_COLOUR = "#bdbdbd"
+SPLIT_COLOURS: dict[str, str] = {"train": "#1565c0", "val": "#ef6c00", "test": "#6a1b9a"}
+OTHER_SPLIT_COLOUR = "#616161"

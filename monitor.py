@@ -11,10 +11,10 @@ from collections.abc import Mapping, Sequence
 
 from cropchips import config
 from cropchips.cli import EXIT_ERROR, EXIT_OK, run, setup_logging
-from cropchips.dataset import SplitPolicy, finalize, records_from_metadata
+from cropchips.dataset import finalize, records_from_metadata, split_policy
 from cropchips.errors import ConfigError
 from cropchips.kafka_io import KafkaSettings
-from cropchips.monitor import Monitor, format_summary
+from cropchips.monitor import DEFAULT_PROGRESS_INTERVAL_S, Monitor, format_summary
 from cropchips.report import build_report, cells_from_results, grid_from_header
 
 EXIT_TASKS_FAILED = 2
@@ -28,7 +28,10 @@ def build_parser(env: Mapping[str, str] | None = None) -> config.EnvArgumentPars
     p.flag("--json", help="print the final summary as one JSON object on stdout")
     p.option("--timeout", type=config.positive_float, default=None,
              help="give up (exit 1) if the run is not done after this many seconds")
-    p.flag("--no-progress", help="no progress bar (logs only)")
+    p.flag("--no-progress", help="no progress bar or progress lines: a log line every --progress-interval instead")
+    p.option("--progress-interval", type=config.positive_float, default=DEFAULT_PROGRESS_INTERVAL_S,
+             help="seconds between plain progress lines when standard error is not a terminal (systemd, "
+             "Kubernetes, CI logs: no bar redraws there), or between log lines with --no-progress")
     d = p.add_argument_group("dataset index")
     p.option("--output-dir", default=None, group=d,
              help="the workers' output folder or object-store URL (s3://bucket/prefix): when the run is "
@@ -39,26 +42,21 @@ def build_parser(env: Mapping[str, str] | None = None) -> config.EnvArgumentPars
            "(summary, class balance, splits, cell map, quicklook gallery)")
     p.flag("--quicklooks", group=d,
            help="with --report: also write OUTPUT/quicklooks/NAME.png (true colour | class overlay) for every chip")
-    p.option("--split-block-size", type=config.positive_float, default=10000.0, group=d,
-             help="side in metres of the spatial blocks assigned whole to train/val/test")
-    p.option("--split-ratios", type=split_ratios, default=(0.8, 0.1, 0.1), group=d,
-             help="train,val,test shares of the blocks")
     p.option("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     return p
 
 
-def split_ratios(text: str) -> tuple[float, float, float]:
-    parts = [float(v) for v in text.split(",")]
-    if len(parts) != 3 or any(v < 0 for v in parts) or abs(sum(parts) - 1.0) > 1e-6:
-        raise ValueError("give three non-negative numbers adding up to 1, e.g. 0.8,0.1,0.1")
-    return parts[0], parts[1], parts[2]
-
-
-split_ratios.__name__ = "train,val,test ratios"
+#: Flags the monitor had before the run's dataset spec took over the splits.
+MOVED_TO_MASTER = ("--split-block-size", "--split-ratios")
 
 
 def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
                ) -> tuple[KafkaSettings, argparse.Namespace]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    moved = [arg.split("=", 1)[0] for arg in argv if arg.split("=", 1)[0] in MOVED_TO_MASTER]
+    if moved:
+        raise ConfigError(f"{', '.join(moved)}: the splits are part of the run's dataset spec now; give them to "
+                          "master.py (or its --spec file): the index follows the run's spec, or OUTPUT/dataset.yaml")
     args = build_parser(env).parse_args(argv)
     return config.kafka_settings(args, "cropchips-monitor", env), args
 
@@ -67,11 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         kafka, args = parse_args(argv)
         setup_logging(args.log_level)
-        policy = SplitPolicy(block_size_m=args.split_block_size, ratios=args.split_ratios)
         if (args.rebuild_index or args.report) and not args.output_dir:
             raise ConfigError("--rebuild-index and --report need --output-dir")
         if args.rebuild_index:
-            rebuilt = finalize(args.output_dir, policy=policy)
+            rebuilt = finalize(args.output_dir, policy=split_policy(args.output_dir))
             if args.report:
                 rebuilt["report"] = str(build_report(args.output_dir, quicklooks=args.quicklooks))
             print(json.dumps(rebuilt, sort_keys=True))
@@ -81,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         started = time.monotonic()
         try:
             progress = monitor.follow(exit_when_done=args.exit_when_done, timeout_s=args.timeout,
-                                      show_progress=not args.no_progress)
+                                      show_progress=not args.no_progress, progress_interval_s=args.progress_interval)
         except KeyboardInterrupt:
             progress = monitor.progress
         if progress is None:
@@ -91,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.output_dir and progress.complete():
             # The run's chips, with their full provenance from the sidecars beside them.
             names = [chip.name for r in progress.results.values() if r.status == "ok" for chip in r.chips]
+            policy = split_policy(args.output_dir, progress.header.spec if progress.header else None)
             summary["dataset"] = finalize(args.output_dir, records_from_metadata(args.output_dir, names), policy)
             if args.report:
                 cells = cells_from_results(progress.results.values(), grid_from_header(progress.header))

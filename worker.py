@@ -4,45 +4,30 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import socket
 import sys
 from collections.abc import Mapping, Sequence
 
 from cropchips import config
 from cropchips.cli import EXIT_OK, run, setup_logging
+from cropchips.errors import ConfigError
 from cropchips.hrefs import DEFAULT_ALLOWED_PREFIXES, HrefPolicy
 from cropchips.processing import ProcessingOptions, TaskProcessor, default_worker_id
 from cropchips.worker import Worker, WorkerOptions
+
+log = logging.getLogger("worker")
 
 
 def build_parser(env: Mapping[str, str] | None = None) -> config.EnvArgumentParser:
     p = config.EnvArgumentParser(prog="worker.py", description=__doc__, env=env)
     p.add_argument("number", help="this worker's number (N in `worker.py N`), part of its id N@host")
     p.option("--gpkg", default="/mnt/mimmo/es_2023_all.gpkg", help="EuroCrops GeoPackage (the NFS-mounted copy)")
-    p.option("--layer", default=None, help="layer of the GeoPackage (default: the first with EuroCrops columns)")
     p.option("--output-dir", default="/mnt/mimmo", help="where images/ and masks/ are written: the shared folder, or an object store URL "
              "such as s3://bucket/prefix (credentials and endpoint from the usual AWS_* variables)")
-    c = p.add_argument_group("chips")
-    p.option("--chip-size", type=config.positive_int, default=256, group=c, help="chip width and height in pixels")
-    p.option("--max-chips-per-cell", type=config.non_negative_int, default=5, group=c, help="at most this many chips per cell")
-    p.option("--composite", default="median", choices=("median", "least-cloudy"), group=c,
-             help="median of cloud-free pixels over all scenes, or the single least cloudy scene")
-    p.option("--resolution", type=config.positive_float, default=10.0, group=c, help="output pixel size in metres")
-    p.option("--temporal", default="composite", choices=("composite", "stack"), group=c,
-             help="one composited image per chip, or a time series (T x 10 bands, dates in the band names)")
-    p.option("--max-scenes", type=config.non_negative_int, default=0, group=c,
-             help="use at most this many scenes per cell, the clearest (0: all)")
-    p.toggle("--harmonize", default=True, group=c,
-             help="subtract the 1000 DN offset of processing baseline >= 04.00 so every scene has DN = "
-                  "reflectance x 10000 (--no-harmonize keeps the DNs as published)")
-    p.option("--min-clear-fraction", type=float, default=0.9, group=c,
-             help="skip chips with a smaller share of clear (SCL 4, 5, 6) observations")
-    p.option("--max-nodata-fraction", type=float, default=0.0, group=c,
-             help="skip chips with a larger share of pixels outside the scenes' data")
-    p.option("--format", default="gtiff", choices=("gtiff", "cog"), group=c,
-             help="tiled GeoTIFF, or Cloud-Optimized GeoTIFF with an overview level")
-    p.option("--class-map", default=None, group=c, help="CSV mapping HCAT3 codes to classes (default: the packaged one)")
-    p.flag("--force", group=c, help="redo tasks whose outputs are already complete (default: re-report them)")
+    c = p.add_argument_group("reading", "what the chips are (size, composite, bands, ...) is the run's dataset spec, "
+                             "which every task carries: set it on the master")
     p.option("--allowed-hrefs", default=",".join(DEFAULT_ALLOWED_PREFIXES), group=c,
              help="comma-separated URL prefixes scene hrefs must start with (default: Earth Search's buckets)")
     p.option("--local-scenes-dir", default=None, group=c,
@@ -90,15 +75,34 @@ def build_parser(env: Mapping[str, str] | None = None) -> config.EnvArgumentPars
     return p
 
 
+#: Flags workers had before the run's dataset spec took over what they set (see the README's migration notes).
+MOVED_TO_MASTER = ("--layer", "--chip-size", "--max-chips-per-cell", "--composite", "--resolution", "--temporal",
+                   "--max-scenes", "--harmonize", "--no-harmonize", "--min-clear-fraction", "--max-nodata-fraction",
+                   "--format", "--class-map", "--force")
+
+
+def moved_flags(argv: Sequence[str]) -> list[str]:
+    """The dataset flags of older versions given on this worker's command line."""
+    return [arg.split("=", 1)[0] for arg in argv if arg.split("=", 1)[0] in MOVED_TO_MASTER]
+
+
+def ignored_environment(env: Mapping[str, str]) -> list[str]:
+    """``CROPCHIPS_*`` twins of the moved flags set in the environment: ignored, since the spec decides."""
+    names = {config.env_name(flag) for flag in MOVED_TO_MASTER if not flag.startswith("--no-")}
+    return sorted(name for name in names if env.get(name))
+
+
 def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
                ) -> tuple[ProcessingOptions, WorkerOptions, argparse.Namespace]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    moved = moved_flags(argv)
+    if moved:
+        raise ConfigError(f"{', '.join(moved)}: the dataset (chip size, composite, bands, class map, ...) is the "
+                          "run's spec now, which the master publishes with every task; give these to master.py "
+                          "(or its --spec file) and start workers without them (see the README, 'Dataset spec')")
     args = build_parser(env).parse_args(argv)
     processing = ProcessingOptions(
-        output_dir=args.output_dir, gpkg=args.gpkg, layer=args.layer, chip_size=args.chip_size,
-        max_chips_per_cell=args.max_chips_per_cell, composite=args.composite, resolution=args.resolution,
-        read_threads=args.read_threads, read_cache_mb=args.read_cache_mb, class_map=args.class_map, force=args.force, harmonize=args.harmonize,
-        min_clear_fraction=args.min_clear_fraction, max_nodata_fraction=args.max_nodata_fraction,
-        temporal=args.temporal, max_scenes=args.max_scenes, format=args.format,
+        output_dir=args.output_dir, gpkg=args.gpkg, read_threads=args.read_threads, read_cache_mb=args.read_cache_mb,
         max_task_memory_mb=args.max_task_memory_mb,
         max_task_starts=args.max_task_starts, lease_ttl_s=args.lease_ttl,
         hrefs=HrefPolicy.from_options(args.allowed_hrefs, args.local_scenes_dir))
@@ -128,6 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         processing, options, args = parse_args(argv)
         setup_logging(args.log_level)
+        ignored = ignored_environment(os.environ)
+        if ignored:
+            log.warning("ignoring %s: the run's dataset spec, which every task carries, decides the chips",
+                        ", ".join(ignored))
         processor = TaskProcessor(processing, default_worker_id(args.number))
         try:
             worker = Worker(options, processor)

@@ -19,6 +19,7 @@ from typing import Any
 
 from cropchips.embedded_broker import EmbeddedBroker
 from cropchips.kafka_io import KafkaSettings, ensure_topics, make_producer
+from cropchips.spec import DatasetSpec
 from cropchips.messages import Cell, Result, Task, encode
 from cropchips.processing import utc_now
 from cropchips.worker import Worker, WorkerOptions
@@ -48,7 +49,7 @@ def one_round(broker: EmbeddedBroker, n: int, tasks: int, task_s: float, static:
     for i in range(tasks):
         cell = Cell(id=f"c{i:04d}", row=i // 100, col=i % 100, bbox=(0.0, 0.0, 0.1, 0.1))
         producer.send(names["tasks"], key=cell.id.encode(),
-                      value=encode(Task(run_id="run-join", task_id=f"t{i:04d}", cell=cell, scenes=()))).get(timeout=10)
+                      value=encode(Task(run_id="run-join", task_id=f"t{i:04d}", cell=cell, scenes=(), spec=DatasetSpec()))).get(timeout=10)
     producer.close()
     log: list = []
 

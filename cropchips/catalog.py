@@ -162,23 +162,19 @@ def _label_classes() -> list[LabelClasses]:
     return [LabelClasses.create(classes=sorted(CLASS_NAMES), name=None)]
 
 
-def _media_type(config: Mapping[str, Any]) -> str:
-    return str(pystac.MediaType.COG if config.get("format") == "cog" else pystac.MediaType.GEOTIFF)
+def _media_type(record: Mapping[str, Any]) -> str:
+    return str(pystac.MediaType.COG if record.get("format") == "cog" else pystac.MediaType.GEOTIFF)
 
 
 def _grid(record: Mapping[str, Any]) -> tuple[list[int], list[float]]:
-    """(shape [rows, cols], transform) of the chip, from its bounds and the worker settings."""
+    """(shape [rows, cols], transform) of the chip, from its bounds and resolution."""
     left, bottom, right, top = record["bounds"]
-    config = record.get("config", {})
-    if config.get("resolution"):
-        res_x = res_y = float(config["resolution"])
-    elif config.get("chip_size"):
-        res_x, res_y = (right - left) / config["chip_size"], (top - bottom) / config["chip_size"]
-    else:
-        raise ValueError(f"chip {record['name']}: its record lacks config.resolution and config.chip_size; "
+    if not record.get("resolution"):
+        raise ValueError(f"chip {record['name']}: its record lacks its resolution; "
                          "rebuild it from metadata/ sidecars written by this version of the workers")
-    shape = [round((top - bottom) / res_y), round((right - left) / res_x)]
-    return shape, [res_x, 0.0, left, 0.0, -res_y, top]
+    res = float(record["resolution"])
+    shape = [round((top - bottom) / res), round((right - left) / res)]
+    return shape, [res, 0.0, left, 0.0, -res, top]
 
 
 def _footprint(crs: str, bounds: Sequence[float], segments_per_edge: int = 4) -> shapely.Polygon:
@@ -194,7 +190,7 @@ def _footprint(crs: str, bounds: Sequence[float], segments_per_edge: int = 4) ->
 
 
 def _item(record: Mapping[str, Any], split: str, created: datetime) -> pystac.Item:
-    name, scenes, config = record["name"], record.get("scenes") or (), record.get("config", {})
+    name, scenes = record["name"], record.get("scenes") or ()
     if not scenes:
         raise ValueError(f"chip {name} lists no scenes, so it has no acquisition time; "
                          "its provenance record is incomplete (rebuild it from metadata/)")
@@ -205,6 +201,7 @@ def _item(record: Mapping[str, Any], split: str, created: datetime) -> pystac.It
         "constellation": "sentinel-2", "instruments": ["msi"],
         "cropchips:cell_id": record.get("cell_id", ""),
         "cropchips:method": record.get("method", ""),
+        "cropchips:dataset_id": record.get("dataset_id", ""),
         "cropchips:clear_fraction": record.get("clear_fraction"),
         "cropchips:nodata_fraction": record.get("nodata_fraction"),
         "cropchips:scene_ids": [s["id"] for s in scenes],
@@ -212,8 +209,8 @@ def _item(record: Mapping[str, Any], split: str, created: datetime) -> pystac.It
                                                                      key=lambda kv: int(kv[0]))},
         "cropchips:software": f"cropchips {record.get('software', '')}".strip(),
     }
-    if config.get("resolution"):
-        properties["gsd"] = float(config["resolution"])
+    if record.get("resolution"):
+        properties["gsd"] = float(record["resolution"])
     one_time = len(set(times)) == 1
     geometry = json.loads(json.dumps(shapely.geometry.mapping(footprint)))  # GeoJSON arrays, not tuples
     item = pystac.Item(id=name, geometry=geometry, bbox=list(footprint.bounds),
@@ -228,12 +225,12 @@ def _item(record: Mapping[str, Any], split: str, created: datetime) -> pystac.It
     method = record.get("method", "")
     made = "Time stack of the scenes, 10 bands per date" if method == "stack" else f"{method} composite of the scenes"
     image = pystac.Asset(href=f"{_VIRTUAL_ROOT}/{record['image']}", title="Sentinel-2 L2A surface reflectance",
-                         media_type=_media_type(config), roles=["data"], description=f"{made}; uint16 DN, 0 = no data")
+                         media_type=_media_type(record), roles=["data"], description=f"{made}; uint16 DN, 0 = no data")
     item.add_asset("image", image)
     EOExtension.ext(image, add_if_missing=True).bands = eo_bands(record.get("bands") or BANDS)
 
     mask = pystac.Asset(href=f"{_VIRTUAL_ROOT}/{record['mask']}", title="Crop class mask",
-                        media_type=_media_type(config), roles=["labels", "labels-raster"],
+                        media_type=_media_type(record), roles=["labels", "labels-raster"],
                         description="uint8 class per pixel, 0 = unlabelled")
     item.add_asset("mask", mask)
     ClassificationExtension.ext(mask, add_if_missing=True).classes = _classifications(record.get("class_pixels", {}))
@@ -295,6 +292,9 @@ def _collection(collection_id: str, title: str | None, description: str | None,
     collection.summaries.add("constellation", ["sentinel-2"])
     collection.summaries.add("instruments", ["msi"])
     collection.summaries.add("cropchips:method", sorted({item.properties["cropchips:method"] for item in items}))
+    # The dataset spec(s) the chips were made with: OUTPUT/dataset.yaml holds the folder's.
+    collection.summaries.add("cropchips:dataset_id",
+                             sorted({item.properties["cropchips:dataset_id"] for item in items}))
     if any("gsd" in item.properties for item in items):
         collection.summaries.add("gsd", sorted({item.properties["gsd"] for item in items if "gsd" in item.properties}))
     EOExtension.summaries(collection, add_if_missing=True).bands = eo_bands(BANDS)

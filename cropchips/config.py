@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,27 @@ def parse_bool(text: str) -> bool:
     raise ValueError(f"expected one of {sorted(_TRUE | _FALSE)}, got {text!r}")
 
 
+#: A help text that already says what its default is: "(default: the latest run)", "%(default)s".
+_STATES_DEFAULT = re.compile(r"\bdefault\s*:|%\(default\)", re.IGNORECASE)
+
+
+class DefaultsOnceHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``ArgumentDefaultsHelpFormatter`` that states each default once, and only when it says something.
+
+    No "(default: X)" is appended when the help text already states a default in its own words
+    ("(default: the first layer)"; a passing mention such as "the brokers' default limit" is not one),
+    nor when the default is None, False or empty (an unset option, a switch that is off), nor SUPPRESS.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        default = action.default
+        if (default is None or default is False or (isinstance(default, str) and not default)
+                or default is argparse.SUPPRESS or _STATES_DEFAULT.search(help)):
+            return help
+        return super()._get_help_string(action)
+
+
 class EnvArgumentParser(argparse.ArgumentParser):
     """An ArgumentParser whose options fall back to ``CROPCHIPS_*`` environment variables.
 
@@ -51,7 +73,7 @@ class EnvArgumentParser(argparse.ArgumentParser):
     """
 
     def __init__(self, *args: Any, env: Mapping[str, str] | None = None, **kwargs: Any):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", DefaultsOnceHelpFormatter)
         # No abbreviations: "--sasl-password X" must not silently mean --sasl-password-file.
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)

@@ -22,6 +22,8 @@ import shapely
 from pyproj import Transformer
 
 from .errors import InputDataError
+from .spec import DatasetSpec
+from .spec_file import SPEC_FILE, read_folder_spec
 from .storage import Storage, open_storage
 from .writing import IMAGES_DIR, MASKS_DIR, METADATA_DIR
 
@@ -55,6 +57,16 @@ class SplitPolicy:
         u = int.from_bytes(digest[:8], "big") / 2**64
         edges = np.cumsum(self.ratios)
         return SPLITS[int(np.searchsorted(edges, u, side="right").clip(0, 2))]
+
+
+def split_policy(output: Storage | Path | str, spec: DatasetSpec | None = None) -> SplitPolicy:
+    """The splits of ``spec`` (the run's), else of the folder's ``dataset.yaml``, else the defaults."""
+    if spec is None:
+        spec = read_folder_spec(open_storage(output))
+        if spec is None:
+            log.warning("%s has no %s: splitting with the default spec's blocks", output, SPEC_FILE)
+            spec = DatasetSpec()
+    return SplitPolicy(block_size_m=spec.split_block_size, ratios=spec.split_ratios)
 
 
 def records_from_metadata(output: Storage | Path | str, names: Iterable[str] | None = None) -> list[dict[str, Any]]:
@@ -106,7 +118,8 @@ def build_index(records: Iterable[dict[str, Any]], policy: SplitPolicy = SplitPo
             "crs": r["crs"], "left": left, "bottom": bottom, "right": right, "top": top,
             "scene_ids": [s["id"] for s in r.get("scenes", ())],
             "scene_dates": [s["datetime"][:10] for s in r.get("scenes", ())],
-            "method": r.get("method", ""), "clear_fraction": r.get("clear_fraction"),
+            "method": r.get("method", ""), "dataset_id": r.get("dataset_id", ""),
+            "clear_fraction": r.get("clear_fraction"),
             "nodata_fraction": r.get("nodata_fraction"),
             **{f"class_{k}_pixels": int(r.get("class_pixels", {}).get(str(k), 0)) for k in range(9)},
             "split": policy.split_of(r["crs"], cx, cy), "worker_id": r.get("worker_id", ""),

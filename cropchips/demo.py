@@ -51,19 +51,19 @@ def run_demo(output: Path, *, workers: int = 2, chip_size: int | None = None, py
              "--start-x", str(sample.start_x), "--start-y", str(sample.start_y), "--grid-step", str(sample.grid_step),
              "--x-cells", str(sample.x_cells), "--y-cells", str(sample.y_cells), "--stac-items", str(sample.items),
              "--collection", sample.collection, "--datetime", sample.datetime, "--max-cloud", "60",
-             "--run-id", run_id, *common], check=False)
+             "--run-id", run_id, "--split-block-size", str(DEMO_SPLIT_BLOCK_M),
+             *(["--chip-size", str(chip_size)] if chip_size else []), *common], check=False)
         if master.returncode != 0:
             raise CropChipsError(f"master.py exited with {master.returncode}")
         procs = [subprocess.Popen(
-            [python, script("worker.py"), str(n), "--gpkg", str(sample.gpkg), "--layer", sample.layer,
+            [python, script("worker.py"), str(n), "--gpkg", str(sample.gpkg),
              "--output-dir", str(dataset), "--local-scenes-dir", str(sample.root), "--burst", "--burst-idle", "5",
-             *common,
-             *(["--chip-size", str(chip_size)] if chip_size else [])])
+             *common])
             for n in range(1, workers + 1)]
         try:
             monitor = subprocess.run(
                 [python, script("monitor.py"), "--exit-when-done", "--json", "--run-id", run_id,
-                 "--output-dir", str(dataset), "--report", "--split-block-size", str(DEMO_SPLIT_BLOCK_M),
+                 "--output-dir", str(dataset), "--report",
                  "--timeout", str(timeout_s), *common], stdout=subprocess.PIPE, text=True, check=False)
         finally:
             deadline = time.monotonic() + 60
@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cropchips.demo", description=__doc__)
     parser.add_argument("--output", default="demo-output", help="folder for the sample data and the dataset")
     parser.add_argument("--workers", type=int, default=2, help="worker processes to start")
-    parser.add_argument("--chip-size", type=int, default=None, help="chip size in pixels (default: the worker's, 256)")
+    parser.add_argument("--chip-size", type=int, default=None, help="chip size in pixels (default: the spec's, 256)")
     args = parser.parse_args(argv)
     setup_logging("INFO")
 

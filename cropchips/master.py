@@ -6,19 +6,24 @@ import logging
 import secrets
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import pyogrio
+import shapely
 from kafka.errors import KafkaError
+from shapely.geometry.base import BaseGeometry
 
+from .config import DEFAULT_STAC_API
 from .errors import BrokerError, ConfigError, InputDataError
-from .fields import open_layer, read_points
+from .fields import FieldLayer, layer_fingerprint, open_layer, read_points
 from .grid import Grid
 from .kafka_io import DEFAULT_RETENTION_MS, KafkaSettings, ensure_topics, is_retriable, make_producer
 from .messages import MAX_MESSAGE_BYTES, RunHeader, Scene, Task, encode
-from .scenes import filter_items, load_items_file, parse_datetime_range, scenes_for_cell, search_stac, to_scenes
+from .scenes import filter_items, load_items_file, scenes_for_cell, search_stac, to_scenes
+from .spec import DatasetSpec
 
 log = logging.getLogger(__name__)
 
@@ -32,26 +37,16 @@ MAX_TASK_BYTES_LIMIT = MAX_MESSAGE_BYTES
 
 @dataclass(frozen=True)
 class MasterOptions:
-    """Everything the master needs; built by ``master.py`` from flags and environment."""
+    """Everything the master needs; built by ``master.py`` from the spec file, flags and environment."""
 
     gpkg: str
-    """EuroCrops GeoPackage."""
-    grid: Grid
-    """The area to process."""
-    layer: str | None = None
-    """GeoPackage layer (None: the first with EuroCrops columns)."""
-    min_polygons: int = 5
-    """Cells with fewer polygons are not published."""
-    stac_api: str | None = "https://earth-search.aws.element84.com/v1"
+    """EuroCrops GeoPackage (the master's copy; workers read theirs and check its fingerprint)."""
+    spec: DatasetSpec = field(default_factory=DatasetSpec)
+    """The dataset: area, scenes, chips (see :class:`~cropchips.spec.DatasetSpec`)."""
+    stac_api: str | None = DEFAULT_STAC_API
     """STAC API to search (ignored when ``stac_items`` is set)."""
     stac_items: str | None = None
     """Local ItemCollection JSON to use instead of the API."""
-    collection: str = "sentinel-2-l2a"
-    """STAC collection."""
-    datetime: str = "2023-05-15/2023-06-30"
-    """Date range START/END."""
-    max_cloud: float = 10.0
-    """Scenes with ``eo:cloud_cover`` >= this percentage are not used."""
     kafka: KafkaSettings = field(default_factory=lambda: KafkaSettings("localhost:9092"))
     """Broker connection."""
     tasks_topic: str = "satellite-tasks"
@@ -69,16 +64,14 @@ class MasterOptions:
     """Run identifier (None: generated from the time)."""
     broker_wait_s: float = 60.0
     """How long to wait for an unreachable broker."""
-    max_scenes: int = 0
-    """At most this many scenes per task, the least cloudy by ``eo:cloud_cover`` (0: all)."""
     max_task_bytes: int = DEFAULT_MAX_TASK_BYTES
     """A task message larger than this refuses the whole run before anything is published."""
     retention_ms: int = DEFAULT_RETENTION_MS
     """``retention.ms`` of the topics the master has to create (-1: keep forever)."""
+    force: bool = False
+    """Tasks redo complete cells and replace the output folder's ``dataset.yaml`` if it differs."""
 
     def __post_init__(self) -> None:
-        if self.max_scenes < 0:
-            raise ConfigError("--max-scenes must be >= 0 (0: all scenes)")
         if not 1024 <= self.max_task_bytes <= MAX_TASK_BYTES_LIMIT:
             raise ConfigError(f"--max-task-bytes must lie between 1024 and {MAX_TASK_BYTES_LIMIT}")
 
@@ -93,15 +86,42 @@ class Plan:
     dropped: Counter
     polygons: int
     scenes: int
+    spec: DatasetSpec
+    """The spec the tasks carry (layer and GeoPackage fingerprint set)."""
+    grid: Grid
+    """The grid the cells belong to."""
 
     def header(self, params: dict[str, Any]) -> RunHeader:
         return RunHeader(run_id=self.run_id, task_count=len(self.tasks),
                          created_at=datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
-                         cells_total=self.cells_total, cells_dropped=dict(self.dropped), params=params)
+                         cells_total=self.cells_total, cells_dropped=dict(self.dropped), params=params,
+                         spec=self.spec)
 
 
 def new_run_id() -> str:
     return f"run-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(2)}"
+
+
+def read_aoi(path: str) -> BaseGeometry:
+    """The union of the polygons of a vector file (any OGR format and CRS), in EPSG:4326."""
+    try:
+        frame = pyogrio.read_dataframe(path)
+    except Exception as exc:  # pyogrio's DataSourceError and friends
+        raise InputDataError(f"cannot read the aoi {path} as a file of polygons ({exc}); give a GeoPackage, "
+                             "GeoJSON or shapefile of the area's polygons") from None
+    if frame.crs is None:
+        raise InputDataError(f"the aoi {path} has no CRS; assign one (e.g. ogr2ogr -a_srs EPSG:4326)")
+    polygons = frame.geometry[frame.geometry.notna() & ~frame.geometry.is_empty].to_crs("EPSG:4326")
+    polygons = polygons[polygons.geom_type.isin(("Polygon", "MultiPolygon"))]
+    if polygons.empty:
+        raise InputDataError(f"the aoi {path} holds no polygon; give the area as polygons (or use --bbox)")
+    return shapely.union_all(shapely.make_valid(polygons.values))
+
+
+def plan_spec(options: MasterOptions, layer: FieldLayer) -> DatasetSpec:
+    """The run's spec as the tasks carry it: the layer resolved and the GeoPackage's fingerprint set, so
+    that workers read the same layer of the same file."""
+    return replace(options.spec, layer=layer.layer, gpkg_fingerprint=layer_fingerprint(layer))
 
 
 def make_plan(options: MasterOptions) -> Plan:
@@ -109,9 +129,11 @@ def make_plan(options: MasterOptions) -> Plan:
 
     Raises a CropChipsError subclass with a readable message for every bad input.
     """
-    grid = options.grid
-    parse_datetime_range(options.datetime)  # a bad --datetime fails before any I/O
-    layer = open_layer(options.gpkg, options.layer)
+    spec = options.spec
+    aoi = read_aoi(spec.aoi) if spec.aoi is not None else None
+    grid = spec.grid(aoi.bounds if aoi is not None else None)
+    layer = open_layer(options.gpkg, spec.layer)
+    spec = plan_spec(options, layer)
     lon, lat = read_points(layer, grid.bbox)
     counts = grid.count(lon, lat)
     log.info("%d polygons in the grid bbox %s of %s (layer %s)", int(counts.sum()), grid.bbox, options.gpkg,
@@ -119,33 +141,36 @@ def make_plan(options: MasterOptions) -> Plan:
     dropped: Counter = Counter()
     kept = []
     for cell in grid.cells():
-        if counts[cell.row, cell.col] >= options.min_polygons:
+        if aoi is not None and not aoi.intersects(shapely.box(*cell.bbox)):
+            dropped["outside_aoi"] += 1
+        elif counts[cell.row, cell.col] >= spec.min_polygons:
             kept.append(cell)
         else:
             dropped["too_few_polygons"] += 1
     if not kept:
         raise InputDataError(
-            f"no cell of the {grid.x_cells}x{grid.y_cells} grid at {grid.bbox} has at least {options.min_polygons} "
-            f"polygons (most in one cell: {int(counts.max())}, total {int(counts.sum())}). Check --start-x/--start-y "
-            "(south-west corner, degrees), --grid-step and that the GeoPackage covers the area, or lower --min-polygons.")
-    log.info("kept %d of %d cells; dropped %d with fewer than %d polygons", len(kept), grid.x_cells * grid.y_cells,
-             dropped["too_few_polygons"], options.min_polygons)
+            f"no cell of the {grid.x_cells}x{grid.y_cells} grid at {grid.bbox} has at least {spec.min_polygons} "
+            f"polygons (most in one cell: {int(counts.max())}, total {int(counts.sum())}). Check the area "
+            "(--start-x/--start-y, the south-west corner in degrees, and --grid-step; or --bbox, or --aoi) and that "
+            "the GeoPackage covers it, or lower --min-polygons.")
+    log.info("kept %d of %d cells; dropped %s", len(kept), grid.x_cells * grid.y_cells,
+             ", ".join(f"{n} {reason}" for reason, n in dropped.items()) or "none")
 
     if options.stac_items:
-        items = filter_items(load_items_file(options.stac_items), collection=options.collection, bbox=grid.bbox,
-                             datetime_range=options.datetime, max_cloud=options.max_cloud)
+        items = filter_items(load_items_file(options.stac_items), collection=spec.collection, bbox=grid.bbox,
+                             datetime_range=spec.datetime, max_cloud=spec.max_cloud)
         log.info("%d items from %s match the grid, %s and cloud < %s%%", len(items), options.stac_items,
-                 options.datetime, options.max_cloud)
+                 spec.datetime, spec.max_cloud)
     else:
         if not options.stac_api:
             raise InputDataError("give --stac-api or --stac-items")
-        items = search_stac(options.stac_api, collection=options.collection, bbox=grid.bbox,
-                            datetime_range=options.datetime, max_cloud=options.max_cloud)
+        items = search_stac(options.stac_api, collection=spec.collection, bbox=grid.bbox,
+                            datetime_range=spec.datetime, max_cloud=spec.max_cloud)
     scenes = to_scenes(items)
     if not scenes:
         raise InputDataError(
-            f"no {options.collection} scene covers {grid.bbox} in {options.datetime} with cloud cover < "
-            f"{options.max_cloud}%. Widen --datetime, raise --max-cloud or check --collection.")
+            f"no {spec.collection} scene covers {grid.bbox} in {spec.datetime} with cloud cover < "
+            f"{spec.max_cloud}%. Widen --datetime, raise --max-cloud or check --collection.")
 
     run_id = options.run_id or new_run_id()
     tasks = []
@@ -154,15 +179,16 @@ def make_plan(options: MasterOptions) -> Plan:
         cell_scenes = scenes_for_cell(cell, scenes)
         if not cell_scenes:
             log.warning("cell %s: no scene covers it; its task will report no_scenes", cell.id)
-        if options.max_scenes and len(cell_scenes) > options.max_scenes:
-            cell_scenes = least_cloudy(cell_scenes, options.max_scenes)
+        if spec.max_task_scenes and len(cell_scenes) > spec.max_task_scenes:
+            cell_scenes = least_cloudy(cell_scenes, spec.max_task_scenes)
             capped += 1
-        tasks.append(Task(run_id=run_id, task_id=Task.make_id(cell, cell_scenes), cell=cell, scenes=tuple(cell_scenes)))
+        tasks.append(Task(run_id=run_id, task_id=Task.make_id(cell, cell_scenes), cell=cell, scenes=tuple(cell_scenes),
+                          spec=spec, force=options.force))
     if capped:
-        log.info("%d tasks keep only their %d least cloudy scenes (--max-scenes)", capped, options.max_scenes)
+        log.info("%d tasks keep only their %d least cloudy scenes (--max-task-scenes)", capped, spec.max_task_scenes)
     check_task_sizes(tasks, options.max_task_bytes)
     return Plan(run_id=run_id, tasks=tasks, cells_total=grid.x_cells * grid.y_cells, dropped=dropped,
-                polygons=int(counts.sum()), scenes=len(scenes))
+                polygons=int(counts.sum()), scenes=len(scenes), spec=spec, grid=grid)
 
 
 def least_cloudy(scenes: Sequence[Scene], n: int) -> list[Scene]:
@@ -185,14 +211,18 @@ def check_task_sizes(tasks: Sequence[Task], limit: int) -> None:
     raise ConfigError(
         f"{len(over)} of {len(tasks)} tasks would be larger than {limit} bytes (the largest, cell {task.cell.id} "
         f"with {len(task.scenes)} scenes, is {size} bytes), so nothing was published. Keep fewer scenes per task "
-        f"with --max-scenes (about {fits} fit), narrow --datetime or lower --max-cloud; or, if the broker and "
+        f"with --max-task-scenes (about {fits} fit), narrow --datetime or lower --max-cloud; or, if the broker and "
         "the workers allow larger messages, raise --max-task-bytes")
 
 
-def record_params(options: MasterOptions) -> dict[str, Any]:
+def record_params(options: MasterOptions, plan: Plan) -> dict[str, Any]:
+    """The master's own settings for the record (the spec travels beside them, in the header's ``spec``)."""
     params = asdict(options)
+    del params["spec"]
     params["kafka"] = {"bootstrap_servers": options.kafka.bootstrap_servers}
     params["gpkg"] = str(Path(options.gpkg))
+    params["grid"] = asdict(plan.grid)
+    params["dataset_id"] = plan.spec.dataset_id()
     return params
 
 
@@ -275,7 +305,7 @@ def publish(plan: Plan, options: MasterOptions) -> None:
             raise BrokerError(f"{len(failures)} of {len(plan.tasks)} tasks were not acknowledged by the broker; "
                               "re-run the master (task ids are stable, finished cells are skipped)")
         producer.send(options.results_topic, key=plan.run_id.encode(),
-                      value=encode(plan.header(record_params(options)))).get(timeout=30)
+                      value=encode(plan.header(record_params(options, plan)))).get(timeout=30)
     finally:
         producer.close(timeout=10)
     log.info("published %d tasks to %s and the run header %s to %s", len(plan.tasks), options.tasks_topic,

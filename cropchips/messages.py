@@ -9,6 +9,10 @@ Three message types travel on the topics:
 
 Every message carries ``type`` and ``schema_version``. A reader rejects an unknown
 type or version with :class:`~cropchips.errors.MessageError` instead of guessing.
+
+Version 2: every task carries the run's :class:`~cropchips.spec.DatasetSpec` (workers build chips
+from it, never from their own flags), the run header carries it too, and chips name the
+dataset they belong to (``dataset_id``) instead of carrying the worker's settings.
 """
 
 from __future__ import annotations
@@ -17,12 +21,15 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
-from .errors import MessageError
+from .errors import ConfigError, MessageError
 
-SCHEMA_VERSION = 1
+if TYPE_CHECKING:
+    from .spec import DatasetSpec
+
+SCHEMA_VERSION = 2
 
 #: Sentinel-2 bands written to every image chip, in this order.
 BANDS: tuple[str, ...] = ("B02", "B03", "B04", "B08", "B05", "B06", "B07", "B8A", "B11", "B12")
@@ -144,6 +151,11 @@ class Task:
     """The cell to process."""
     scenes: tuple[Scene, ...]
     """Scenes whose footprints intersect the cell, oldest first."""
+    spec: DatasetSpec
+    """The run's dataset spec: everything that shapes the chips."""
+    force: bool = False
+    """Redo the cell even if its outputs are complete, and replace the output folder's dataset spec
+    if it differs (``master.py --force``)."""
     schema_version: int = SCHEMA_VERSION
     """Version of this schema."""
 
@@ -153,6 +165,8 @@ class Task:
         _require(isinstance(self.cell, Cell), "task cell must be a Cell")
         _require(all(isinstance(s, Scene) for s in self.scenes), "task scenes must be Scenes")
         object.__setattr__(self, "scenes", tuple(self.scenes))
+        object.__setattr__(self, "spec", _spec(self.spec, "task"))
+        _require(isinstance(self.force, bool), "task force must be true or false")
 
     @staticmethod
     def make_id(cell: Cell, scenes: tuple[Scene, ...] | list[Scene]) -> str:
@@ -178,11 +192,15 @@ class RunHeader:
     """Reason -> number of cells not published (e.g. too few polygons)."""
     params: dict[str, Any] = field(default_factory=dict)
     """The master's configuration, for the record."""
+    spec: DatasetSpec | None = None
+    """The run's dataset spec (the tasks carry the same)."""
     schema_version: int = SCHEMA_VERSION
     """Version of this schema."""
 
     def __post_init__(self) -> None:
         check_safe_id(self.run_id, "run id")
+        if self.spec is not None:
+            object.__setattr__(self, "spec", _spec(self.spec, "run"))
         _require(_count(self.task_count), "run task_count must be a non-negative integer")
         _require(_count(self.cells_total), "run cells_total must be a non-negative integer")
         _require(isinstance(self.cells_dropped, dict) and all(_count(v) for v in self.cells_dropped.values()),
@@ -223,8 +241,13 @@ class ChipRecord:
     """Share of the chip's pixels outside every scene's data footprint."""
     software: str = ""
     """cropchips version that wrote it."""
-    config: dict[str, Any] = field(default_factory=dict)
-    """The worker settings that decided the chip (chip size, composite, harmonisation, ...)."""
+    resolution: float = 10.0
+    """Pixel size of both files in ``crs`` units (metres)."""
+    format: str = "gtiff"
+    """File format of both files: ``gtiff`` or ``cog``."""
+    dataset_id: str = ""
+    """:meth:`~cropchips.spec.DatasetSpec.dataset_id` of the spec the chip was made with (the folder's
+    ``dataset.yaml`` holds that spec)."""
 
     def __post_init__(self) -> None:
         # JSON gives lists: normalise so that a decoded record equals the one encoded.
@@ -240,14 +263,16 @@ class ChipRecord:
             "chip class_pixels must map class ids to pixel counts")
         for name in ("clear_fraction", "nodata_fraction"):
             _finite(getattr(self, name), f"chip {name}")
-        _require(isinstance(self.config, dict), "chip config must be an object")
+        _require(isinstance(self.dataset_id, str), "chip dataset_id must be a string")
+        _require(isinstance(self.format, str), "chip format must be a string")
+        _require(_finite(self.resolution, "chip resolution") > 0, "chip resolution must be > 0")
 
 
 def compact_chip(record: ChipRecord) -> ChipRecord:
-    """The chip as a result carries it: without the per-scene provenance and the settings,
-    which the sidecar beside the chip holds (the result lists the scene ids once, in
-    ``scenes_used``). Keeps a result of 30 chips x 100 scenes at a few kB, not a megabyte."""
-    return ChipRecord(**{**asdict(record), "scenes": (), "config": {}})
+    """The chip as a result carries it: without the per-scene provenance, which the sidecar
+    beside the chip holds (the result lists the scene ids once, in ``scenes_used``). Keeps a
+    result of 30 chips x 100 scenes at a few kB, not a megabyte."""
+    return replace(record, scenes=())
 
 
 @dataclass(frozen=True)
@@ -374,6 +399,21 @@ def _decode(raw: bytes | str) -> Message:
     except (TypeError, KeyError, AttributeError) as exc:
         raise MessageError(f"{kind} message has missing or invalid fields: {exc}") from exc
     raise MessageError(f"unknown message type {kind!r}; expected one of {sorted(_TYPES.values())}")
+
+
+def _spec(value: Any, what: str) -> DatasetSpec:
+    """A DatasetSpec from a decoded mapping (or itself); a spec this software cannot honour
+    (newer version, unknown keys, bad values) is a MessageError saying why."""
+    from .spec import DatasetSpec  # spec.py imports this module's band names
+
+    if isinstance(value, DatasetSpec):
+        return value
+    if not isinstance(value, dict):
+        raise MessageError(f"{what} spec must be an object (the run's dataset spec), got {type(value).__name__}")
+    try:
+        return DatasetSpec.from_mapping(value, allow_files=False)
+    except ConfigError as exc:
+        raise MessageError(f"{what} carries a dataset spec this worker cannot honour: {exc}") from None
 
 
 def _fields(body: Any, cls: type, what: str) -> dict[str, Any]:

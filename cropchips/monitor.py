@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 from kafka import TopicPartition
 
@@ -18,6 +20,9 @@ log = logging.getLogger(__name__)
 
 #: A result with one of these statuses ends a task well.
 SUCCESS = ("ok", "no_scenes", "no_fields")
+
+#: Seconds between two plain progress lines (off a terminal) or log lines (without progress display).
+DEFAULT_PROGRESS_INTERVAL_S = 5.0
 
 
 @dataclass
@@ -126,9 +131,12 @@ class Monitor:
         return self.runs.get(self.current) if self.current else None
 
     def follow(self, *, exit_when_done: bool = False, timeout_s: float | None = None, show_progress: bool = True,
-               idle_exit_s: float | None = None) -> RunProgress | None:
+               idle_exit_s: float | None = None, progress_interval_s: float = DEFAULT_PROGRESS_INTERVAL_S,
+               progress_stream: TextIO | None = None) -> RunProgress | None:
         """Consume results until the run is complete (with ``exit_when_done``), the timeout passes,
-        or (when ``idle_exit_s`` is set) nothing arrives for that long."""
+        or (when ``idle_exit_s`` is set) nothing arrives for that long.
+
+        Progress goes to ``progress_stream`` (standard error by default), see :class:`ProgressDisplay`."""
         ensure_topics(self.kafka, {self.results_topic: 1}, wait=self.broker_wait_s, retention_ms=self.retention_ms)
         consumer = make_consumer(self.kafka, group_id=None, wait=self.broker_wait_s)
         display = None
@@ -145,7 +153,7 @@ class Monitor:
                     for record in recs:
                         self.handle(record.value)
                         last_message = time.monotonic()
-                display = self._show(display, show_progress)
+                display = self._show(display, show_progress, progress_interval_s, progress_stream)
                 progress = self.progress
                 if exit_when_done and progress is not None and progress.complete():
                     break
@@ -160,29 +168,57 @@ class Monitor:
             consumer.close()
         return self.progress
 
-    def _show(self, display: "ProgressDisplay | None", enabled: bool) -> "ProgressDisplay | None":
+    def _show(self, display: "ProgressDisplay | None", enabled: bool, interval_s: float,
+              stream: TextIO | None) -> "ProgressDisplay | None":
         progress = self.progress
         if progress is None or progress.total is None:
             return display
         if display is None:
-            display = ProgressDisplay(progress.run_id, bars=enabled)
+            display = ProgressDisplay(progress.run_id, enabled=enabled, interval_s=interval_s, stream=stream)
         display.update(progress)
         return display
 
 
-class ProgressDisplay:
-    """A progress bar (done/total, rate, ETA) plus a status line with failures, chips, class
-    balance and per-worker throughput; without bars, the same as a log line every 10 s."""
+def is_terminal(stream: Any) -> bool:
+    """Whether ``stream`` is an interactive terminal; a closed or file-less stream is not."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
 
-    def __init__(self, run_id: str, *, bars: bool, log_every_s: float = 10.0):
-        self.log_every_s = log_every_s
-        self.last_log = 0.0
+
+class ProgressDisplay:
+    """Shows a run's progress where it fits the reader.
+
+    On a terminal: a tqdm bar (done/total, rate, ETA) plus a status line with failures, chips, class
+    balance and per-worker throughput, redrawn in place. Anywhere else (systemd's journal, Kubernetes
+    or CI logs, a pipe): one plain line every ``interval_s``, since redraw sequences (``\\r``, ANSI
+    escapes) there become one garbled line per update. With ``enabled=False``: a log line every
+    ``interval_s`` and nothing on ``stream``. ``stream`` (standard error by default) decides by its
+    ``isatty()``; ``clock`` is injectable for tests.
+    """
+
+    #: Seconds of history the plain line's rate is measured over, so that reading a backlog of
+    #: results at start-up inflates it only for a while.
+    RATE_WINDOW_S = 60.0
+
+    def __init__(self, run_id: str, *, enabled: bool = True, stream: TextIO | None = None,
+                 interval_s: float = DEFAULT_PROGRESS_INTERVAL_S, clock: Callable[[], float] = time.monotonic):
+        if not interval_s > 0:
+            raise ValueError(f"the progress interval must be > 0 seconds, got {interval_s}")
+        self.stream = sys.stderr if stream is None else stream
+        self.interval_s = interval_s
+        self.clock = clock
+        self.mode = ("bars" if is_terminal(self.stream) else "lines") if enabled else "log"
+        self.last_line: float | None = None
+        self.last_done: int | None = None
+        self.samples: deque[tuple[float, int]] = deque()
         self.bar = self.status = None
-        if bars:
+        if self.mode == "bars":
             from tqdm import tqdm
 
-            self.bar = tqdm(total=0, desc=run_id, unit="task", dynamic_ncols=True, position=0)
-            self.status = tqdm(total=0, bar_format="{desc}", dynamic_ncols=True, position=1)
+            self.bar = tqdm(total=0, desc=run_id, unit="task", dynamic_ncols=True, position=0, file=self.stream)
+            self.status = tqdm(total=0, bar_format="{desc}", dynamic_ncols=True, position=1, file=self.stream)
 
     @staticmethod
     def status_text(progress: RunProgress) -> str:
@@ -195,23 +231,66 @@ class ProgressDisplay:
                 f"chips {summary['chips']} | classes {classes or '-'} | chips/s per worker {workers or '-'}"
                 + (f" | duplicates {summary['duplicates_ignored']}" if summary["duplicates_ignored"] else ""))
 
+    @staticmethod
+    def progress_line(progress: RunProgress, rate: float | None) -> str:
+        """``progress: 12/40 tasks (30%), 57 chips, 1 failed, 0.8 tasks/s, ETA 35 s``: plain text only."""
+        total = progress.total or 0
+        percent = f"{100 * progress.done / total:.0f}%" if total else "-"
+        chips = sum(len(r.chips) for r in progress.results.values())
+        failed = progress.statuses().get("failed", 0)
+        if rate is None:
+            speed, eta = "? tasks/s", "ETA ?"
+        else:
+            speed = f"{rate:.1f} tasks/s" if rate >= 1 else f"{rate:.2f} tasks/s"
+            left = max(total - progress.done, 0)
+            eta = "ETA 0 s" if left == 0 else (f"ETA {format_duration(left / rate)}" if rate > 0 else "ETA ?")
+        return f"progress: {progress.done}/{total} tasks ({percent}), {chips} chips, {failed} failed, {speed}, {eta}"
+
+    def _rate(self, now: float, done: int) -> float | None:
+        """Tasks per second over the last RATE_WINDOW_S; None until some time has passed."""
+        self.samples.append((now, done))
+        while len(self.samples) > 2 and now - self.samples[1][0] >= self.RATE_WINDOW_S:
+            self.samples.popleft()
+        then, done_then = self.samples[0]
+        return (done - done_then) / (now - then) if now > then else None
+
     def update(self, progress: RunProgress) -> None:
-        text = self.status_text(progress)
-        if self.bar is not None:
+        now = self.clock()
+        if self.mode == "bars":
             if self.bar.total != progress.total:
                 self.bar.total = progress.total
             if progress.done > self.bar.n:
                 self.bar.update(progress.done - self.bar.n)  # update() keeps tqdm's rate and ETA right
-            self.status.set_description_str(text)
+            self.status.set_description_str(self.status_text(progress))
             self.bar.refresh()
-        elif time.monotonic() - self.last_log >= self.log_every_s or progress.complete():
-            self.last_log = time.monotonic()
-            log.info("%d/%d tasks | %s", progress.done, progress.total, text)
+            return
+        rate = self._rate(now, progress.done) if self.mode == "lines" else None
+        if progress.complete():
+            due = progress.done != self.last_done  # at once, and once: a finished run's line never changes
+        else:
+            due = self.last_line is None or now - self.last_line >= self.interval_s
+        if not due:
+            return
+        self.last_line, self.last_done = now, progress.done
+        if self.mode == "lines":
+            self.stream.write(self.progress_line(progress, rate) + "\n")
+            self.stream.flush()  # a pipe is block-buffered: without this the line may come minutes late
+        else:
+            log.info("%d/%d tasks | %s", progress.done, progress.total, self.status_text(progress))
 
     def close(self) -> None:
         for bar in (self.status, self.bar):
             if bar is not None:
                 bar.close()
+
+
+def format_duration(seconds: float) -> str:
+    """35 s, 12 min, 2.5 h: a short ETA."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def format_summary(summary: dict[str, Any], class_names: dict[int, str] | None = None) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import socket
@@ -18,10 +17,9 @@ from pyproj import Transformer
 
 from . import __version__
 from .chips import ChipWindow, plan_chips
-from .classes import DEFAULT_CLASS_MAP_PATH, ClassMap, load_class_map
-from .composite import METHODS, clear_mask, composite, has_data
+from .composite import clear_mask, composite, has_data
 from .errors import ConfigError, CropChipsError, InputDataError, RetryableError, is_transient
-from .fields import FieldLayer, open_layer, read_fields
+from .fields import FieldLayer, layer_fingerprint, open_layer, read_fields
 from .grid import cell_contains
 from .hrefs import HrefPolicy
 from .labels import rasterize_classes
@@ -30,53 +28,32 @@ from .manifest import chips_from_manifest, read_complete_manifest, remove_other_
 from .messages import BANDS, ChipRecord, Result, Task, compact_chip
 from .radiometry import radiometry, remove_offset
 from .reading import OpenDatasets, cell_grid, choose_epsg, grid_origin, read_scenes, task_memory_bytes
+from .spec import DatasetSpec
+from .spec_file import check_folder_spec
 from .storage import open_storage
-from .writing import FORMATS, METADATA_DIR, OUTPUT_SUBDIRS, write_chip
+from .writing import METADATA_DIR, OUTPUT_SUBDIRS, write_chip
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ProcessingOptions:
-    """How a worker turns a task into chips."""
+    """How a worker's host takes part: where things are, how many threads, how much memory.
+
+    Nothing here shapes the chips: that is the task's :class:`~cropchips.spec.DatasetSpec`.
+    """
 
     output_dir: Path | str
     """Where ``images/`` and ``masks/`` are written: the shared NFS folder, or an object-store
     URL such as ``s3://bucket/prefix`` (see :mod:`cropchips.storage`)."""
     gpkg: str
-    """The EuroCrops GeoPackage."""
-    layer: str | None = None
-    """Its layer (None: the first with EuroCrops columns)."""
-    chip_size: int = 256
-    """Chip width and height in pixels."""
-    max_chips_per_cell: int = 5
-    """At most this many chips per cell."""
-    composite: str = "median"
-    """``median`` or ``least-cloudy``."""
-    resolution: float = 10.0
-    """Output pixel size in metres."""
+    """The EuroCrops GeoPackage as this host sees it (the NFS-mounted copy of the master's)."""
     read_threads: int = 8
     """Band files read concurrently."""
     read_cache_mb: int = 256
     """MiB of decoded tiles kept across tasks with the band files open (0: close each file after reading it)."""
-    class_map: str | None = None
-    """HCAT -> class CSV (None: the packaged one)."""
-    force: bool = False
-    """Redo tasks whose outputs are already complete."""
     hrefs: HrefPolicy = field(default_factory=HrefPolicy)
     """Which scene hrefs may be opened."""
-    harmonize: bool = True
-    """Bring baseline >= 04.00 scenes to the pre-2022 convention (DN = reflectance x 10000)."""
-    min_clear_fraction: float = 0.9
-    """Chips with a smaller share of clear observations are not written."""
-    max_nodata_fraction: float = 0.0
-    """Chips with a larger share of pixels outside the scenes' data are not written."""
-    temporal: str = "composite"
-    """``composite`` (one image) or ``stack`` (a time series: T x 10 bands)."""
-    max_scenes: int = 0
-    """Use at most this many scenes per cell, the clearest over the cell (0: all)."""
-    format: str = "gtiff"
-    """``gtiff`` (tiled GeoTIFF) or ``cog`` (Cloud-Optimized GeoTIFF with overviews)."""
     max_task_memory_mb: int = 4096
     """A task whose scene stack and composite would take more MiB than this is refused before reading
     (see :func:`~cropchips.reading.task_memory_bytes`)."""
@@ -86,19 +63,8 @@ class ProcessingOptions:
     """A cell's lease expires this long after its holder last renewed it (every third of it)."""
 
     def __post_init__(self) -> None:
-        if self.chip_size < 1:
-            raise ConfigError(f"--chip-size must be >= 1, got {self.chip_size}")
-        if self.composite not in METHODS:
-            raise ConfigError(f"--composite must be one of {METHODS}, got {self.composite!r}")
-        if self.temporal not in ("composite", "stack"):
-            raise ConfigError(f"--temporal must be composite or stack, got {self.temporal!r}")
-        for name in ("min_clear_fraction", "max_nodata_fraction"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"--{name.replace('_', '-')} must lie between 0 and 1")
-        if self.format not in FORMATS:
-            raise ConfigError(f"--format must be one of {FORMATS}, got {self.format!r}")
-        if self.max_scenes < 0:
-            raise ConfigError("--max-scenes must be >= 0 (0: all scenes)")
+        if self.read_threads < 1:
+            raise ConfigError("--read-threads must be >= 1")
         if self.max_task_starts < 1:
             raise ConfigError("--max-task-starts must be >= 1")
         if self.lease_ttl_s < 3:
@@ -108,9 +74,10 @@ class ProcessingOptions:
         if self.max_task_memory_mb < 1:
             raise ConfigError(f"--max-task-memory-mb must be >= 1, got {self.max_task_memory_mb}")
 
-    @property
-    def method(self) -> str:
-        return "stack" if self.temporal == "stack" else self.composite
+
+def method_of(spec: DatasetSpec) -> str:
+    """How a spec's images are made: ``stack`` (a time series), else its composite method."""
+    return "stack" if spec.temporal == "stack" else spec.composite
 
 
 def utc_now() -> str:
@@ -133,10 +100,9 @@ class Stopwatch:
 
 
 class TaskProcessor:
-    """Processes tasks for one worker; opens the GeoPackage and class map once."""
+    """Processes tasks for one worker, each after its own spec; opens the GeoPackage's layers once."""
 
-    def __init__(self, options: ProcessingOptions, worker_id: str,
-                 layer: FieldLayer | None = None, class_map: ClassMap | None = None):
+    def __init__(self, options: ProcessingOptions, worker_id: str):
         self.options = options
         self.worker_id = worker_id
         self.storage = open_storage(options.output_dir)
@@ -149,20 +115,28 @@ class TaskProcessor:
         self.leases = CellLeases(self.storage, worker_id, options.lease_ttl_s)
         self._started: set[str] = set()  # tasks whose start this process counted and has not ended
         self._lease: Lease | None = None
-        self.layer = layer or open_layer(options.gpkg, options.layer)
-        self.class_map = class_map or load_class_map(options.class_map)
+        self._layers: dict[str | None, tuple[FieldLayer, str]] = {}  # spec layer -> (layer, fingerprint)
+        self._folder_specs: set[str] = set()  # dataset digests checked against the folder's dataset.yaml
         # Band files stay open across tasks, so that the next cell reuses the decoded tiles it shares.
         self.datasets = OpenDatasets(options.read_cache_mb * 2**20) if options.read_cache_mb else None
-        class_map_text = Path(options.class_map or DEFAULT_CLASS_MAP_PATH).read_bytes()
-        # What decides a task's outputs besides the task itself: a manifest written with
-        # other settings does not count as done.
-        self.settings = {
-            "chip_size": options.chip_size, "max_chips_per_cell": options.max_chips_per_cell,
-            "method": options.method, "resolution": options.resolution, "harmonize": options.harmonize,
-            "min_clear_fraction": options.min_clear_fraction, "max_nodata_fraction": options.max_nodata_fraction,
-            "max_scenes": options.max_scenes, "format": options.format, "class_map_sha256": hashlib.sha256(class_map_text).hexdigest(),
-            "gpkg": str(options.gpkg), "layer": self.layer.layer, "software": __version__,
-        }
+
+    def layer(self, spec: DatasetSpec) -> FieldLayer:
+        """The spec's layer of this host's GeoPackage, checked against the master's fingerprint."""
+        if spec.layer not in self._layers:
+            layer = open_layer(self.options.gpkg, spec.layer)
+            self._layers[spec.layer] = (layer, layer_fingerprint(layer))
+        layer, fingerprint = self._layers[spec.layer]
+        if spec.gpkg_fingerprint is not None and spec.gpkg_fingerprint != fingerprint:
+            raise InputDataError(
+                f"the GeoPackage {self.options.gpkg} (layer {layer.layer}) on this worker differs from the one "
+                f"the master planned with (fingerprint {fingerprint}, the run's is {spec.gpkg_fingerprint}): "
+                "mount the master's copy at --gpkg, or re-run the master on the file the workers read")
+        return layer
+
+    def manifest_key(self, spec: DatasetSpec) -> dict[str, str]:
+        """What a manifest must match besides the task id to count as done: the spec's dataset and the
+        software that made it."""
+        return {"dataset_digest": spec.dataset_digest(), "software": __version__}
 
     def close(self) -> None:
         """Close the band files kept open across tasks."""
@@ -217,14 +191,19 @@ class TaskProcessor:
             lease.release()
 
     def _process_leased(self, task: Task, watch: Stopwatch) -> Result:
-        """Check the hrefs, take the cell's lease, count the start, and process (or re-report)."""
+        """Check the hrefs and the spec, take the cell's lease, count the start, and process (or re-report)."""
         opts = self.options
         cell = task.cell
+        spec = task.spec
         task = replace(task, scenes=tuple(
             replace(scene, assets={band: opts.hrefs.check(href) for band, href in scene.assets.items()})
             for scene in task.scenes))
         if not task.scenes:
             return self._result(task, "no_scenes", watch, error="no Sentinel-2 scene covers the cell")
+        self.layer(spec)  # this host's GeoPackage must be the master's
+        if task.force or spec.dataset_digest() not in self._folder_specs:
+            check_folder_spec(self.storage, spec, force=task.force)
+            self._folder_specs.add(spec.dataset_digest())
         lease = self.leases.acquire(cell.id, task.task_id)
         try:
             # A retry in place of the same delivery (after an outage) is neither a new delivery nor a new start.
@@ -232,8 +211,8 @@ class TaskProcessor:
             starts = read_starts(self.storage, cell.id, task.task_id)
             if first:
                 starts.deliveries += 1
-            if not opts.force:
-                done = read_complete_manifest(self.storage, cell.id, task.task_id, self.settings)
+            if not task.force:
+                done = read_complete_manifest(self.storage, cell.id, task.task_id, self.manifest_key(spec))
                 if done is not None:
                     log.info("task %s already complete (%d chips): re-reporting it", task.task_id, len(done["chips"]))
                     self._ended(task, starts)
@@ -283,17 +262,18 @@ class TaskProcessor:
 
     def _process(self, task: Task, watch: Stopwatch) -> Result:
         opts = self.options
+        spec = task.spec
         cell = task.cell
         epsg = choose_epsg(cell, task.scenes)
         in_zone = [s for s in task.scenes if s.epsg == epsg]
         # Chips may reach half a chip beyond the cell, so a field near an edge still gets a whole chip.
-        margin = opts.chip_size // 2 + 1
-        grid = cell_grid(cell, epsg, grid_origin(in_zone[0].assets["B02"], "B02"), opts.resolution, margin)
+        margin = spec.chip_size // 2 + 1
+        grid = cell_grid(cell, epsg, grid_origin(in_zone[0].assets["B02"], "B02"), spec.resolution, margin)
 
         with watch.stage("fields"):
             to_lonlat = Transformer.from_crs(grid.crs, "EPSG:4326", always_xy=True)
             grid_bbox = to_lonlat.transform_bounds(*grid.bounds, densify_pts=21)
-            fields = read_fields(self.layer, grid_bbox, self.class_map)
+            fields = read_fields(self.layer(spec), grid_bbox, spec.classes())
             in_cell = int(cell_contains(cell, fields["lon"].to_numpy(), fields["lat"].to_numpy()).sum()) if len(fields) else 0
         if in_cell == 0:
             return self._result(task, "no_fields", watch, error="no field polygon lies in the cell")
@@ -309,7 +289,7 @@ class TaskProcessor:
 
         with watch.stage("read"):
             # With --max-scenes, the scenes are chosen on their SCL alone before any other band is read.
-            chosen, stack = read_scenes(task.scenes, grid, max_scenes=opts.max_scenes, threads=opts.read_threads,
+            chosen, stack = read_scenes(task.scenes, grid, max_scenes=spec.max_scenes, threads=opts.read_threads,
                                         datasets=self.datasets, before_allocating=within_budget)
         with watch.stage("composite"):
             # ``positions`` index the stack, ``usable``/``used`` the task's scenes (chosen[position]).
@@ -318,25 +298,28 @@ class TaskProcessor:
                 return self._result(task, "no_scenes", watch,
                                     error=f"all {len(task.scenes)} scenes are empty (nodata) over the cell")
             usable = [chosen[p] for p in positions]
-            clear = clear_mask(stack.scl)
-            radio = {i: radiometry(task.scenes[i], opts.harmonize) for i in usable}
+            clear = clear_mask(stack.scl, spec.clear_classes)
+            radio = {i: radiometry(task.scenes[i], spec.harmonize) for i in usable}
             for p, i in zip(positions, usable):
                 remove_offset(stack.data[p], radio[i].applied_dn)
-            if opts.temporal == "stack":
+            # The spec's bands, in its order (a view, not a copy, when they are all of them in file order).
+            picked = slice(None) if spec.bands == BANDS else [BANDS.index(band) for band in spec.bands]
+            if spec.temporal == "stack":
                 used, used_positions = usable, positions
                 # A view when every scene read is usable (the usual case), else a copy of the usable ones.
                 data = stack.data if len(positions) == len(chosen) else stack.data[positions]
-                image = data.reshape(len(used) * len(BANDS), grid.height, grid.width)
+                data = data[:, picked]
+                image = data.reshape(len(used) * len(spec.bands), grid.height, grid.width)
                 clear_obs = clear[used_positions].mean(axis=0)  # per pixel, the share of dates that are clear
-                descriptions = tuple(f"{task.scenes[i].datetime[:10]} {band}" for i in used for band in BANDS)
+                descriptions = tuple(f"{task.scenes[i].datetime[:10]} {band}" for i in used for band in spec.bands)
             else:
                 # composite() leaves out scenes without data itself, so the stack goes in whole, not copied.
-                comp = composite(stack.data, stack.scl, opts.composite)
+                comp = composite(stack.data, stack.scl, spec.composite, spec.clear_classes)
                 used_positions = list(comp.scene_indices)
                 used = [chosen[p] for p in used_positions]
-                image = comp.image
+                image = comp.image[picked]
                 clear_obs = clear[used_positions].any(axis=0).astype("float32")
-                descriptions = BANDS
+                descriptions = spec.bands
             covered = (stack.scl[used_positions] != 0).any(axis=0)  # inside some used scene's footprint
             del stack
         with watch.stage("rasterize"):
@@ -344,14 +327,14 @@ class TaskProcessor:
 
         def reject(window: ChipWindow) -> str | None:
             rows, cols = window.slices()
-            if 1.0 - covered[rows, cols].mean() > opts.max_nodata_fraction:
+            if 1.0 - covered[rows, cols].mean() > spec.max_nodata_fraction:
                 return "nodata"
-            if clear_obs[rows, cols].mean() < opts.min_clear_fraction:
+            if clear_obs[rows, cols].mean() < spec.min_clear_fraction:
                 return "too_cloudy"
             return None
 
-        windows, skipped = plan_chips(fields, cell, grid, chip_size=opts.chip_size,
-                                      max_chips=opts.max_chips_per_cell, reject=reject)
+        windows, skipped = plan_chips(fields, cell, grid, chip_size=spec.chip_size,
+                                      max_chips=spec.max_chips_per_cell, reject=reject)
         scenes_meta = tuple({"id": task.scenes[i].id, "datetime": task.scenes[i].datetime,
                              "collection": task.scenes[i].collection, "item_href": task.scenes[i].item_href,
                              "processing_baseline": radio[i].processing_baseline,
@@ -366,7 +349,7 @@ class TaskProcessor:
                 transform = grid.transform * Affine.translation(window.col, window.row)
                 image_rel, mask_rel = write_chip(self.storage, name, image[:, rows, cols], chip_mask,
                                                  crs=grid.crs, transform=transform, descriptions=descriptions,
-                                                 fmt=opts.format)
+                                                 fmt=spec.format)
                 classes, counts = np.unique(chip_mask, return_counts=True)
                 left, top = transform.c, transform.f
                 size = window.size * grid.resolution
@@ -374,10 +357,11 @@ class TaskProcessor:
                     name=name, image=image_rel, mask=mask_rel, crs=grid.crs,
                     bounds=(left, top - size, left + size, top),
                     class_pixels={str(int(c)): int(n) for c, n in zip(classes, counts)}, field_id=window.field_id,
-                    cell_id=cell.id, method=opts.method, scenes=scenes_meta, bands=descriptions,
+                    cell_id=cell.id, method=method_of(spec), scenes=scenes_meta, bands=descriptions,
                     clear_fraction=round(float(clear_obs[rows, cols].mean()), 4),
                     nodata_fraction=round(float(1.0 - covered[rows, cols].mean()), 4),
-                    software=__version__, config=self.settings)
+                    resolution=grid.resolution, format=spec.format, software=__version__,
+                    dataset_id=spec.dataset_id())
                 # The provenance sidecar sits beside the chip for tools that never see Kafka.
                 self.storage.write_json(f"{METADATA_DIR}/{name}.json",
                            {"task_id": task.task_id, "run_id": task.run_id, "worker_id": self.worker_id,
@@ -387,7 +371,7 @@ class TaskProcessor:
             remove_other_chips(self.storage, cell.id, keep={r.name for r in records})
             scene_ids = tuple(task.scenes[i].id for i in used)
             write_manifest(self.storage, cell.id, {
-                "task_id": task.task_id, "run_id": task.run_id, "cell_id": cell.id, "settings": self.settings,
+                "task_id": task.task_id, "run_id": task.run_id, "cell_id": cell.id, "settings": self.manifest_key(spec),
                 "chips": [asdict(r) for r in records], "scenes_used": list(scene_ids),
                 "chips_skipped": dict(skipped), "worker_id": self.worker_id, "written_at": utc_now()})
         log.info("task %s: %d chips from %d scenes (%s)", task.task_id, len(records), len(scene_ids),

@@ -15,7 +15,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import ast
 import hashlib
+import inspect
 import json
 import math
 import tempfile
@@ -56,6 +58,9 @@ SCL_CLASSES = range(12)
 #: The key ``from_mapping`` and ``with_overrides`` accept besides the fields: the class map's CSV file,
 #: whose content becomes ``class_map``.
 CLASS_MAP_FILE_KEY = "class_map_file"
+
+#: Fields that only say which cells a run covers: the area may grow from run to run into one dataset.
+AREA_FIELDS = ("start_x", "start_y", "x_cells", "y_cells", "bbox", "aoi", "min_polygons")
 
 # The three ways to give the area; a spec uses exactly one (grid_step is shared by all).
 _SEED_FIELDS = ("start_x", "start_y", "x_cells", "y_cells")
@@ -105,7 +110,8 @@ class DatasetSpec:
     """The area as (west, south, east, north) degrees instead of the grid: covered by cells of grid_step from its
     south-west corner (see :meth:`grid`)."""
     aoi: str | None = None
-    """The area as a file of polygons instead of the grid or the bbox (stored; not yet read)."""
+    """The area as a file of polygons (any OGR vector format, any CRS) instead of the grid or the bbox: the
+    cells of grid_step over its bounds that touch a polygon."""
     grid_step: float = DEFAULT_GRID_STEP
     """Cell size in degrees (0.05 ~ 5.5 km), of whichever way the area is given."""
     min_polygons: int = 5
@@ -120,9 +126,12 @@ class DatasetSpec:
     """Date range START/END of the scenes (YYYY-MM-DD; ISO datetimes and '..' for an open end work too)."""
     max_cloud: float = 10.0
     """Only scenes with eo:cloud_cover below this percentage are used."""
+    max_task_scenes: int = 0
+    """At most this many scenes in a task, the least cloudy by eo:cloud_cover (0: all): keeps task messages
+    small when a long date range has many scenes."""
     max_scenes: int = 0
-    """At most this many scenes per cell (0: all): the master keeps the least cloudy by eo:cloud_cover,
-    the worker the clearest over the cell."""
+    """At most this many scenes per chip image, the clearest over the cell, chosen on their SCL before any
+    other band is read (0: all of the task's scenes)."""
     bands: tuple[str, ...] = BANDS
     """Bands of the image chips, in this order."""
 
@@ -175,8 +184,9 @@ class DatasetSpec:
         if not self.max_cloud > 0:
             raise ConfigError(f"max_cloud (--max-cloud) must be > 0 percent (scenes below it are used), "
                               f"got {self.max_cloud}")
-        if self.max_scenes < 0:
-            raise ConfigError("max_scenes (--max-scenes) must be >= 0 (0: all scenes)")
+        for name in ("max_task_scenes", "max_scenes"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} (--{name.replace('_', '-')}) must be >= 0 (0: all scenes)")
         self._check_bands()
         if not self.resolution > 0:
             raise ConfigError(f"resolution (--resolution) must be > 0 metres, got {self.resolution}")
@@ -252,17 +262,24 @@ class DatasetSpec:
         """How the area is given: ``grid``, ``bbox`` or ``aoi``."""
         return "aoi" if self.aoi is not None else "bbox" if self.bbox is not None else "grid"
 
-    def grid(self) -> Grid:
+    def grid(self, aoi_bounds: tuple[float, float, float, float] | None = None) -> Grid:
         """The processing grid: its south-west corner (``start_x``, ``start_y``) and its number of cells
         (``x_cells`` x ``y_cells``) of ``grid_step`` degrees. For a bbox: the fewest cells that cover it,
-        from its south-west corner (the last column and row may reach past its east and north edges)."""
+        from its south-west corner (the last column and row may reach past its east and north edges).
+        For an aoi: the same over ``aoi_bounds``, the bounds of its polygons, which the caller reads
+        (see :func:`cropchips.master.read_aoi`): this module does no I/O."""
         if self.aoi is not None:
-            raise ConfigError(f"the grid of aoi {self.aoi!r} comes from its polygons, which are not read yet: "
-                              "give the area as bbox or as the grid (start_x, start_y, x_cells, y_cells)")
+            if aoi_bounds is None:
+                raise ConfigError(f"the grid of aoi {self.aoi!r} comes from its polygons: read them first "
+                                  "(master.read_aoi) and pass their bounds")
+            return self._covering(aoi_bounds)
         if self.bbox is None:
             return Grid(start_x=self.start_x, start_y=self.start_y, step=self.grid_step,
                         x_cells=self.x_cells, y_cells=self.y_cells)
-        west, south, east, north = self.bbox
+        return self._covering(self.bbox)
+
+    def _covering(self, bounds: tuple[float, float, float, float]) -> Grid:
+        west, south, east, north = bounds
         cells = [max(1, math.ceil(side / self.grid_step - _CELL_TOLERANCE)) for side in (east - west, north - south)]
         return Grid(start_x=west, start_y=south, step=self.grid_step, x_cells=cells[0], y_cells=cells[1])
 
@@ -288,19 +305,41 @@ class DatasetSpec:
         """The first 12 hex digits of :meth:`digest`, for names and logs."""
         return self.digest()[:12]
 
+    def dataset_digest(self) -> str:
+        """sha256 hex of everything but the area (:data:`AREA_FIELDS`): what shapes each chip and the
+        splits. Runs that cover other cells of one dataset share it; a folder's chips all have it."""
+        values = {name: value for name, value in self.to_dict().items() if name not in AREA_FIELDS}
+        text = json.dumps(values, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    def dataset_id(self) -> str:
+        """The first 12 hex digits of :meth:`dataset_digest`: the id that chips, sidecars, the index and
+        the STAC collection refer to."""
+        return self.dataset_digest()[:12]
+
+    def differences(self, other: DatasetSpec, *, area: bool = False) -> list[str]:
+        """Names of the fields whose values differ (the area's only with ``area=True``), in field order."""
+        return [f.name for f in dataclasses.fields(self)
+                if (area or f.name not in AREA_FIELDS) and getattr(self, f.name) != getattr(other, f.name)]
+
     # ------------------------------------------------------------------ building
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], *, base_dir: str | Path | None = None) -> DatasetSpec:
+    def from_mapping(cls, values: Mapping[str, Any], *, base_dir: str | Path | None = None,
+                     allow_files: bool = True) -> DatasetSpec:
         """A spec from a mapping of field names (the flag names with underscores) to values; missing keys
         take their defaults. ``class_map_file: PATH`` (relative to ``base_dir``) stands for ``class_map``:
-        the file's content. Unknown keys, wrong types and bad values raise ConfigError."""
+        the file's content; ``allow_files=False`` refuses it (a spec from a message must never make a
+        worker read its own files). Unknown keys, wrong types and bad values raise ConfigError."""
         if not isinstance(values, Mapping):
             raise ConfigError(f"a dataset spec is a mapping of keys such as chip_size: 64, got {type(values).__name__}")
         if "spec_version" in values:  # first: a newer spec may well have keys this version does not know
             _check_version(_checked("spec_version", values["spec_version"], int))
         _check_keys(values)
         kwargs = dict(values)
+        if CLASS_MAP_FILE_KEY in kwargs and not allow_files:
+            raise ConfigError(f"{CLASS_MAP_FILE_KEY} is not allowed here: the spec must carry the class map's "
+                              "content (class_map)")
         if CLASS_MAP_FILE_KEY in kwargs:
             if "class_map" in kwargs:
                 raise ConfigError(f"give class_map (the CSV's content) or {CLASS_MAP_FILE_KEY} (its path), not both")
@@ -370,6 +409,28 @@ class DatasetSpec:
 def _field_types() -> dict[str, Any]:
     hints = typing.get_type_hints(DatasetSpec)
     return {f.name: hints[f.name] for f in dataclasses.fields(DatasetSpec)}
+
+
+@functools.lru_cache(maxsize=1)
+def field_docs() -> dict[str, str]:
+    """Field name -> the docstring under it in :class:`DatasetSpec` (one source for the fields' docs,
+    the master's --help and the README)."""
+    try:
+        tree = ast.parse(inspect.getsource(DatasetSpec))
+    except (OSError, TypeError):  # no source (a frozen build): no help texts
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for stmt, nxt in zip(body, body[1:]):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def field_types() -> dict[str, Any]:
+    """Field name -> its declared type (``int``, ``float | None``, ``tuple[str, ...]``, ...)."""
+    return dict(_field_types())
 
 
 def _describe(kind: Any) -> str:

@@ -121,14 +121,13 @@ def real_scene():
 @pytest.fixture(scope="session")
 def sample_master_options(sample_area):
     """The master's options for the whole sample area, scenes from its local items file."""
-    from cropchips.grid import Grid
     from cropchips.master import MasterOptions
+    from cropchips.spec import DatasetSpec
 
-    grid = Grid(start_x=sample_area.start_x, start_y=sample_area.start_y, step=sample_area.grid_step,
-                x_cells=sample_area.x_cells, y_cells=sample_area.y_cells)
-    return MasterOptions(gpkg=str(sample_area.gpkg), layer=sample_area.layer, grid=grid,
-                         stac_items=str(sample_area.items), datetime=sample_area.datetime, max_cloud=100,
-                         run_id="run-sample")
+    spec = DatasetSpec(start_x=sample_area.start_x, start_y=sample_area.start_y, grid_step=sample_area.grid_step,
+                       x_cells=sample_area.x_cells, y_cells=sample_area.y_cells, layer=sample_area.layer,
+                       datetime=sample_area.datetime, max_cloud=100)
+    return MasterOptions(gpkg=str(sample_area.gpkg), spec=spec, stac_items=str(sample_area.items), run_id="run-sample")
 
 
 @pytest.fixture(scope="session")

@@ -30,14 +30,15 @@ def publish_area(sample, bootstrap, topics, *extra):
 class WorkerProcess:
     """worker.py N as a child process whose output is collected in the background."""
 
-    def __init__(self, n, sample, output, bootstrap, topics, *extra, wrap: list[str] | None = None):
+    def __init__(self, n, sample, output, bootstrap, topics, *extra, wrap: list[str] | None = None,
+                 env: dict[str, str] | None = None):
         self.n = n
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
-            [*(wrap or []), sys.executable, str(REPO / "worker.py"), str(n), "--gpkg", str(sample.gpkg), "--layer", sample.layer,
+            [*(wrap or []), sys.executable, str(REPO / "worker.py"), str(n), "--gpkg", str(sample.gpkg),
              "--output-dir", str(output), "--local-scenes-dir", str(sample.root), "--group-id", topics["group"],
              *kafka_args(bootstrap, topics), *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 
@@ -104,3 +105,31 @@ def http_items(sample, server, path):
             asset["href"] = server.href(asset["href"])
     path.write_text(json.dumps(doc))
     return path
+
+
+class SpecProcessor:
+    """A TaskProcessor whose tasks get these dataset settings in their spec (as if the master had
+    published them so): host settings (output_dir, gpkg, hrefs, ...) go to the worker's options,
+    the rest (chip_size, composite, layer, ...) into each task's spec; ``force`` into the task."""
+
+    def __init__(self, worker_id: str, *, force: bool = False, **settings):
+        from dataclasses import fields
+
+        from cropchips.processing import ProcessingOptions, TaskProcessor
+
+        host = {f.name for f in fields(ProcessingOptions)}
+        self.spec_changes = {k: v for k, v in settings.items() if k not in host}
+        self.force = force
+        self.processor = TaskProcessor(ProcessingOptions(**{k: v for k, v in settings.items() if k in host}),
+                                       worker_id)
+
+    def task(self, task):
+        from dataclasses import replace
+
+        return replace(task, spec=replace(task.spec, **self.spec_changes), force=self.force or task.force)
+
+    def process(self, task):
+        return self.processor.process(self.task(task))
+
+    def __getattr__(self, name):
+        return getattr(self.processor, name)

@@ -19,6 +19,7 @@ from cropchips.config import env_table
 from cropchips.embedded_broker import free_port
 from cropchips.errors import BrokerError
 from cropchips.kafka_io import KafkaSettings, make_producer, read_topic
+from cropchips.spec import DatasetSpec
 from cropchips.messages import ChipRecord, Result, RunHeader, encode
 
 
@@ -225,7 +226,7 @@ def test_dlq_replay_republishes_valid_tasks_and_skips_poison(broker, topics):
     from cropchips.messages import Cell, Task, decode
 
     cells = [Cell(id=f"replay-{i}", row=0, col=i, bbox=(float(i), 0.0, i + 0.5, 0.5)) for i in range(3)]
-    tasks = [Task(run_id="run-r", task_id=f"replay-{i}-abc", cell=c, scenes=()) for i, c in enumerate(cells)]
+    tasks = [Task(run_id="run-r", task_id=f"replay-{i}-abc", cell=c, scenes=(), spec=DatasetSpec()) for i, c in enumerate(cells)]
     values = [encode(tasks[0]), b"{not json", encode(tasks[1]), encode(tasks[2])[:40], encode(tasks[2])]
     headers = [[("error", b"reading B04 failed 3 times: HTTP 503")], [("error", b"not valid JSON")],
                [("error", b"crashed 3 workers")], [("error", b"unknown fields"), ("truncated", b"900000")],

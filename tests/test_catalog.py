@@ -28,9 +28,9 @@ from cropchips.catalog import CATALOG_NAME, COLLECTION_PATH, ITEMS_DIR, build_ca
 from cropchips.classes import CLASS_NAMES
 from cropchips.dataset import SplitPolicy, finalize, records_from_metadata
 from cropchips.hrefs import HrefPolicy
-from cropchips.processing import ProcessingOptions, TaskProcessor
 from cropchips.scenes import EARTH_SEARCH_KEYS
 from cropchips.storage import TMP_PREFIX, LocalStorage
+from helpers import SpecProcessor
 
 CHIP = 64
 # Small blocks split the sample area three ways and drop chips that overlap another split.
@@ -42,9 +42,9 @@ def written(request, sample_area, sample_plan, tmp_path_factory):
     """A processed sample dataset with its index and its catalog written beside it."""
     temporal, fmt = request.param
     out = tmp_path_factory.mktemp(f"catalog-{temporal}")
-    processor = TaskProcessor(ProcessingOptions(output_dir=out, gpkg=str(sample_area.gpkg), layer=sample_area.layer,
-                                                chip_size=CHIP, max_chips_per_cell=8, temporal=temporal, format=fmt,
-                                                hrefs=HrefPolicy(local_dirs=(sample_area.root.resolve(),))), "c@test")
+    processor = SpecProcessor("c@test", output_dir=out, gpkg=str(sample_area.gpkg), layer=sample_area.layer,
+                              chip_size=CHIP, max_chips_per_cell=8, temporal=temporal, format=fmt,
+                              hrefs=HrefPolicy(local_dirs=(sample_area.root.resolve(),)))
     assert all(processor.process(task).status == "ok" for task in sample_plan.tasks)
     finalize(out, policy=POLICY)
     index = gpd.read_parquet(out / "index.parquet")
@@ -52,7 +52,8 @@ def written(request, sample_area, sample_plan, tmp_path_factory):
     documents = build_catalog(records, dict(zip(index["name"], index["split"])), title="Sample chips")
     path = write_catalog(out, documents)
     return {"out": out, "index": index, "records": {r["name"]: r for r in records}, "documents": documents,
-            "path": path, "format": fmt, "temporal": temporal}
+            "path": path, "format": fmt, "temporal": temporal,
+            "dataset_id": processor.task(sample_plan.tasks[0]).spec.dataset_id()}
 
 
 # --- STAC core schemas, offline ------------------------------------------------------------------
@@ -143,6 +144,7 @@ def test_items_carry_the_chips_provenance(written):
         record = written["records"][name]
         props = item.properties
         assert props["cropchips:cell_id"] == record["cell_id"] and props["cropchips:method"] == record["method"]
+        assert props["cropchips:dataset_id"] == record["dataset_id"] == written["dataset_id"]
         assert props["cropchips:scene_ids"] == [s["id"] for s in record["scenes"]]
         assert props["cropchips:clear_fraction"] == record["clear_fraction"]
         assert props["cropchips:nodata_fraction"] == record["nodata_fraction"]
@@ -183,6 +185,7 @@ def test_collection_summarises_the_items(written):
     assert collection.extent.temporal.intervals[0] == [min(scene_times), max(scene_times)]
     assert collection.summaries.get_list("split") == sorted(set(written["index"]["split"]))
     assert len(collection.summaries.get_list("split")) > 1
+    assert collection.summaries.get_list("cropchips:dataset_id") == [written["dataset_id"]]
     assert collection.license == "other"
     licence_links = [link.href for link in collection.links if link.rel == "license"]
     assert any("creativecommons.org/licenses/by/4.0" in href for href in licence_links)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import replace
 from collections import Counter
 
 import geopandas as gpd
@@ -11,9 +13,10 @@ import pytest
 import shapely
 from conftest import run_script
 
+from cropchips.spec import DatasetSpec
 from cropchips.dataset import SplitPolicy, build_index, finalize, records_from_metadata
 from cropchips.hrefs import HrefPolicy
-from cropchips.processing import ProcessingOptions, TaskProcessor
+from helpers import SpecProcessor
 
 CHIP = 64
 
@@ -23,9 +26,9 @@ def dataset(sample_area, sample_plan, tmp_path_factory):
     """The sample area processed task by task into a dataset folder (no Kafka needed here)."""
     out = tmp_path_factory.mktemp("dataset")
     plan = sample_plan
-    processor = TaskProcessor(ProcessingOptions(output_dir=out, gpkg=str(sample_area.gpkg), layer=sample_area.layer,
-                                                chip_size=CHIP, max_chips_per_cell=8,
-                                                hrefs=HrefPolicy(local_dirs=(sample_area.root.resolve(),))), "d@test")
+    processor = SpecProcessor("d@test", output_dir=out, gpkg=str(sample_area.gpkg), layer=sample_area.layer,
+                              chip_size=CHIP, max_chips_per_cell=8,
+                              hrefs=HrefPolicy(local_dirs=(sample_area.root.resolve(),)))
     results = [processor.process(task) for task in plan.tasks]
     assert all(r.status == "ok" for r in results)
     return out, results
@@ -62,6 +65,7 @@ def test_index_rows_match_the_chips(dataset):
         centre = gpd.GeoSeries([shapely.Point((row.left + row.right) / 2, (row.bottom + row.top) / 2)], crs=row.crs)
         assert row.geometry.contains(centre.to_crs(4326).iloc[0])
         assert row.run_id == "run-sample" and row.worker_id == "d@test" and row.task_id
+        assert row.dataset_id == chip.dataset_id and len(row.dataset_id) == 12
 
 
 def test_small_blocks_split_the_area_and_no_chip_overlaps_another_split(dataset):
@@ -78,14 +82,25 @@ def test_small_blocks_split_the_area_and_no_chip_overlaps_another_split(dataset)
                 assert boxes[i].intersection(boxes[j]).area == 0, (index["name"].iat[i], index["name"].iat[j])
 
 
-def test_rebuild_index_from_the_files_alone(dataset):
+def test_rebuild_index_from_the_files_alone_with_the_folders_splits(dataset, tmp_path):
     out, _ = dataset
-    (out / "index.parquet").unlink(missing_ok=True)
-    done = run_script("monitor.py", "--rebuild-index", "--output-dir", str(out), "--split-block-size", "400")
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "index.parquet").unlink(missing_ok=True)
+    one_block = run_script("monitor.py", "--rebuild-index", "--output-dir", str(copy))
+    assert one_block.returncode == 0, one_block.stderr
+    assert sum(1 for n in json.loads(one_block.stdout)["splits"].values() if n) == 1  # 10 km blocks: one split
+    # The splits are the dataset's: dataset.yaml says 400 m blocks, and the rebuilt index follows it.
+    spec = DatasetSpec.from_yaml(copy / "dataset.yaml")
+    (copy / "dataset.yaml").write_text(replace(spec, split_block_size=400.0).to_yaml())
+    done = run_script("monitor.py", "--rebuild-index", "--output-dir", str(copy))
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
-    index = gpd.read_parquet(out / "index.parquet")
+    index = gpd.read_parquet(copy / "index.parquet")
     assert summary["chips"] == len(index) > 0 and sum(summary["splits"].values()) == len(index)
+    assert len(set(index["split"])) > 1
+    moved = run_script("monitor.py", "--rebuild-index", "--output-dir", str(copy), "--split-block-size", "400")
+    assert moved.returncode == 1 and "part of the run's dataset spec now" in moved.stderr
     assert np.array_equal(np.sort(index["name"].to_numpy()), np.sort(index["name"].unique()))
-    missing = run_script("monitor.py", "--rebuild-index", "--output-dir", str(out / "nope"))
+    missing = run_script("monitor.py", "--rebuild-index", "--output-dir", str(copy / "nope"))
     assert missing.returncode == 1 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr

@@ -9,19 +9,20 @@ import pytest
 
 from cropchips.errors import MessageError
 from cropchips.kafka_io import KafkaSettings, is_retriable, make_producer, read_topic
+from cropchips.spec import DatasetSpec
 from cropchips.messages import Cell, ChipRecord, Result, RunHeader, Task, compact_chip, decode, encode
 from cropchips.monitor import Monitor
 from cropchips.processing import utc_now
 from cropchips.worker import Worker, WorkerOptions
 
 DEEP = b"[" * 200_000 + b"]" * 200_000
-HUGE_INT = b'{"type": "task", "schema_version": 1, "run_id": "r", "task_id": "t", "cell": {"id": "c", "row": ' \
+HUGE_INT = b'{"type": "task", "schema_version": 2, "run_id": "r", "task_id": "t", "cell": {"id": "c", "row": ' \
     + b"9" * 5000 + b', "col": 0, "bbox": [0, 0, 1, 1]}, "scenes": []}'
 
 
 def task(i, run_id="run-h"):
     cell = Cell(id=f"cell-{i}", row=0, col=i, bbox=(0.0 + i, 0.0, 0.5 + i, 0.5))
-    return Task(run_id=run_id, task_id=Task.make_id(cell, []), cell=cell, scenes=())
+    return Task(run_id=run_id, task_id=Task.make_id(cell, []), cell=cell, scenes=(), spec=DatasetSpec())
 
 
 def hostile_variants() -> dict[str, bytes]:
@@ -35,7 +36,7 @@ def hostile_variants() -> dict[str, bytes]:
 
     return {
         "deep nesting": DEEP,
-        "deep nesting in a field": b'{"type": "task", "schema_version": 1, "cell": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        "deep nesting in a field": b'{"type": "task", "schema_version": 2, "cell": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
         "5000-digit integer": HUGE_INT,
         "huge float": variant(lambda b: b["cell"].update(bbox=[0, 0, 1e400, 1])),
         "bbox of strings": variant(lambda b: b["cell"].update(bbox=["a", "b", "c", "d"])),
@@ -45,7 +46,7 @@ def hostile_variants() -> dict[str, bytes]:
         "cell a list": variant(lambda b: b.update(cell=[1, 2])),
         "id a number": variant(lambda b: b.update(task_id=12)),
         "nul bytes": b"\x00\x01\x02",
-        "lone surrogate": b'{"type": "task", "schema_version": 1, "run_id": "\\ud800"}',
+        "lone surrogate": b'{"type": "task", "schema_version": 2, "run_id": "\\ud800"}',
         "invalid utf-8": b'{"type": "\xff\xfe"}',
         "array": b"[1, 2, 3]",
         "string": b'"task"',
@@ -91,7 +92,7 @@ def test_a_result_carries_scene_ids_once_not_each_chips_provenance():
                     "applied_dn": 1000} for i in range(100))
     chips = tuple(ChipRecord(name=f"c-chip{k:02d}", image=f"images/c-chip{k:02d}.tif", mask=f"masks/c-chip{k:02d}.tif",
                              crs="EPSG:32630", bounds=(0, 0, 2560, 2560), class_pixels={"0": 100, "3": 50},
-                             scenes=scenes, config={"chip_size": 256, "method": "median"}) for k in range(30))
+                             scenes=scenes, dataset_id="0123456789ab") for k in range(30))
     full = Result(run_id="r", task_id="t", cell_id="c", worker_id="w", status="ok", chips=chips,
                   scenes_used=tuple(s["id"] for s in scenes))
     compact = Result(run_id="r", task_id="t", cell_id="c", worker_id="w", status="ok",

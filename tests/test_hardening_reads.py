@@ -36,6 +36,8 @@ from cropchips.errors import ConfigError, InputDataError, MessageError
 from cropchips.hrefs import HrefPolicy
 from cropchips.messages import BANDS, SCL, Cell, Task
 from cropchips.processing import ProcessingOptions, TaskProcessor
+from cropchips.spec import DatasetSpec
+from helpers import SpecProcessor
 from cropchips.reading import (OpenDatasets, TargetGrid, cell_grid, check_scene_file, clearest_first, grid_origin,
                                read_band, read_clear_fractions, read_stack)
 
@@ -116,10 +118,9 @@ def test_a_task_with_a_planted_vrt_fails_for_good_naming_the_href(sample_area, s
     scene = sample_task.scenes[0]
     task = replace(sample_task, task_id=sample_task.task_id + "-vrt",
                    scenes=(replace(scene, assets={**scene.assets, "B03": planted["B02"]}), *sample_task.scenes[1:]))
-    options = ProcessingOptions(output_dir=tmp_path / "out", gpkg=str(sample_area.gpkg), layer=sample_area.layer,
-                                chip_size=64, hrefs=HrefPolicy(local_dirs=(sample_area.root.resolve(),
-                                                                           Path(planted["B02"]).parent)))
-    result = TaskProcessor(options, "vrt@test").process(task)
+    result = SpecProcessor("vrt@test", output_dir=tmp_path / "out", gpkg=str(sample_area.gpkg), layer=sample_area.layer,
+                           chip_size=64, hrefs=HrefPolicy(local_dirs=(sample_area.root.resolve(),
+                                                                      Path(planted["B02"]).parent))).process(task)
     assert result.status == "failed" and f"{planted['B02']} is not a GeoTIFF" in result.error
 
 
@@ -269,6 +270,8 @@ resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
 sys.path.insert(0, sys.argv[2])
 from affine import Affine
 from cropchips.reading import TargetGrid, read_band
+from cropchips.spec import DatasetSpec
+from helpers import SpecProcessor
 grid = TargetGrid(epsg=32629, transform=Affine(10, 0, 500000, 0, -10, 4000000), width=700, height=700)
 try:
     read_band(sys.argv[1], "B02", grid)
@@ -403,11 +406,11 @@ def served(derived, tmp_path):
 def processor(served, out: Path, **over) -> TaskProcessor:
     settings = dict(output_dir=out, gpkg=str(served["gpkg"]), layer="desert", resolution=RES, chip_size=8,
                     min_clear_fraction=0.0, hrefs=HrefPolicy.from_options(served["server"].url, None))
-    return TaskProcessor(ProcessingOptions(**{**settings, **over}), "hr@test")
+    return SpecProcessor("hr@test", **{**settings, **over})
 
 
 def task(scenes, suffix: str) -> Task:
-    return Task(run_id="run-hr", task_id=f"t-{suffix}", cell=DESERT, scenes=tuple(scenes))
+    return Task(run_id="run-hr", task_id=f"t-{suffix}", cell=DESERT, scenes=tuple(scenes), spec=DatasetSpec())
 
 
 def chip_pixels(out: Path, result) -> list[tuple[str, np.ndarray, np.ndarray, Affine]]:

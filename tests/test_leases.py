@@ -16,8 +16,8 @@ from cropchips.errors import RetryableError
 from cropchips.hrefs import HrefPolicy
 from cropchips.leases import CellBusy, CellLeases, LeaseLost, lease_path, read_starts, starts_path
 from cropchips.manifest import manifest_path
-from cropchips.processing import ProcessingOptions, TaskProcessor
 from cropchips.storage import open_storage
+from helpers import SpecProcessor
 
 
 @pytest.fixture(params=["folder", "s3"])
@@ -100,9 +100,8 @@ def test_a_lease_renews_itself_and_notices_when_it_was_taken(tmp_path):
 
 
 def processor(sample_area, out, **over):
-    options = ProcessingOptions(output_dir=out, gpkg=str(sample_area.gpkg), layer=sample_area.layer, chip_size=32,
-                                hrefs=HrefPolicy(local_dirs=(sample_area.root.resolve(),)), **over)
-    return TaskProcessor(options, worker_id="p@test")
+    return SpecProcessor("p@test", output_dir=out, gpkg=str(sample_area.gpkg), layer=sample_area.layer, chip_size=32,
+                         hrefs=HrefPolicy(local_dirs=(sample_area.root.resolve(),)), **over)
 
 
 def test_a_cell_held_by_another_writer_is_retried_later_and_untouched(sample_area, sample_task, tmp_path):
@@ -190,7 +189,8 @@ def test_two_masters_on_one_area_leave_every_reported_chip_in_place(sample_area,
         for chip in r.chips:
             assert (tmp_path / chip.image).exists() and (tmp_path / chip.mask).exists()
     for task in tasks_a:
-        done = read_complete_manifest(storage, task.cell.id, task.task_id, processor(sample_area, tmp_path).settings)
+        worker = processor(sample_area, tmp_path)
+        done = read_complete_manifest(storage, task.cell.id, task.task_id, worker.manifest_key(worker.task(task).spec))
         assert done is not None  # every file as recorded (sizes and sha256)
     # The same cell and scenes make the same task id: the later of the two re-reported it.
     assert sum(r.reused for r in results["a"] + results["b"]) == len(tasks_a)

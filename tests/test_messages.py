@@ -1,10 +1,12 @@
 """Message schemas: round trips, determinism, and readable rejection of bad messages."""
 
 import json
+from dataclasses import replace
 
 import pytest
 
 from cropchips.errors import MessageError
+from cropchips.spec import DatasetSpec
 from cropchips.messages import (BANDS, SCENE_ASSETS, ChipRecord, Cell, Result, RunHeader, Scene, Task, check_safe_id,
                                 decode, encode)
 
@@ -20,7 +22,7 @@ def make_scene(scene_id="S2A_30SUG_20230520_0_L2A", **over):
 def make_task(run_id="run-1"):
     cell = Cell(id="gabc123-r000-c001", row=0, col=1, bbox=(-5.75, 37.2, -5.7, 37.25))
     scenes = (make_scene(),)
-    return Task(run_id=run_id, task_id=Task.make_id(cell, scenes), cell=cell, scenes=scenes)
+    return Task(run_id=run_id, task_id=Task.make_id(cell, scenes), cell=cell, scenes=scenes, spec=DatasetSpec())
 
 
 def test_band_order_is_the_seed_order():
@@ -32,7 +34,7 @@ def test_task_round_trip_and_deterministic_bytes():
     raw = encode(task)
     assert decode(raw) == task
     assert encode(decode(raw)) == raw
-    assert json.loads(raw)["type"] == "task" and json.loads(raw)["schema_version"] == 1
+    assert json.loads(raw)["type"] == "task" and json.loads(raw)["schema_version"] == 2
 
 
 def test_task_id_ignores_run_but_follows_scenes():
@@ -57,8 +59,8 @@ def test_result_and_header_round_trip():
     (b"{not json", "not valid JSON"),
     (b"[1, 2]", "JSON object"),
     (json.dumps({"type": "task", "schema_version": 99}).encode(), "unsupported schema_version 99"),
-    (json.dumps({"type": "weird", "schema_version": 1}).encode(), "unknown message type"),
-    (json.dumps({"type": "result", "schema_version": 1, "run_id": "r", "task_id": "t", "cell_id": "c",
+    (json.dumps({"type": "weird", "schema_version": 2}).encode(), "unknown message type"),
+    (json.dumps({"type": "result", "schema_version": 2, "run_id": "r", "task_id": "t", "cell_id": "c",
                  "worker_id": "w", "status": "great"}).encode(), "status must be one of"),
 ])
 def test_bad_messages_are_rejected_with_a_reason(raw, needle):
@@ -93,3 +95,48 @@ def test_unsafe_ids(value):
 def test_bad_cell_bbox():
     with pytest.raises(MessageError, match="not a valid lon/lat box"):
         Cell(id="c", row=0, col=0, bbox=(1.0, 1.0, 0.0, 2.0))
+
+
+# ---------------------------------------------------------------------- the spec in tasks (schema 2)
+
+
+def test_a_task_carries_its_spec_and_round_trips_it():
+    spec = DatasetSpec(chip_size=64, composite="least-cloudy", bands=("B04", "B08"), clear_classes=(4, 5))
+    task = replace(make_task(), spec=spec, force=True)
+    back = decode(encode(task))
+    assert back == task and back.spec == spec and back.spec.digest() == spec.digest() and back.force
+
+
+def _task_body(**spec_changes):
+    body = json.loads(encode(make_task()))
+    body["spec"].update(spec_changes)
+    return json.dumps(body).encode()
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"spec_version": 2}, "spec_version 2 is newer than this cropchips reads"),
+    ({"class_map_file": "/etc/passwd"}, "class_map_file is not allowed here"),
+    ({"chip_sise": 64}, "unknown spec key 'chip_sise': did you mean 'chip_size'"),
+    ({"chip_size": "64"}, "chip_size must be an integer"),
+    ({"composite": "mean"}, "composite (--composite) must be one of"),
+])
+def test_a_spec_a_worker_cannot_honour_is_a_message_error_that_says_why(changes, needle):
+    with pytest.raises(MessageError, match="task carries a dataset spec this worker cannot honour") as info:
+        decode(_task_body(**changes))
+    assert needle in str(info.value)
+
+
+def test_a_task_without_a_spec_or_of_schema_1_is_refused():
+    body = json.loads(encode(make_task()))
+    del body["spec"]
+    with pytest.raises(MessageError, match="missing or invalid fields"):
+        decode(json.dumps(body).encode())
+    body = json.loads(encode(make_task()))
+    body["schema_version"] = 1
+    with pytest.raises(MessageError, match="unsupported schema_version 1"):
+        decode(json.dumps(body).encode())
+
+
+def test_the_run_header_carries_the_spec():
+    header = RunHeader(run_id="run-1", task_count=3, created_at="2026-12-01T00:00:00Z", spec=DatasetSpec(chip_size=32))
+    assert decode(encode(header)).spec.chip_size == 32

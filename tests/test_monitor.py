@@ -1,11 +1,16 @@
 """The monitor: each task counted once, latest run followed, exit codes, summary and status line."""
 
+import io
 import json
+import logging
+import os
+
+import pytest
 
 from conftest import run_script
 from cropchips.kafka_io import KafkaSettings, make_producer
 from cropchips.messages import ChipRecord, Result, RunHeader, encode
-from cropchips.monitor import ProgressDisplay, RunProgress
+from cropchips.monitor import ProgressDisplay, RunProgress, is_terminal
 
 
 def result(task, status, run="run-m", worker="1@a", chips=0, pixels=None):
@@ -40,6 +45,90 @@ def test_status_line_shows_failures_chips_classes_and_workers():
     assert "failed 1" in text and "chips 2" in text and "5:75%" in text and "1@a:1.0/s" in text
 
 
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+class FakeTerminal(io.StringIO):
+    """What tqdm writes, kept; isatty() says terminal."""
+
+    def isatty(self):
+        return True
+
+
+def assert_plain(text):
+    assert "\r" not in text and "\x1b" not in text, repr(text)
+
+
+def test_off_a_terminal_progress_is_one_plain_line_per_interval():
+    clock, out = FakeClock(), io.StringIO()  # a real stream that is not a terminal, like a pipe or a log file
+    progress = RunProgress("run-m", header=RunHeader(run_id="run-m", task_count=4, created_at="x"))
+    display = ProgressDisplay("run-m", stream=out, interval_s=5.0, clock=clock)
+    assert display.mode == "lines" and display.bar is None
+    display.update(progress)  # the first update shows at once
+    steps = [(1, result("a", "ok", chips=3)), (4, result("b", "failed")), (5, result("c", "ok", chips=2)),
+             (9, None), (10, result("d", "no_fields"))]  # the last one completes the run
+    for seconds, new in steps:
+        clock.now = 100.0 + seconds
+        if new is not None:
+            progress.add(new)
+        display.update(progress)
+    clock.now = 200.0
+    display.update(progress)  # complete and already shown: not repeated, however long the monitor stays
+    display.close()
+    text = out.getvalue()
+    assert_plain(text)
+    assert text.splitlines() == [
+        "progress: 0/4 tasks (0%), 0 chips, 0 failed, ? tasks/s, ETA ?",
+        "progress: 3/4 tasks (75%), 5 chips, 1 failed, 0.60 tasks/s, ETA 2 s",  # 5 s after the first line
+        "progress: 4/4 tasks (100%), 5 chips, 1 failed, 0.40 tasks/s, ETA 0 s",  # done: shown before the interval
+    ]
+
+
+def test_a_pipe_is_not_a_terminal_and_gets_plain_lines():
+    read_fd, write_fd = os.pipe()
+    with os.fdopen(read_fd) as reader, os.fdopen(write_fd, "w") as writer:
+        assert not is_terminal(writer)
+        progress = RunProgress("run-m", header=RunHeader(run_id="run-m", task_count=2, created_at="x"))
+        progress.add(result("a", "ok", chips=1))
+        display = ProgressDisplay("run-m", stream=writer)
+        display.update(progress)
+        display.close()
+        line = reader.readline()  # flushed at once: a pipe's buffer would otherwise hold it back
+    assert line.startswith("progress: 1/2 tasks (50%), 1 chips, 0 failed") and line.endswith("\n")
+    assert_plain(line)
+
+
+def test_on_a_terminal_progress_is_the_tqdm_bar():
+    out = FakeTerminal()
+    progress = RunProgress("run-m", header=RunHeader(run_id="run-m", task_count=4, created_at="x"))
+    progress.add(result("a", "ok", chips=3))
+    display = ProgressDisplay("run-m", stream=out)
+    assert display.mode == "bars" and display.bar is not None
+    display.update(progress)
+    display.close()
+    text = out.getvalue()
+    assert "\r" in text and "1/4" in text and "chips 3" in text and "progress:" not in text
+
+
+def test_without_progress_display_the_same_goes_to_the_log(caplog):
+    out, clock = FakeTerminal(), FakeClock()
+    progress = RunProgress("run-m", header=RunHeader(run_id="run-m", task_count=4, created_at="x"))
+    display = ProgressDisplay("run-m", enabled=False, stream=out, interval_s=2.0, clock=clock)
+    with caplog.at_level(logging.INFO, logger="cropchips.monitor"):
+        for seconds in (0, 1, 2):
+            clock.now = 100.0 + seconds
+            display.update(progress)
+    assert out.getvalue() == "" and display.bar is None
+    assert [r.getMessage().split(" |")[0] for r in caplog.records] == ["0/4 tasks", "0/4 tasks"]
+    with pytest.raises(ValueError, match="interval"):
+        ProgressDisplay("run-m", interval_s=0)
+
+
 def publish(broker, topic, messages):
     producer = make_producer(KafkaSettings(broker.bootstrap_servers))
     for message in messages:
@@ -70,5 +159,9 @@ def test_follows_the_latest_run_and_exits_2_on_failure(broker, topics):
     assert summary["run_id"] == "run-m" and summary["tasks_total"] == 3 and summary["tasks_done"] == 3
     assert summary["statuses"] == {"ok": 1, "no_scenes": 1, "no_fields": 0, "failed": 1}
     assert summary["duplicates_ignored"] == 1 and summary["failures"] == {"b": "boom"}
-    pinned = run_script("monitor.py", *monitor_args(broker, topics), "--run-id", "run-old", "--timeout", "3")
+    # With progress shown: captured standard error is a pipe, not a terminal, so plain lines, no bar redraws.
+    args = [a for a in monitor_args(broker, topics) if a != "--no-progress"]
+    pinned = run_script("monitor.py", *args, "--run-id", "run-old", "--timeout", "3", "--progress-interval", "1")
     assert pinned.returncode == 1 and "did not finish" in pinned.stderr  # 1 of 5 tasks: still running
+    assert "progress: 1/5 tasks (20%), 0 chips, 0 failed" in pinned.stderr
+    assert_plain(pinned.stderr)

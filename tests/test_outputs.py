@@ -13,13 +13,12 @@ import rasterio
 from conftest import REPO
 from cropchips.dataset import finalize
 from cropchips.hrefs import HrefPolicy
-from cropchips.processing import ProcessingOptions, TaskProcessor
+from helpers import SpecProcessor
 
 
 def process(sample_area, sample_task, out, **over):
-    options = ProcessingOptions(output_dir=out, gpkg=str(sample_area.gpkg), layer=sample_area.layer,
-                                hrefs=HrefPolicy(local_dirs=(sample_area.root.resolve(),)), **over)
-    return TaskProcessor(options, "o@test").process(sample_task)
+    return SpecProcessor("o@test", output_dir=out, gpkg=str(sample_area.gpkg), layer=sample_area.layer,
+                         hrefs=HrefPolicy(local_dirs=(sample_area.root.resolve(),)), **over).process(sample_task)
 
 
 def test_cog_chips_are_valid_cogs_with_the_same_pixels(sample_area, sample_task, tmp_path):

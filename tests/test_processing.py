@@ -1,12 +1,16 @@
 """One task end to end on the sample area: chips, and idempotent re-processing through manifests."""
 
+import json
 from dataclasses import replace
 
 import pytest
+import rasterio
 
 from cropchips.hrefs import HrefPolicy
 from cropchips.manifest import manifest_path
-from cropchips.processing import ProcessingOptions, TaskProcessor
+from cropchips.messages import BANDS
+from cropchips.spec import DatasetSpec
+from helpers import SpecProcessor
 
 
 @pytest.fixture(scope="module")
@@ -15,9 +19,9 @@ def task(sample_task):
 
 
 def processor(sample_area, out, **over):
-    options = ProcessingOptions(output_dir=out, gpkg=str(sample_area.gpkg), layer=sample_area.layer, chip_size=32,
-                                hrefs=HrefPolicy(local_dirs=(sample_area.root.resolve(),)), **over)
-    return TaskProcessor(options, worker_id="p@test")
+    settings = {"chip_size": 32, **over}
+    return SpecProcessor("p@test", output_dir=out, gpkg=str(sample_area.gpkg), layer=sample_area.layer,
+                         hrefs=HrefPolicy(local_dirs=(sample_area.root.resolve(),)), **settings)
 
 
 def files(out):
@@ -43,8 +47,13 @@ def test_missing_file_or_other_settings_mean_redo(sample_area, task, tmp_path):
     (tmp_path / first.chips[2].mask).unlink()
     redo = processor(sample_area, tmp_path).process(task)
     assert not redo.reused and (tmp_path / first.chips[2].mask).exists()
-    # Fewer chips per cell: a redo, and the chips it no longer makes are removed.
-    fewer = processor(sample_area, tmp_path, max_chips_per_cell=2).process(task)
+    # Fewer chips per cell is another dataset: refused in this folder, nothing touched...
+    before = files(tmp_path)
+    refused = processor(sample_area, tmp_path, max_chips_per_cell=2).process(task)
+    assert refused.status == "failed" and "max_chips_per_cell (2 here, 5 in the folder)" in refused.error
+    assert "master.py --force" in refused.error and files(tmp_path) == before
+    # ...unless forced: a redo, and the chips it no longer makes are removed.
+    fewer = processor(sample_area, tmp_path, max_chips_per_cell=2, force=True).process(task)
     assert not fewer.reused and len(fewer.chips) == 2
     assert sorted(p.stem for p in (tmp_path / "images").glob("*.tif")) == [c.name for c in fewer.chips]
     assert sorted(p.stem for p in (tmp_path / "masks").glob("*.tif")) == [c.name for c in fewer.chips]
@@ -62,3 +71,53 @@ def test_least_cloudy_uses_one_scene(sample_area, task, tmp_path):
     assert result.status == "ok" and len(result.scenes_used) == 1
     # The sample's first date is the clear one.
     assert "_20230520_" in result.scenes_used[0]
+
+
+# ---------------------------------------------------------------------- the task's spec decides
+
+
+def test_the_first_task_records_its_spec_in_the_folder_and_chips_name_it(sample_area, task, tmp_path):
+    worker = processor(sample_area, tmp_path, chip_size=24, bands=("B04", "B03", "B02"))
+    result = worker.process(task)
+    spec = worker.task(task).spec
+    assert result.status == "ok"
+    folder = DatasetSpec.from_yaml(tmp_path / "dataset.yaml")
+    assert folder == spec and folder.chip_size == 24
+    for chip in result.chips:
+        assert chip.dataset_id == spec.dataset_id() != DatasetSpec().dataset_id()
+        with rasterio.open(tmp_path / chip.image) as src:
+            assert (src.width, src.height, src.count, src.descriptions) == (24, 24, 3, ("B04", "B03", "B02"))
+        sidecar = json.loads((tmp_path / "metadata" / f"{chip.name}.json").read_text())
+        assert sidecar["dataset_id"] == spec.dataset_id()
+
+
+def test_the_band_subset_holds_the_same_pixels_as_the_full_image(sample_area, task, tmp_path):
+    full = processor(sample_area, tmp_path / "full").process(task)
+    some = processor(sample_area, tmp_path / "some", bands=("B08", "B02")).process(task)
+    assert [c.name for c in some.chips] == [c.name for c in full.chips]
+    with rasterio.open(tmp_path / "full" / full.chips[0].image) as a, \
+            rasterio.open(tmp_path / "some" / some.chips[0].image) as b:
+        assert (b.read(1) == a.read(BANDS.index("B08") + 1)).all() and (b.read(2) == a.read(1)).all()
+
+
+def test_a_grown_area_is_the_same_dataset_and_reuses_finished_cells(sample_area, task, tmp_path):
+    processor(sample_area, tmp_path).process(task)
+    grown = replace(task, spec=replace(task.spec, x_cells=task.spec.x_cells + 3, min_polygons=1))
+    again = processor(sample_area, tmp_path).process(grown)
+    assert again.status == "ok" and again.reused  # only the area changed: the cell's chips stand
+
+
+def test_a_worker_whose_geopackage_differs_from_the_masters_refuses_the_task(sample_area, task, tmp_path):
+    planted = replace(task, spec=replace(task.spec, gpkg_fingerprint="0123456789abcdef"))
+    result = processor(sample_area, tmp_path).process(planted)
+    assert result.status == "failed"
+    assert f"the GeoPackage {sample_area.gpkg}" in result.error and "0123456789abcdef" in result.error
+    assert not (tmp_path / "images").exists() or not list((tmp_path / "images").iterdir())
+
+
+def test_the_masters_plan_carries_the_fingerprint_of_the_geopackage(sample_plan, sample_area):
+    from cropchips.fields import layer_fingerprint, open_layer
+
+    fingerprint = layer_fingerprint(open_layer(sample_area.gpkg, sample_area.layer))
+    assert {t.spec.gpkg_fingerprint for t in sample_plan.tasks} == {fingerprint}
+    assert {t.spec.layer for t in sample_plan.tasks} == {sample_area.layer}

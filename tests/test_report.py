@@ -25,7 +25,6 @@ from cropchips.grid import Grid
 from cropchips.hrefs import HrefPolicy
 from cropchips.master import record_params
 from cropchips.messages import BANDS
-from cropchips.processing import ProcessingOptions, TaskProcessor
 from cropchips.report import (
     OVERLAY_ALPHA,
     PALETTE,
@@ -45,6 +44,7 @@ from cropchips.report import (
     stretch_rgb,
 )
 from cropchips.writing import write_chip
+from helpers import SpecProcessor
 
 CHIP = 64
 GALLERY = 5
@@ -55,14 +55,14 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def dataset(sample_area, sample_master_options, sample_plan, tmp_path_factory):
     """The sample area processed task by task (no Kafka), indexed with small blocks: all three splits."""
     out = tmp_path_factory.mktemp("report")
-    options, plan, grid = sample_master_options, sample_plan, sample_master_options.grid
-    processor = TaskProcessor(ProcessingOptions(output_dir=out, gpkg=str(sample_area.gpkg), layer=sample_area.layer,
-                                                chip_size=CHIP, max_chips_per_cell=8,
-                                                hrefs=HrefPolicy(local_dirs=(sample_area.root.resolve(),))), "r@test")
+    options, plan, grid = sample_master_options, sample_plan, sample_plan.grid
+    processor = SpecProcessor("r@test", output_dir=out, gpkg=str(sample_area.gpkg), layer=sample_area.layer,
+                              chip_size=CHIP, max_chips_per_cell=8,
+                              hrefs=HrefPolicy(local_dirs=(sample_area.root.resolve(),)))
     results = [processor.process(task) for task in plan.tasks]
     assert all(r.status == "ok" for r in results)
     finalize(out, policy=SplitPolicy(block_size_m=400, ratios=(0.5, 0.25, 0.25)))
-    return out, grid, plan, results, plan.header(record_params(options))
+    return out, grid, plan, results, plan.header(record_params(options, plan))
 
 
 def wider_cells(grid: Grid) -> list[tuple]:

@@ -17,9 +17,10 @@ from conftest import shared_data
 from cropchips.composite import composite
 from cropchips.hrefs import HrefPolicy
 from cropchips.messages import BANDS, Cell, Task
-from cropchips.processing import ProcessingOptions, TaskProcessor
 from cropchips.radiometry import radiometry, remove_offset, scene_offset_dn
 from cropchips.scenes import EARTH_SEARCH_KEYS, scene_from_item
+from cropchips.spec import DatasetSpec
+from helpers import SpecProcessor
 
 ITEMS = "earthsearch", "items"
 
@@ -119,10 +120,10 @@ def test_a_cell_over_two_zones_gets_the_zone_of_its_centre(two_zones, tmp_path):
     scenes = two_zones["scenes"]
     assert {s.epsg for s in scenes} == {32628, 32629}
     cell = Cell(id="c-zones", row=0, col=0, bbox=(-11.6, 24.6, -11.5, 24.7))  # centre in zone 29
-    options = ProcessingOptions(output_dir=tmp_path, gpkg=str(two_zones["gpkg"]), resolution=100.0, chip_size=8,
-                                hrefs=HrefPolicy(local_dirs=two_zones["dirs"]), min_clear_fraction=0.0)
-    result = TaskProcessor(options, "z@test").process(Task(run_id="run-z", task_id="t-zones", cell=cell,
-                                                           scenes=tuple(scenes)))
+    processor = SpecProcessor("z@test", output_dir=tmp_path, gpkg=str(two_zones["gpkg"]), resolution=100.0, chip_size=8,
+                              hrefs=HrefPolicy(local_dirs=two_zones["dirs"]), min_clear_fraction=0.0)
+    result = processor.process(Task(run_id="run-z", task_id="t-zones", cell=cell, scenes=tuple(scenes),
+                                    spec=DatasetSpec()))
     assert result.status == "ok" and len(result.chips) == 3, result.error
     assert set(result.scenes_used) == {s.id for s in scenes}  # the other zone's scene took part
     for chip in result.chips:
@@ -142,9 +143,8 @@ def test_a_cell_over_two_zones_gets_the_zone_of_its_centre(two_zones, tmp_path):
 
 
 def sample_processor(sample_area, out, **over):
-    return TaskProcessor(ProcessingOptions(output_dir=out, gpkg=str(sample_area.gpkg), layer=sample_area.layer,
-                                           chip_size=64, hrefs=HrefPolicy(local_dirs=(sample_area.root.resolve(),)),
-                                           **over), "s2@test")
+    return SpecProcessor("s2@test", output_dir=out, gpkg=str(sample_area.gpkg), layer=sample_area.layer,
+                         chip_size=64, hrefs=HrefPolicy(local_dirs=(sample_area.root.resolve(),)), **over)
 
 
 def test_cloudy_chips_are_skipped_and_counted(sample_area, sample_task, tmp_path):

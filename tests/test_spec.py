@@ -31,29 +31,18 @@ def _defaults(parser) -> dict:
     return {action.dest: action.default for action in parser._actions}
 
 
-def test_spec_defaults_equal_the_flag_defaults_of_master_worker_and_monitor():
-    spec = DatasetSpec()
+def test_every_spec_key_is_a_master_flag_and_none_is_a_worker_flag():
     master_defaults = _defaults(master.build_parser({}))
     worker_defaults = _defaults(worker.build_parser({}))
     monitor_defaults = _defaults(monitor.build_parser({}))
-    compared = {
-        "master": (master_defaults, ["start_x", "start_y", "grid_step", "x_cells", "y_cells", "min_polygons", "layer",
-                                     "collection", "datetime", "max_cloud", "max_scenes"]),
-        "worker": (worker_defaults, ["layer", "chip_size", "max_chips_per_cell", "composite", "resolution", "temporal",
-                                     "max_scenes", "harmonize", "min_clear_fraction", "max_nodata_fraction", "format"]),
-        "monitor": (monitor_defaults, ["split_block_size", "split_ratios"]),
-    }
-    fields = {f.name for f in dataclasses.fields(DatasetSpec)}
-    for script, (defaults, names) in compared.items():
-        # Every flag of the script that is a spec field is compared: a new shared one cannot drift unnoticed.
-        # (--class-map is a path, the spec holds the content: compared below.)
-        assert sorted(fields & set(defaults) - {"class_map"}) == sorted(names), script
-        for name in names:
-            assert getattr(spec, name) == defaults[name], f"{script} --{name.replace('_', '-')}"
-    # The worker's --class-map default (None) means the packaged CSV: the spec holds its content.
-    assert worker_defaults["class_map"] is None
-    assert spec.class_map == PACKAGED_CSV
-    assert spec.spec_version == SPEC_VERSION == 1
+    keys = {f.name for f in dataclasses.fields(DatasetSpec)} - {"spec_version", "class_map", "gpkg_fingerprint"}
+    assert keys <= set(master_defaults)
+    # Not given, a flag leaves the spec file's value (or the spec's default): every one defaults to None.
+    assert {key: master_defaults[key] for key in keys} == dict.fromkeys(keys)
+    assert master_defaults["class_map"] is None and master_defaults["spec"] is None
+    assert not (keys | {"class_map"}) & set(worker_defaults)  # the worker builds chips from the task's spec
+    assert not keys & set(monitor_defaults)  # the index splits as the run's spec (or dataset.yaml) says
+    assert DatasetSpec().spec_version == SPEC_VERSION == 1
 
 
 def test_spec_defaults_are_the_seed_values():
@@ -64,8 +53,8 @@ def test_spec_defaults_are_the_seed_values():
     assert spec.bbox is None and spec.aoi is None and spec.gpkg_fingerprint is None and spec.area_mode == "grid"
 
 
-def test_the_worker_flags_offer_exactly_the_values_the_spec_accepts():
-    choices = {action.dest: action.choices for action in worker.build_parser({})._actions}
+def test_the_master_flags_offer_exactly_the_values_the_spec_accepts():
+    choices = {action.dest: action.choices for action in master.build_parser({})._actions}
     assert tuple(choices["composite"]) == spec_module.METHODS == ("median", "least-cloudy")
     assert tuple(choices["temporal"]) == spec_module.TEMPORAL_MODES == ("composite", "stack")
     assert tuple(choices["format"]) == spec_module.FORMATS == ("gtiff", "cog")
@@ -112,11 +101,13 @@ def test_a_bbox_is_covered_by_cells_from_its_south_west_corner():
     assert (grid.start_x, grid.start_y, grid.x_cells, grid.y_cells) == (0.0, 0.0, 3, 1)
 
 
-def test_an_aoi_is_stored_and_has_no_grid_yet():
-    spec = DatasetSpec(aoi="fields/andalusia.gpkg")
+def test_an_aoi_grid_covers_the_bounds_of_its_polygons_which_the_caller_reads():
+    spec = DatasetSpec(aoi="fields/andalusia.gpkg", grid_step=0.1)
     assert spec.aoi == "fields/andalusia.gpkg" and spec.area_mode == "aoi" and spec.start_x is None
-    with pytest.raises(ConfigError, match="aoi 'fields/andalusia.gpkg'.*bbox"):
+    with pytest.raises(ConfigError, match="aoi 'fields/andalusia.gpkg' comes from its polygons: read them first"):
         spec.grid()
+    grid = spec.grid((0.1, 0.0, 0.35, 0.1))
+    assert (grid.start_x, grid.start_y, grid.x_cells, grid.y_cells) == (0.1, 0.0, 3, 1)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -273,7 +264,7 @@ def _expected_dict(**changes) -> dict:
     values = {
         "spec_version": 1, "start_x": -5.8, "start_y": 37.2, "x_cells": 10, "y_cells": 10, "bbox": None, "aoi": None,
         "grid_step": 0.05, "min_polygons": 5, "layer": None, "collection": "sentinel-2-l2a",
-        "datetime": "2023-05-15/2023-06-30", "max_cloud": 10.0, "max_scenes": 0,
+        "datetime": "2023-05-15/2023-06-30", "max_cloud": 10.0, "max_task_scenes": 0, "max_scenes": 0,
         "bands": ["B02", "B03", "B04", "B08", "B05", "B06", "B07", "B8A", "B11", "B12"],
         "resolution": 10.0, "chip_size": 256, "max_chips_per_cell": 5, "composite": "median", "temporal": "composite",
         "harmonize": True, "clear_classes": [4, 5, 6], "min_clear_fraction": 0.9, "max_nodata_fraction": 0.0,
@@ -335,7 +326,7 @@ def test_the_dictionary_and_its_json_read_back_equal():
 
 DEFAULT_YAML_KEYS = [
     "spec_version", "start_x", "start_y", "x_cells", "y_cells", "grid_step", "min_polygons", "layer", "collection",
-    "datetime", "max_cloud", "max_scenes", "bands", "resolution", "chip_size", "max_chips_per_cell", "composite",
+    "datetime", "max_cloud", "max_task_scenes", "max_scenes", "bands", "resolution", "chip_size", "max_chips_per_cell", "composite",
     "temporal", "harmonize", "clear_classes", "min_clear_fraction", "max_nodata_fraction", "format",
     "split_block_size", "split_ratios", "gpkg_fingerprint", "class_map",
 ]

@@ -35,7 +35,7 @@ from cropchips.processing import ProcessingOptions, TaskProcessor
 from cropchips.errors import ConfigError
 from cropchips.report import build_report
 from cropchips.storage import TMP_PREFIX, LocalStorage, ObjectStorage, UnsafePathError, open_storage, scratch_dir
-from helpers import WorkerProcess, final_summary, kafka_args, kill_at_random, publish_area
+from helpers import SpecProcessor, WorkerProcess, final_summary, kafka_args, kill_at_random, publish_area
 
 CHIP = 64
 
@@ -403,17 +403,16 @@ def test_a_worker_refuses_at_start_a_store_without_conditional_writes(sample_are
     assert not open_storage("memory://cropchips-test/out").conditional_writes
     assert open_storage(tmp_path).conditional_writes and open_storage(f"s3://{s3_bucket}/x").conditional_writes
     with pytest.raises(ConfigError, match="a folder .local or NFS. or s3://"):
-        TaskProcessor(ProcessingOptions(output_dir="memory://cropchips-test/out", gpkg=str(sample_area.gpkg),
-                                        layer=sample_area.layer), "m@test")
+        TaskProcessor(ProcessingOptions(output_dir="memory://cropchips-test/out", gpkg=str(sample_area.gpkg)), "m@test")
 
 
 def test_tasks_written_to_s3_equal_the_local_ones_and_are_reused(s3_bucket, sample_area, sample_plan, tmp_path):
     url = f"s3://{s3_bucket}/run1"
 
     def processor(output):
-        return TaskProcessor(ProcessingOptions(
-            output_dir=output, gpkg=str(sample_area.gpkg), layer=sample_area.layer, chip_size=CHIP,
-            max_chips_per_cell=3, hrefs=HrefPolicy(local_dirs=(sample_area.root.resolve(),))), "s3@test")
+        return SpecProcessor("s3@test", output_dir=output, gpkg=str(sample_area.gpkg), layer=sample_area.layer,
+                             chip_size=CHIP, max_chips_per_cell=3,
+                             hrefs=HrefPolicy(local_dirs=(sample_area.root.resolve(),)))
 
     remote, local = processor(url), processor(tmp_path / "local")
     tasks = sample_plan.tasks[:2]
@@ -482,9 +481,8 @@ def test_tasks_written_to_s3_equal_the_local_ones_and_are_reused(s3_bucket, samp
 
 
 def test_worker_with_a_missing_bucket_exits_with_a_clear_message(s3_bucket, sample_area, broker, topics):
-    done = run_script("worker.py", "1", "--gpkg", str(sample_area.gpkg), "--layer", sample_area.layer,
-                      "--output-dir", "s3://no-such-bucket/chips", "--burst", *kafka_args(broker.bootstrap_servers,
-                                                                                          topics), timeout=120)
+    done = run_script("worker.py", "1", "--gpkg", str(sample_area.gpkg), "--output-dir", "s3://no-such-bucket/chips",
+                      "--burst", *kafka_args(broker.bootstrap_servers, topics), timeout=120)
     assert done.returncode == 1, done.stderr
     assert "no-such-bucket" in done.stderr and "does not exist" in done.stderr and "Traceback" not in done.stderr
 
@@ -505,9 +503,9 @@ def test_killed_workers_leave_no_partial_object_and_lose_nothing(broker, topics,
     (tmp_path / "tmp").mkdir()
     url = f"s3://{s3_bucket}/chaos"
     bootstrap = broker.bootstrap_servers
-    publish_area(s3_area, bootstrap, topics, "--run-id", "run-s3")
-    extra = ["--chip-size", "64", "--max-chips-per-cell", "3", "--burst", "--burst-idle", "10",
-             "--session-timeout-ms", "3000"]
+    publish_area(s3_area, bootstrap, topics, "--run-id", "run-s3", "--chip-size", str(CHIP),
+                 "--max-chips-per-cell", "3")
+    extra = ["--burst", "--burst-idle", "10", "--session-timeout-ms", "3000"]
     workers = {n: WorkerProcess(n, s3_area, url, bootstrap, topics, *extra) for n in (1, 2)}
     for w in workers.values():
         w.wait_for("partitions assigned")

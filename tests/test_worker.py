@@ -12,21 +12,22 @@ from conftest import shared_data
 from cropchips.hrefs import HrefPolicy
 from cropchips.kafka_io import KafkaSettings, make_producer, read_topic
 from cropchips.messages import Cell, Result, Task, decode, encode
-from cropchips.processing import ProcessingOptions, TaskProcessor, utc_now
+from cropchips.processing import TaskProcessor, utc_now
 from cropchips.worker import Worker, WorkerOptions
+from cropchips.spec import DatasetSpec
+from helpers import SpecProcessor
 
 
 @pytest.fixture(scope="module")
 def processor(tmp_path_factory):
     gpkg = f"zip://{shared_data('eurocrops', 'SI_2021.zip')}"
     local = HrefPolicy(local_dirs=(shared_data("sentinel2").resolve(),))
-    options = ProcessingOptions(output_dir=tmp_path_factory.mktemp("out"), gpkg=gpkg, resolution=100.0, chip_size=16,
-                                hrefs=local)
-    return TaskProcessor(options, worker_id="t@test")
+    return SpecProcessor("t@test", output_dir=tmp_path_factory.mktemp("out"), gpkg=gpkg, resolution=100.0,
+                         chip_size=16, hrefs=local)
 
 
 def task_for(cell, scenes, run_id="run-w"):
-    return Task(run_id=run_id, task_id=Task.make_id(cell, scenes), cell=cell, scenes=tuple(scenes))
+    return Task(run_id=run_id, task_id=Task.make_id(cell, scenes), cell=cell, scenes=tuple(scenes), spec=DatasetSpec())
 
 
 def test_cell_without_scenes_is_no_scenes(processor):
@@ -47,7 +48,7 @@ def test_unreadable_scene_fails_with_a_readable_error(processor, real_scene, tmp
     options = replace(processor.options, hrefs=HrefPolicy(local_dirs=(tmp_path.resolve(), shared_data("sentinel2").resolve())))
     broken = replace(real_scene, assets={**real_scene.assets, "B02": str(tmp_path / "missing.tif")})
     cell = Cell(id="c-broken", row=0, col=0, bbox=(15.6, 45.95, 15.65, 46.0))
-    result = TaskProcessor(options, "t@test").process(task_for(cell, [broken]))
+    result = TaskProcessor(options, "t@test").process(processor.task(task_for(cell, [broken])))
     assert result.status == "failed" and "cannot open B02" in result.error and "missing.tif" in result.error
 
 

@@ -20,6 +20,7 @@ import hashlib
 import inspect
 import json
 import math
+import re
 import tempfile
 import typing
 from collections.abc import Mapping
@@ -424,7 +425,8 @@ def field_docs() -> dict[str, str]:
     for stmt, nxt in zip(body, body[1:]):
         if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(nxt, ast.Expr)
                 and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
-            docs[stmt.target.id] = " ".join(nxt.value.value.split())
+            text = re.sub(r":\w+:`~?([^`]*)`", r"\1", " ".join(nxt.value.value.split()))  # :meth:`grid` -> grid
+            docs[stmt.target.id] = text.replace("``", "")
     return docs
 
 

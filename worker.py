@@ -99,7 +99,8 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
     if moved:
         raise ConfigError(f"{', '.join(moved)}: the dataset (chip size, composite, bands, class map, ...) is the "
                           "run's spec now, which the master publishes with every task; give these to master.py "
-                          "(or its --spec file) and start workers without them (see the README, 'Dataset spec')")
+                          "(or its --spec file) and start workers without them (see the README, 'The dataset spec')"
+                          + ("; --temporal stack is now --composite stack" if "--temporal" in moved else ""))
     args = build_parser(env).parse_args(argv)
     processing = ProcessingOptions(
         output_dir=args.output_dir, gpkg=args.gpkg, read_threads=args.read_threads, read_cache_mb=args.read_cache_mb,

@@ -1,15 +1,24 @@
-"""Compositing several scenes into one image: cloud-masked per-pixel median, or the least cloudy scene."""
+"""Compositing the scenes of a cell into the image of its chips: compositors, one class per method.
+
+A :class:`Compositor` turns the stack of a cell's usable scenes (``data``: scenes x bands x rows x
+cols, uint16, 0 = nodata; ``clear``: scenes x rows x cols) into one image and says which scenes it
+used and how much of each pixel was clear. The built-in ones are in :data:`COMPOSITORS`, under the
+names the spec's ``composite`` key takes: ``median``, ``least-cloudy`` and ``stack`` (a time series
+of every usable scene). Another is one class and a :func:`register_compositor` call.
+"""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
 #: SCL classes counted as clear: 4 vegetation, 5 bare soil, 6 water.
 CLEAR_CLASSES: tuple[int, ...] = (4, 5, 6)
 
-METHODS = ("median", "least-cloudy")
 
 
 def clear_mask(scl: np.ndarray, clear_classes: tuple[int, ...] = CLEAR_CLASSES) -> np.ndarray:
@@ -48,32 +57,118 @@ def median_composite(data: np.ndarray, clear: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class Composed:
+    """What a compositor made of a cell's stack."""
+
+    image: np.ndarray
+    """(bands out, rows, cols) uint16, 0 = nodata."""
+    used: tuple[int, ...]
+    """Positions (in the stack given) of the scenes in the image, in stack (date) order."""
+    clear_fraction: np.ndarray
+    """(rows, cols) float32: per pixel, the share of clear observations (of the image, or of its dates)."""
+
+
+class Compositor(ABC):
+    """One way to make a chip image of a stack of scenes."""
+
+    #: The spec's ``composite`` value that selects it.
+    name: ClassVar[str]
+    #: True when the image holds every scene's bands in turn (a time series), not one set of bands.
+    per_scene: ClassVar[bool] = False
+
+    @abstractmethod
+    def compose(self, data: np.ndarray, clear: np.ndarray) -> Composed:
+        """Composite ``data`` (scenes, bands, rows, cols) whose every scene has data, with its ``clear``
+        mask (scenes, rows, cols)."""
+
+    def descriptions(self, bands: Sequence[str], dates: Sequence[str]) -> tuple[str, ...]:
+        """Band descriptions of the image, given the bands and the dates (YYYY-MM-DD) of the scenes used."""
+        if self.per_scene:
+            return tuple(f"{date} {band}" for date in dates for band in bands)
+        return tuple(bands)
+
+
+class Median(Compositor):
+    """Per pixel and band, the median of the scenes clear there (0 where none is)."""
+
+    name = "median"
+
+    def compose(self, data: np.ndarray, clear: np.ndarray) -> Composed:
+        return Composed(median_composite(data, clear), tuple(range(len(data))),
+                        clear.any(axis=0).astype("float32"))
+
+
+class LeastCloudy(Compositor):
+    """The one scene with the largest clear share of the grid (ties: the earlier), as it is."""
+
+    name = "least-cloudy"
+
+    def compose(self, data: np.ndarray, clear: np.ndarray) -> Composed:
+        best = int(np.argmax(clear.reshape(len(clear), -1).mean(axis=1)))
+        return Composed(data[best], (best,), clear[best].astype("float32"))
+
+
+class Stack(Compositor):
+    """A time series: every scene's bands in date order (T x bands), clear share over the dates."""
+
+    name = "stack"
+    per_scene = True
+
+    def compose(self, data: np.ndarray, clear: np.ndarray) -> Composed:
+        image = data.reshape(data.shape[0] * data.shape[1], *data.shape[2:])  # a view: no copy
+        return Composed(image, tuple(range(len(data))), clear.mean(axis=0).astype("float32"))
+
+
+#: The compositors by name: the values of the spec's ``composite``.
+COMPOSITORS: dict[str, Compositor] = {}
+
+
+def register_compositor(compositor: Compositor) -> Compositor:
+    """Make ``compositor`` selectable as ``composite: NAME`` (a name may be registered once)."""
+    if compositor.name in COMPOSITORS and type(COMPOSITORS[compositor.name]) is not type(compositor):
+        raise ValueError(f"a compositor named {compositor.name!r} is already registered")
+    COMPOSITORS[compositor.name] = compositor
+    return compositor
+
+
+for _builtin in (Median(), LeastCloudy(), Stack()):
+    register_compositor(_builtin)
+
+
+def compositor(name: str) -> Compositor:
+    """The compositor called ``name``; ValueError naming the choices otherwise."""
+    try:
+        return COMPOSITORS[name]
+    except KeyError:
+        raise ValueError(f"unknown composite method {name!r}; choose one of {tuple(COMPOSITORS)}") from None
+
+
+def methods() -> tuple[str, ...]:
+    """The names of the registered compositors."""
+    return tuple(COMPOSITORS)
+
+
+@dataclass(frozen=True)
 class Composite:
-    """A composited image and what went into it."""
+    """A composited image and what went into it (:func:`composite`)."""
 
     image: np.ndarray
     """(bands, rows, cols) uint16, 0 = nodata."""
     scene_indices: tuple[int, ...]
     """Indices (into the stack) of the scenes used."""
     method: str
-    """``median`` or ``least-cloudy``."""
+    """The compositor's name."""
 
 
 def composite(data: np.ndarray, scl: np.ndarray, method: str = "median",
               clear_classes: tuple[int, ...] = CLEAR_CLASSES) -> Composite:
-    """Composite a stack; scenes without any valid pixel never take part.
-
-    ``least-cloudy`` picks the scene with the largest clear fraction over the whole grid
-    (ties: the earlier scene) and returns its pixels as they are.
-    """
-    if method not in METHODS:
-        raise ValueError(f"unknown composite method {method!r}; choose one of {METHODS}")
+    """Composite a whole stack with its SCL; scenes without any valid pixel never take part."""
+    chosen = compositor(method)
     usable = np.flatnonzero(has_data(data, scl))
     if usable.size == 0:
         return Composite(np.zeros(data.shape[1:], dtype="uint16"), (), method)
-    clear = clear_mask(scl[usable], clear_classes)
-    if method == "median":
-        return Composite(median_composite(data[usable], clear), tuple(int(i) for i in usable), method)
-    fractions = clear.reshape(len(usable), -1).mean(axis=1)
-    best = int(usable[int(np.argmax(fractions))])
-    return Composite(data[best].copy(), (best,), method)
+    if usable.size == len(data):
+        result = chosen.compose(data, clear_mask(scl, clear_classes))
+    else:
+        result = chosen.compose(data[usable], clear_mask(scl[usable], clear_classes))
+    return Composite(result.image, tuple(int(usable[i]) for i in result.used), method)

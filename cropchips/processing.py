@@ -17,7 +17,8 @@ from pyproj import Transformer
 
 from . import __version__
 from .chips import ChipWindow, plan_chips
-from .composite import clear_mask, composite, has_data
+from .composite import clear_mask, has_data
+from .composite import compositor as composite_method
 from .errors import ConfigError, CropChipsError, InputDataError, RetryableError, is_transient
 from .fields import FieldLayer, layer_fingerprint, open_layer, read_fields
 from .grid import cell_contains
@@ -73,11 +74,6 @@ class ProcessingOptions:
             raise ConfigError("--read-cache-mb must be >= 0 (0: no cache)")
         if self.max_task_memory_mb < 1:
             raise ConfigError(f"--max-task-memory-mb must be >= 1, got {self.max_task_memory_mb}")
-
-
-def method_of(spec: DatasetSpec) -> str:
-    """How a spec's images are made: ``stack`` (a time series), else its composite method."""
-    return "stack" if spec.temporal == "stack" else spec.composite
 
 
 def utc_now() -> str:
@@ -291,6 +287,7 @@ class TaskProcessor:
             # With --max-scenes, the scenes are chosen on their SCL alone before any other band is read.
             chosen, stack = read_scenes(task.scenes, grid, max_scenes=spec.max_scenes, threads=opts.read_threads,
                                         datasets=self.datasets, before_allocating=within_budget)
+        compositor = composite_method(spec.composite)
         with watch.stage("composite"):
             # ``positions`` index the stack, ``usable``/``used`` the task's scenes (chosen[position]).
             positions = [int(p) for p in np.flatnonzero(has_data(stack.data, stack.scl))]
@@ -302,24 +299,15 @@ class TaskProcessor:
             radio = {i: radiometry(task.scenes[i], spec.harmonize) for i in usable}
             for p, i in zip(positions, usable):
                 remove_offset(stack.data[p], radio[i].applied_dn)
-            # The spec's bands, in its order (a view, not a copy, when they are all of them in file order).
+            # The spec's bands, in its order (all of them in file order: the stack itself, no copy).
             picked = slice(None) if spec.bands == BANDS else [BANDS.index(band) for band in spec.bands]
-            if spec.temporal == "stack":
-                used, used_positions = usable, positions
-                # A view when every scene read is usable (the usual case), else a copy of the usable ones.
-                data = stack.data if len(positions) == len(chosen) else stack.data[positions]
-                data = data[:, picked]
-                image = data.reshape(len(used) * len(spec.bands), grid.height, grid.width)
-                clear_obs = clear[used_positions].mean(axis=0)  # per pixel, the share of dates that are clear
-                descriptions = tuple(f"{task.scenes[i].datetime[:10]} {band}" for i in used for band in spec.bands)
-            else:
-                # composite() leaves out scenes without data itself, so the stack goes in whole, not copied.
-                comp = composite(stack.data, stack.scl, spec.composite, spec.clear_classes)
-                used_positions = list(comp.scene_indices)
-                used = [chosen[p] for p in used_positions]
-                image = comp.image[picked]
-                clear_obs = clear[used_positions].any(axis=0).astype("float32")
-                descriptions = spec.bands
+            every = len(positions) == len(chosen)
+            data = stack.data[:, picked] if every else stack.data[positions][:, picked]
+            made = compositor.compose(data, clear if every else clear[positions])
+            used_positions = [positions[i] for i in made.used]
+            used = [chosen[p] for p in used_positions]
+            image, clear_obs = made.image, made.clear_fraction
+            descriptions = compositor.descriptions(spec.bands, [task.scenes[i].datetime[:10] for i in used])
             covered = (stack.scl[used_positions] != 0).any(axis=0)  # inside some used scene's footprint
             del stack
         with watch.stage("rasterize"):
@@ -357,7 +345,7 @@ class TaskProcessor:
                     name=name, image=image_rel, mask=mask_rel, crs=grid.crs,
                     bounds=(left, top - size, left + size, top),
                     class_pixels={str(int(c)): int(n) for c, n in zip(classes, counts)}, field_id=window.field_id,
-                    cell_id=cell.id, method=method_of(spec), scenes=scenes_meta, bands=descriptions,
+                    cell_id=cell.id, method=spec.composite, scenes=scenes_meta, bands=descriptions,
                     clear_fraction=round(float(clear_obs[rows, cols].mean()), 4),
                     nodata_fraction=round(float(1.0 - covered[rows, cols].mean()), 4),
                     resolution=grid.resolution, format=spec.format, software=__version__,

@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from .classes import DEFAULT_CLASS_MAP_PATH, ClassMap, load_class_map
-from .composite import CLEAR_CLASSES, METHODS
+from .composite import CLEAR_CLASSES, methods
 from .config import DEFAULT_COLLECTION, DEFAULT_DATETIME
 from .errors import ConfigError
 from .grid import Grid
@@ -50,8 +50,8 @@ DEFAULT_GRID_STEP = 0.05
 DEFAULT_X_CELLS = 10
 DEFAULT_Y_CELLS = 10
 
-#: ``temporal``: one composited image per chip, or a time series of every scene.
-TEMPORAL_MODES = ("composite", "stack")
+#: Keys of earlier drafts and what replaced them, for the error message.
+RENAMED_KEYS = {"temporal": "composite: stack (a time series) or median / least-cloudy"}
 
 #: Values of Sentinel-2's scene classification layer (SCL), the candidates for ``clear_classes``.
 SCL_CLASSES = range(12)
@@ -144,9 +144,8 @@ class DatasetSpec:
     max_chips_per_cell: int = 5
     """At most this many chips per cell."""
     composite: str = "median"
-    """``median`` of the clear pixels over all scenes, or the single ``least-cloudy`` scene."""
-    temporal: str = "composite"
-    """``composite`` (one image per chip) or ``stack`` (a time series: T x bands)."""
+    """How the scenes become the chip image: ``median`` of the clear pixels, the single ``least-cloudy``
+    scene, or ``stack``, a time series of every usable scene (T x bands); see cropchips.composite."""
     harmonize: bool = True
     """Bring processing baseline >= 04.00 scenes to the pre-2022 convention (DN = reflectance x 10000)."""
     clear_classes: tuple[int, ...] = CLEAR_CLASSES
@@ -195,10 +194,8 @@ class DatasetSpec:
             raise ConfigError(f"chip_size (--chip-size) must be >= 1, got {self.chip_size}")
         if self.max_chips_per_cell < 0:
             raise ConfigError(f"max_chips_per_cell (--max-chips-per-cell) must be >= 0, got {self.max_chips_per_cell}")
-        if self.composite not in METHODS:
-            raise ConfigError(f"composite (--composite) must be one of {METHODS}, got {self.composite!r}")
-        if self.temporal not in TEMPORAL_MODES:
-            raise ConfigError(f"temporal (--temporal) must be composite or stack, got {self.temporal!r}")
+        if self.composite not in methods():
+            raise ConfigError(f"composite (--composite) must be one of {methods()}, got {self.composite!r}")
         self._check_clear_classes()
         for name in ("min_clear_fraction", "max_nodata_fraction"):
             value = getattr(self, name)
@@ -516,6 +513,8 @@ def _check_keys(values: Mapping[str, Any]) -> None:
         if not isinstance(key, str):
             raise ConfigError(f"spec key {key!r} is not a name; keys are the flag names with underscores, "
                               "e.g. chip_size")
+        if key in RENAMED_KEYS:
+            raise ConfigError(f"spec key {key!r} is gone: use {RENAMED_KEYS[key]}")
         close = difflib.get_close_matches(key.replace("-", "_").lower(), valid, n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
         raise ConfigError(f"unknown spec key {key!r}: {hint}")

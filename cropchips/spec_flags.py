@@ -14,16 +14,16 @@ import typing
 from types import NoneType, UnionType
 from typing import Any
 
-from .composite import METHODS
+from .composite import methods
 from .config import EnvArgumentParser
-from .spec import CLASS_MAP_FILE_KEY, TEMPORAL_MODES, DatasetSpec, field_docs, field_types
+from .spec import CLASS_MAP_FILE_KEY, DatasetSpec, field_docs, field_types
 from .writing import FORMATS
 
 #: Spec fields that are not flags: the version, the class map's content (``--class-map`` names its file)
 #: and the fingerprint the master computes.
 NOT_FLAGS = ("spec_version", "class_map", "gpkg_fingerprint")
 
-_CHOICES = {"composite": METHODS, "temporal": TEMPORAL_MODES, "format": FORMATS}
+_CHOICES = {"format": FORMATS}
 _METAVARS = {"bbox": "W,S,E,N", "aoi": "FILE", "bands": "B02,B03,...", "clear_classes": "4,5,6",
              "split_ratios": "TRAIN,VAL,TEST", "datetime": "START/END"}
 _GROUPS = (("area", ("start_x", "start_y", "x_cells", "y_cells", "bbox", "aoi", "grid_step", "min_polygons",
@@ -70,7 +70,7 @@ def add_spec_options(parser: EnvArgumentParser) -> None:
             continue
         parse = kind if kind in (int, float) else str
         parser.option(flag_name(key), type=parse, default=None, group=group, help=help_text,
-                      choices=_CHOICES.get(key), metavar=_METAVARS.get(key))
+                      choices=methods() if key == "composite" else _CHOICES.get(key), metavar=_METAVARS.get(key))
 
 
 def spec_from_args(args: argparse.Namespace) -> DatasetSpec:

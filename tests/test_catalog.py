@@ -37,13 +37,13 @@ CHIP = 64
 POLICY = SplitPolicy(block_size_m=400, ratios=(0.5, 0.25, 0.25))
 
 
-@pytest.fixture(scope="module", params=[("composite", "gtiff"), ("stack", "cog")], ids=["composite-gtiff", "stack-cog"])
+@pytest.fixture(scope="module", params=[("median", "gtiff"), ("stack", "cog")], ids=["median-gtiff", "stack-cog"])
 def written(request, sample_area, sample_plan, tmp_path_factory):
     """A processed sample dataset with its index and its catalog written beside it."""
     temporal, fmt = request.param
     out = tmp_path_factory.mktemp(f"catalog-{temporal}")
     processor = SpecProcessor("c@test", output_dir=out, gpkg=str(sample_area.gpkg), layer=sample_area.layer,
-                              chip_size=CHIP, max_chips_per_cell=8, temporal=temporal, format=fmt,
+                              chip_size=CHIP, max_chips_per_cell=8, composite=temporal, format=fmt,
                               hrefs=HrefPolicy(local_dirs=(sample_area.root.resolve(),)))
     assert all(processor.process(task).status == "ok" for task in sample_plan.tasks)
     finalize(out, policy=POLICY)

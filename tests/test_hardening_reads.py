@@ -436,11 +436,11 @@ def test_clear_fractions_from_scl_alone_equal_those_of_a_full_stack(served):
     assert fractions[0] == fractions[1] == 1.0 > fractions[4] > fractions[2] > fractions[3]
 
 
-@pytest.mark.parametrize("temporal", ["composite", "stack"])
+@pytest.mark.parametrize("temporal", ["median", "stack"])
 def test_max_scenes_reads_only_scl_of_the_scenes_it_leaves_out_and_gives_the_same_chips(served, tmp_path,
                                                                                          temporal):
     scenes = served["scenes"]
-    chosen = processor(served, tmp_path / "chosen", max_scenes=2, temporal=temporal).process(
+    chosen = processor(served, tmp_path / "chosen", max_scenes=2, composite=temporal).process(
         task(scenes, f"max2-{temporal}"))
     assert chosen.status == "ok" and len(chosen.chips) == 3, chosen.error
     assert chosen.scenes_used == tuple(f"S2A_29RKH_{d}_0_L2A" for d in CHOSEN)
@@ -450,7 +450,7 @@ def test_max_scenes_reads_only_scl_of_the_scenes_it_leaves_out_and_gives_the_sam
         assert all(served["requests"](date, band) == 0 for band in BANDS), date
     # The same chips, pixel for pixel, as reading everything of exactly the scenes chosen.
     only = [s for s in scenes if s.id in chosen.scenes_used]
-    full = processor(served, tmp_path / "full", temporal=temporal).process(task(only, f"all-{temporal}"))
+    full = processor(served, tmp_path / "full", composite=temporal).process(task(only, f"all-{temporal}"))
     assert full.scenes_used == chosen.scenes_used
     got, expected = chip_pixels(tmp_path / "chosen", chosen), chip_pixels(tmp_path / "full", full)
     assert [g[0] for g in got] == [e[0] for e in expected]

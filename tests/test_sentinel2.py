@@ -173,7 +173,9 @@ def test_provenance_sidecar_matches_the_result(sample_area, sample_task, tmp_pat
         sidecar = json.loads((tmp_path / "metadata" / f"{chip.name}.json").read_text())
         assert sidecar["task_id"] == sample_task.task_id and sidecar["cell_id"] == sample_task.cell.id
         assert sidecar["name"] == chip.name and sidecar["crs"] == chip.crs and sidecar["bounds"] == list(chip.bounds)
-        assert sidecar["method"] == "median" and sidecar["software"] and sidecar["config"]["harmonize"] is True
+        assert sidecar["method"] == "median" and sidecar["software"]
+        assert sidecar["dataset_id"] == sample_processor_spec(sample_task).dataset_id()
+        assert (sidecar["resolution"], sidecar["format"]) == (10.0, "gtiff")
         assert sidecar["class_pixels"] == chip.class_pixels
         assert [s["id"] for s in sidecar["scenes"]] == list(result.scenes_used)
         for scene in sidecar["scenes"]:
@@ -184,6 +186,15 @@ def test_provenance_sidecar_matches_the_result(sample_area, sample_task, tmp_pat
             assert scene["applied_dn"] == 1000
         assert 0.9 <= sidecar["clear_fraction"] <= 1.0 and sidecar["nodata_fraction"] == 0.0
         assert sidecar["bands"] == list(BANDS)
+
+
+def sample_processor_spec(task):
+    """The spec sample_processor gives its tasks (harmonize on, the default)."""
+    from dataclasses import replace
+
+    spec = replace(task.spec, chip_size=64)
+    assert spec.harmonize is True
+    return spec
 
 
 def sidecar(out, chip):
@@ -199,7 +210,7 @@ def test_least_cloudy_records_its_one_scene(sample_area, sample_task, tmp_path):
 
 
 def test_time_series_stack(sample_area, sample_task, tmp_path):
-    result = sample_processor(sample_area, tmp_path, temporal="stack", min_clear_fraction=0.5).process(sample_task)
+    result = sample_processor(sample_area, tmp_path, composite="stack", min_clear_fraction=0.5).process(sample_task)
     assert result.status == "ok" and result.chips
     dates = sorted(s.datetime[:10] for s in sample_task.scenes)
     chip = result.chips[0]
@@ -215,7 +226,7 @@ def test_time_series_stack(sample_area, sample_task, tmp_path):
         raw = src.read(1, window=window).astype(int)
     assert np.array_equal(stack[BANDS.index("B04")], np.where(raw > 0, np.maximum(raw - 1000, 1), 0))
     # --max-scenes keeps the clearest dates, in date order.
-    two = sample_processor(sample_area, tmp_path / "two", temporal="stack", max_scenes=2,
+    two = sample_processor(sample_area, tmp_path / "two", composite="stack", max_scenes=2,
                            min_clear_fraction=0.5).process(sample_task)
     kept = [s["datetime"][:10] for s in sidecar(tmp_path / "two", two.chips[0])["scenes"]]
     assert len(kept) == 2 and kept == sorted(kept) and "2023-05-30" not in kept  # the cloudy date goes

@@ -48,15 +48,15 @@ def test_every_spec_key_is_a_master_flag_and_none_is_a_worker_flag():
 def test_spec_defaults_are_the_seed_values():
     spec = DatasetSpec()
     assert (spec.start_x, spec.start_y, spec.grid_step, spec.x_cells, spec.y_cells) == (-5.80, 37.20, 0.05, 10, 10)
-    assert (spec.chip_size, spec.max_chips_per_cell, spec.composite, spec.temporal) == (256, 5, "median", "composite")
+    assert (spec.chip_size, spec.max_chips_per_cell, spec.composite) == (256, 5, "median")
     assert (spec.collection, spec.datetime, spec.max_cloud) == ("sentinel-2-l2a", "2023-05-15/2023-06-30", 10.0)
     assert spec.bbox is None and spec.aoi is None and spec.gpkg_fingerprint is None and spec.area_mode == "grid"
 
 
 def test_the_master_flags_offer_exactly_the_values_the_spec_accepts():
     choices = {action.dest: action.choices for action in master.build_parser({})._actions}
-    assert tuple(choices["composite"]) == spec_module.METHODS == ("median", "least-cloudy")
-    assert tuple(choices["temporal"]) == spec_module.TEMPORAL_MODES == ("composite", "stack")
+    assert tuple(choices["composite"]) == spec_module.methods() == ("median", "least-cloudy", "stack")
+    assert "temporal" not in choices  # the time series is a compositor, not a side flag
     assert tuple(choices["format"]) == spec_module.FORMATS == ("gtiff", "cog")
 
 
@@ -133,8 +133,8 @@ def test_the_area_is_given_exactly_one_valid_way(kwargs, match):
 @pytest.mark.parametrize("name, value, match", [
     ("chip_size", 0, r"chip_size \(--chip-size\) must be >= 1, got 0"),
     ("max_chips_per_cell", -1, r"max_chips_per_cell \(--max-chips-per-cell\) must be >= 0"),
-    ("composite", "mean", r"composite \(--composite\) must be one of \('median', 'least-cloudy'\), got 'mean'"),
-    ("temporal", "movie", "temporal .*must be composite or stack"),
+    ("composite", "mean", r"composite \(--composite\) must be one of \('median', 'least-cloudy', 'stack'\), "
+                          "got 'mean'"),
     ("min_clear_fraction", 1.5, r"min_clear_fraction \(--min-clear-fraction\) must lie between 0 and 1"),
     ("max_nodata_fraction", -0.1, r"--max-nodata-fraction\) must lie between 0 and 1"),
     ("format", "png", r"format \(--format\) must be one of \('gtiff', 'cog'\)"),
@@ -266,7 +266,7 @@ def _expected_dict(**changes) -> dict:
         "grid_step": 0.05, "min_polygons": 5, "layer": None, "collection": "sentinel-2-l2a",
         "datetime": "2023-05-15/2023-06-30", "max_cloud": 10.0, "max_task_scenes": 0, "max_scenes": 0,
         "bands": ["B02", "B03", "B04", "B08", "B05", "B06", "B07", "B8A", "B11", "B12"],
-        "resolution": 10.0, "chip_size": 256, "max_chips_per_cell": 5, "composite": "median", "temporal": "composite",
+        "resolution": 10.0, "chip_size": 256, "max_chips_per_cell": 5, "composite": "median",
         "harmonize": True, "clear_classes": [4, 5, 6], "min_clear_fraction": 0.9, "max_nodata_fraction": 0.0,
         "format": "gtiff", "class_map": PACKAGED_CSV, "split_block_size": 10000.0, "split_ratios": [0.8, 0.1, 0.1],
         "gpkg_fingerprint": None,
@@ -303,7 +303,7 @@ def test_equal_content_has_one_digest_and_any_change_another():
         DatasetSpec(chip_size=128),
         DatasetSpec(composite="least-cloudy"),
         DatasetSpec(harmonize=False),
-        DatasetSpec(temporal="stack"),
+        DatasetSpec(composite="stack"),
         DatasetSpec(clear_classes=(4, 5)),
         DatasetSpec(bands=("B04", "B03", "B02")),
         DatasetSpec(bands=("B02", "B03", "B04")),  # band order is part of the output
@@ -327,7 +327,7 @@ def test_the_dictionary_and_its_json_read_back_equal():
 DEFAULT_YAML_KEYS = [
     "spec_version", "start_x", "start_y", "x_cells", "y_cells", "grid_step", "min_polygons", "layer", "collection",
     "datetime", "max_cloud", "max_task_scenes", "max_scenes", "bands", "resolution", "chip_size", "max_chips_per_cell", "composite",
-    "temporal", "harmonize", "clear_classes", "min_clear_fraction", "max_nodata_fraction", "format",
+    "harmonize", "clear_classes", "min_clear_fraction", "max_nodata_fraction", "format",
     "split_block_size", "split_ratios", "gpkg_fingerprint", "class_map",
 ]
 
@@ -359,8 +359,8 @@ def test_a_bbox_or_aoi_yaml_lists_only_its_own_area_keys():
 
 @pytest.mark.parametrize("spec", [
     DatasetSpec(),
-    DatasetSpec(bbox=(-5.8, 37.2, -5.3, 37.7), grid_step=0.1, chip_size=64, composite="least-cloudy",
-                temporal="stack", harmonize=False, format="cog", layer="ES_2023", gpkg_fingerprint="sha256:0123",
+    DatasetSpec(bbox=(-5.8, 37.2, -5.3, 37.7), grid_step=0.1, chip_size=64, composite="stack",
+                harmonize=False, format="cog", layer="ES_2023", gpkg_fingerprint="sha256:0123",
                 datetime="2023-05-15", max_cloud=60.0, bands=("B04", "B03", "B02"), clear_classes=(4,)),
     DatasetSpec(aoi="fields/area of interest.gpkg", split_ratios=(1.0, 0.0, 0.0)),
     DatasetSpec(class_map=SMALL_CSV.rstrip("\n")),  # no final newline
@@ -456,3 +456,8 @@ def test_a_class_map_file_override_replaces_the_content(tmp_path):
     (tmp_path / "classes.csv").write_text(SMALL_CSV, encoding="utf-8")
     spec = DatasetSpec(chip_size=64).with_overrides({"class_map_file": str(tmp_path / "classes.csv")})
     assert spec.class_map == SMALL_CSV and spec.chip_size == 64
+
+
+def test_a_renamed_key_says_what_replaced_it():
+    with pytest.raises(ConfigError, match="spec key 'temporal' is gone: use composite: stack"):
+        DatasetSpec.from_mapping({"temporal": "stack"})

@@ -13,7 +13,7 @@ import shapely
 
 from .grid import cell_contains
 from .messages import Cell
-from .reading import TargetGrid
+from .pixel_grid import TargetGrid
 
 
 @dataclass(frozen=True)

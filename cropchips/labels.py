@@ -6,7 +6,7 @@ import geopandas as gpd
 import numpy as np
 import xarray as xr
 
-from .reading import TargetGrid
+from .pixel_grid import TargetGrid
 
 
 def grid_template(grid: TargetGrid) -> xr.DataArray:

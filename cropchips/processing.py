@@ -28,7 +28,8 @@ from .leases import LEASES_DIR, CellLeases, Lease, Starts, read_starts, write_st
 from .manifest import chips_from_manifest, read_complete_manifest, remove_other_chips, write_manifest
 from .messages import BANDS, ChipRecord, Result, Task, compact_chip
 from .radiometry import radiometry, remove_offset
-from .reading import OpenDatasets, cell_grid, choose_epsg, grid_origin, read_scenes, task_memory_bytes
+from .pixel_grid import cell_grid, choose_epsg
+from .reading import OpenDatasets, grid_origin, read_scenes, task_memory_bytes
 from .spec import DatasetSpec
 from .spec_file import check_folder_spec
 from .storage import open_storage

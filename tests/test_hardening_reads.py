@@ -38,8 +38,9 @@ from cropchips.messages import BANDS, SCL, Cell, Task
 from cropchips.processing import ProcessingOptions, TaskProcessor
 from cropchips.spec import DatasetSpec
 from helpers import SpecProcessor
-from cropchips.reading import (OpenDatasets, TargetGrid, cell_grid, check_scene_file, clearest_first, grid_origin,
-                               read_band, read_clear_fractions, read_stack)
+from cropchips.pixel_grid import TargetGrid, cell_grid
+from cropchips.reading import (OpenDatasets, check_scene_file, clearest_first, grid_origin, read_band,
+                               read_clear_fractions, read_stack)
 
 RES = 100.0  # the shared COGs are the real ones downsampled 10x: 10 m bands are 100 m pixels
 DESERT = Cell(id="c-desert", row=0, col=0, bbox=(-11.6, 24.6, -11.5, 24.7))  # inside the real 29RKH scene
@@ -269,7 +270,8 @@ import resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
 sys.path.insert(0, sys.argv[2])
 from affine import Affine
-from cropchips.reading import TargetGrid, read_band
+from cropchips.pixel_grid import TargetGrid
+from cropchips.reading import read_band
 from cropchips.spec import DatasetSpec
 from helpers import SpecProcessor
 grid = TargetGrid(epsg=32629, transform=Affine(10, 0, 500000, 0, -10, 4000000), width=700, height=700)

@@ -12,7 +12,7 @@ from conftest import shared_data
 from cropchips.chips import plan_chips
 from cropchips.labels import rasterize_classes
 from cropchips.messages import BANDS, Cell
-from cropchips.reading import TargetGrid
+from cropchips.pixel_grid import TargetGrid
 from cropchips.storage import TMP_PREFIX, remove_stale_temporaries
 from cropchips.writing import write_chip
 

@@ -11,7 +11,8 @@ from affine import Affine
 from rasterio.windows import from_bounds
 
 from cropchips.messages import BANDS, Cell
-from cropchips.reading import TargetGrid, cell_grid, choose_epsg, grid_origin, read_band, read_stack, utm_epsg
+from cropchips.pixel_grid import TargetGrid, cell_grid, choose_epsg, utm_epsg
+from cropchips.reading import grid_origin, read_band, read_stack
 
 RES = 100.0  # the shared COGs are the real ones downsampled 10x: 10 m bands are 100 m pixels
 
@@ -335,3 +336,13 @@ def test_a_failed_read_drops_the_kept_file_and_the_retry_reopens_it(scene, tmp_p
     assert np.array_equal(again, first)
     assert calls[0] is kept and kept.closed and calls[1] is not kept  # the retry used a fresh handle
     datasets.close()
+
+
+def test_the_pixel_grid_geometry_needs_no_gdal():
+    """cropchips.pixel_grid is arithmetic only: importing it in a fresh interpreter loads no rasterio."""
+    import subprocess
+    import sys
+
+    code = "import sys, cropchips.pixel_grid; print('rasterio' in sys.modules, 'osgeo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]

@@ -1,5 +1,6 @@
 """Benchmark inputs: sample areas with Earth-Search-like 1024 x 1024-tiled COGs, their tile
-index (offsets and byte counts of every tile), and a large synthetic EuroCrops GeoPackage.
+index (offsets and byte counts of every tile), the master's options for an area, and a large
+synthetic EuroCrops GeoPackage.
 
 Everything generated is deterministic and cached under ``bench/.cache/`` (ignored by git), keyed
 by its parameters, so a second run of the harness starts at once.
@@ -14,6 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import rasterio
@@ -22,7 +24,12 @@ from rasterio.windows import from_bounds
 
 from cropchips.sample import CROPS, SampleArea, generate_sample
 
-CACHE = Path(__file__).resolve().parent / ".cache"
+if TYPE_CHECKING:
+    from cropchips.master import MasterOptions
+
+#: The repository's root (worker.py, the working directory of the programs the harness starts).
+REPO = Path(__file__).resolve().parent.parent
+CACHE = REPO / "bench" / ".cache"
 
 #: Bump when the generated files change in a way the key does not capture.
 AREA_VERSION = 1
@@ -71,6 +78,20 @@ def build_area(spec: AreaSpec, cache: Path = CACHE) -> SampleArea:
                       start_x=float(info["start_x"]), start_y=float(info["start_y"]),
                       grid_step=float(info["grid_step"]), x_cells=int(info["x_cells"]), y_cells=int(info["y_cells"]),
                       datetime=info["datetime"], collection=info["collection"], epsg=int(info["epsg"]))
+
+
+def area_options(area: SampleArea, items: Path, spec: dict[str, Any] | None = None,
+                 **options: Any) -> MasterOptions:
+    """The master's options for ``area``: its grid, layer, collection and dates, every cell with a field
+    (min_polygons 1) and every scene (max_cloud 100) of the local STAC ``items`` file. ``spec`` changes the
+    run's dataset spec (chip_size, max_chips_per_cell, ...), ``options`` the master's own (kafka, topics, ...)."""
+    from cropchips.master import MasterOptions
+    from cropchips.spec import DatasetSpec
+
+    dataset = DatasetSpec(start_x=area.start_x, start_y=area.start_y, grid_step=area.grid_step,
+                          x_cells=area.x_cells, y_cells=area.y_cells, layer=area.layer, min_polygons=1,
+                          collection=area.collection, datetime=area.datetime, max_cloud=100.0, **(spec or {}))
+    return MasterOptions(gpkg=str(area.gpkg), spec=dataset, stac_api=None, stac_items=str(items), **options)
 
 
 def retile(path: Path, blocksize: int) -> None:

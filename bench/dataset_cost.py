@@ -5,7 +5,7 @@
 
 1. Chip format: the throughput area's tasks (bench/areas.py, the 1024 px tiled COGs read from
    the local disk, so that reading is cheap and the write share is not diluted by HTTP waits)
-   processed by one ``TaskProcessor`` with ``--format gtiff`` and ``--format cog``,
+   processed by one ``TaskProcessor`` with ``format: gtiff`` and ``format: cog`` in the tasks' spec,
    alternating, ``--reps`` times each. Reported: median seconds per task of the write stage and
    of the whole task, bytes per chip on disk; the COG's extra cost is the write stages'
    difference relative to a GeoTIFF task's total.
@@ -25,35 +25,32 @@ import shutil
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from cropchips.dataset import SplitPolicy, build_index, write_index
-from cropchips.grid import Grid
 from cropchips.hrefs import HrefPolicy
-from cropchips.master import MasterOptions, make_plan
+from cropchips.master import make_plan
 from cropchips.processing import ProcessingOptions, TaskProcessor
 
-from .areas import CACHE, AreaSpec, build_area
+from .areas import CACHE, AreaSpec, area_options, build_area
 
 HERE = Path(__file__).parent
 
 
 def chip_formats(reps: int, workdir: Path) -> dict:
     area = build_area(AreaSpec())
-    options = MasterOptions(gpkg=str(area.gpkg), layer=area.layer,
-                            grid=Grid(area.start_x, area.start_y, area.grid_step, area.x_cells, area.y_cells),
-                            min_polygons=1, stac_api=None, stac_items=str(area.items), datetime=area.datetime,
-                            max_cloud=100.0)
-    tasks = make_plan(options).tasks
+    tasks = make_plan(area_options(area, area.items, force=True)).tasks
     out: dict = {}
     records: list[dict] = []
     for rep in range(reps):
         for fmt in ("gtiff", "cog"):
             folder = workdir / f"{fmt}-{rep}"
             processor = TaskProcessor(ProcessingOptions(
-                output_dir=folder, gpkg=str(area.gpkg), layer=area.layer, format=fmt, force=True,
-                hrefs=HrefPolicy(local_dirs=(area.root.resolve(),))), "bench@local")
-            results = [processor.process(t) for t in tasks]
+                output_dir=folder, gpkg=str(area.gpkg), hrefs=HrefPolicy(local_dirs=(area.root.resolve(),))),
+                "bench@local")
+            # The chip format is the run's spec, which each task carries.
+            results = [processor.process(replace(t, spec=replace(t.spec, format=fmt))) for t in tasks]
             row = out.setdefault(fmt, {"write_s": [], "total_s": [], "bytes_per_chip": [], "chips": 0})
             row["write_s"] += [r.seconds["write"] for r in results]
             row["total_s"] += [r.seconds["total"] for r in results]

@@ -1,0 +1,184 @@
+"""The report: each number held against its target, the summary of a run's JSON and the printed table."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+#: The goals the numbers are held against.
+TARGETS = {
+    "read_amplification": ("<=", 1.3),
+    "speedup_vs_baseline": (">=", 3.0),
+    "scaling_4_vs_1": (">=", 3.0),
+    "master_vs_bare_read": ("<=", 1.5),
+    "worker_peak_memory_mib": ("<=", 1536.0),
+    "kafka_overhead_share": ("<", 0.02),
+}
+
+
+def verdict(name: str, value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    op, goal = TARGETS[name]
+    ok = {"<=": value <= goal, ">=": value >= goal, "<": value < goal}[op]
+    if ok:
+        return "met"
+    if op in ("<=", "<"):
+        return f"missed by {value / goal:.2f}x ({value:.3g} vs {op} {goal:g})"
+    return f"missed by {goal / value:.2f}x ({value:.3g} vs {op} {goal:g})" if value > 0 else "missed"
+
+
+def _median(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarise(report: dict[str, Any]) -> dict[str, Any]:
+    tp = report["throughput"]
+    by_n = {n: _median(r["chips_per_s"] for r in runs) for n, runs in tp.items()}
+    balanced = {n: _median(r["balanced_chips_per_s"] for r in runs) for n, runs in tp.items()}
+    one = tp.get("1") or next(iter(tp.values()))
+    first_n = min(tp, key=int)
+    base = report.get("baseline") or {}
+    memory = report.get("memory_case") or {}
+    values = {
+        "read_amplification": _median(r["http"]["read_amplification"] for r in one),
+        "speedup_vs_baseline": (base["seconds_per_chip"] * by_n[first_n]
+                                if base.get("seconds_per_chip") and by_n[first_n] else None),
+        "scaling_4_vs_1": by_n["4"] / by_n["1"] if "4" in by_n and "1" in by_n and by_n["1"] else None,
+        "master_vs_bare_read": report["master"]["ratio"] if report.get("master") else None,
+        "worker_peak_memory_mib": max(memory["worker_peak_rss_mib"]) if memory.get("worker_peak_rss_mib") else None,
+        "kafka_overhead_share": _median(r["kafka"]["overhead_share"] for r in one),
+    }
+    extra = {
+        "read_amplification_per_task": _median(r["http"]["read_amplification_per_task"] for r in one),
+        "scaling_4_vs_1_if_balanced": (balanced["4"] / balanced["1"]
+                                       if "4" in balanced and "1" in balanced and balanced["1"] else None),
+        "cpu_ceiling_chips_per_s": _median(r["cpu"]["cpu_ceiling_chips_per_s"] for r in one),
+    }
+    what_if = {}
+    wi = report.get("what_if") or {}
+    if wi.get("round_robin_partitions"):
+        runs = wi["round_robin_partitions"]
+        n = str(runs[0]["workers"])
+        rr = _median(r["chips_per_s"] for r in runs)
+        what_if["round_robin_partitions"] = {
+            "workers": int(n), "partitions": runs[0]["partitions"], "chips_per_s": rr, "chips_per_s_hash_keys": by_n.get(n),
+            "imbalance": _median(r["imbalance"] for r in runs),
+            "imbalance_hash_keys": _median(r["imbalance"] for r in tp.get(n, [])),
+            "scaling_vs_1": rr / by_n["1"] if rr and by_n.get("1") else None}
+    if wi.get("curl_cache_512mib"):
+        runs = wi["curl_cache_512mib"]
+        what_if["curl_cache_512mib"] = {
+            "chips_per_s": _median(r["chips_per_s"] for r in runs), "chips_per_s_default": by_n.get("1"),
+            "requests_per_chip": _median(r["http"]["requests_per_chip"] for r in runs),
+            "requests_per_chip_default": _median(r["http"]["requests_per_chip"] for r in one),
+            "bytes_per_chip": _median(r["http"]["bytes_per_chip"] for r in runs),
+            "bytes_per_chip_default": _median(r["http"]["bytes_per_chip"] for r in one),
+            "read_amplification": _median(r["http"]["read_amplification"] for r in runs)}
+    if wi.get("read_paths"):
+        what_if["read_paths"] = wi["read_paths"]
+    all_runs = [r for runs in tp.values() for r in runs] + [r for runs in wi.values() if isinstance(runs, list)
+                                                             for r in runs]
+    for key in ("memory_case", "zero_latency"):
+        if report.get(key):
+            all_runs.append(report[key])
+    others = [r["cpu"]["other_processes_share"] for r in all_runs if r["cpu"].get("other_processes_share") is not None]
+    return {"what_if": what_if,
+            "other_processes_share_max": max(others) if others else None,
+            "chips_per_s_median": {n: round(v, 4) for n, v in by_n.items() if v is not None},
+            "balanced_chips_per_s_median": {n: round(v, 4) for n, v in balanced.items() if v is not None},
+            "values": {k: (round(v, 4) if v is not None else None) for k, v in values.items()},
+            "diagnostics": {k: (round(v, 4) if v is not None else None) for k, v in extra.items()},
+            "targets": {k: f"{op} {goal:g}" for k, (op, goal) in TARGETS.items()},
+            "verdicts": {k: verdict(k, v) for k, v in values.items()}}
+
+
+def print_table(report: dict[str, Any]) -> None:
+    s = report["summary"]
+    tp = report["throughput"]
+    p = report["params"]
+    print()
+    print(f"cropchips benchmark  {report['date']}  {report['machine']}")
+    print(f"area: {p['area']}; COG server latency {p['latency_ms']:g} ms/request; {p['reps']} run(s) per row")
+    print()
+    head = (f"{'workers':>7} {'chips/s':>8} {'runs':>20} {'s/chip':>7} {'tasks/worker':>12} "
+            f"{'req/chip':>8} {'MB/chip':>8} {'hdr KB/chip':>11} {'ampl.':>6} {'ampl/task':>9} {'kafka ovh':>9} "
+            f"{'CPU use':>7} {'other':>5} {'RSS MiB':>7}")
+    print(head)
+    for n, runs in tp.items():
+        med = s["chips_per_s_median"].get(n) or 0.0
+        r0 = runs[0]
+        rss = max((x for r in runs for x in r["worker_peak_rss_mib"]), default=0)
+        loads = "/".join(str(v["tasks"]) for v in sorted(r0["per_worker"].values(), key=lambda v: -v["tasks"]))
+        print(f"{n:>7} {med:>8.3f} {' '.join(format(r['chips_per_s'], '.3f') for r in runs):>20} "
+              f"{1 / med if med else 0:>7.3f} {loads:>12} "
+              f"{_median(r['http']['requests_per_chip'] for r in runs):>8.1f} "
+              f"{_median(r['http']['bytes_per_chip'] for r in runs) / 1e6:>8.2f} "
+              f"{_median(r['http']['header_bytes_per_chip'] for r in runs) / 1e3:>11.0f} "
+              f"{_median(r['http']['read_amplification'] for r in runs):>6.2f} "
+              f"{_median(r['http']['read_amplification_per_task'] for r in runs):>9.3f} "
+              f"{_median(r['kafka']['overhead_share'] for r in runs):>9.2%} "
+              f"{_median(r['cpu']['utilisation'] for r in runs):>7.0%} "
+              f"{_median(r['cpu']['other_processes_share'] for r in runs):>5.0%} {rss:>7.0f}")
+    print()
+    names = ("fields", "read", "composite", "rasterize", "write", "total")
+    print("median seconds per task and stage (worker CPU s per chip; Kafka: first dispatch, finish-notice lag, gap between tasks):")
+    print(f"{'workers':>7} " + " ".join(f"{x:>9}" for x in names) + f" {'CPU/chip':>9} {'dispatch':>9} {'lag':>6} {'gap':>6}")
+    rows = list(tp.items())
+    if report.get("zero_latency"):
+        rows.append(("1 @0ms", [report["zero_latency"]]))
+    if report.get("memory_case"):
+        rows.append(("memory", [report["memory_case"]]))
+    for n, runs in rows:
+        row = [_median(r["stages_median_s"][x] for r in runs) or 0.0 for x in names]
+        print(f"{n:>7} " + " ".join(f"{x:>9.3f}" for x in row)
+              + f" {_median(r['cpu']['worker_cpu_s_per_chip'] for r in runs):>9.3f}"
+              + f" {_median(x for r in runs for x in r['kafka']['first_task_dispatch_s']) or 0:>9.3f}"
+              + f" {_median(r['kafka']['finish_notice_lag_median_s'] for r in runs) or 0:>6.3f}"
+              + f" {_median(r['kafka']['between_tasks_median_s'] for r in runs) or 0:>6.3f}")
+    if report.get("memory_case"):
+        m = report["memory_case"]
+        print(f"\nmemory case: one {p['memory_step']:g} deg cell, {p['memory_dates']} scenes, median composite: "
+              f"worker peak RSS {max(m['worker_peak_rss_mib']):.0f} MiB, task {m['stages_median_s']['total']:.2f} s, "
+              f"Kafka overhead {m['kafka']['overhead_share']:.1%}")
+    if report.get("baseline"):
+        b = report["baseline"]
+        print(f"\nbaseline (stackstac, sequential, 1 process): {b['chips']} chips from {b['cells']} cells, "
+              f"{b['seconds_per_chip']:.3f} s/chip, {b['http']['requests_per_chip']} req/chip, "
+              f"{b['http']['bytes_per_chip'] / 1e6:.2f} MB/chip, peak RSS {b['peak_rss_mb']:.0f} MiB; "
+              f"seconds: {b['stages']}")
+    if report.get("master"):
+        m = report["master"]
+        print(f"\nmaster: {m['parcels']:,} parcels, {m['cells']} cells: make_plan {m['make_plan_s']:.2f} s vs bare "
+              f"read_dataframe(columns=[]) {m['bare_read_s']:.2f} s = {m['ratio']:.2f}x; read_points parts "
+              f"{m['read_points_parts_s']}")
+    w = s.get("what_if") or {}
+    if w:
+        print("\nwhat-if (proposed changes, measured without editing the pipeline):")
+    if "round_robin_partitions" in w:
+        x = w["round_robin_partitions"]
+        print(f"  tasks round-robin over {x['partitions']} partitions, {x['workers']} workers: {x['chips_per_s']:.3f} chips/s "
+              f"(default partitioning {x['chips_per_s_hash_keys']:.3f}); imbalance {x['imbalance']} (default "
+              f"{x['imbalance_hash_keys']}); {x['scaling_vs_1']:.2f}x one worker")
+    if "curl_cache_512mib" in w:
+        x = w["curl_cache_512mib"]
+        print(f"  CPL_VSIL_CURL_CACHE_SIZE=512 MiB, 1 worker: {x['chips_per_s']:.3f} chips/s (default "
+              f"{x['chips_per_s_default']:.3f}), {x['requests_per_chip']} req/chip (default "
+              f"{x['requests_per_chip_default']}), {x['bytes_per_chip'] / 1e6:.2f} MB/chip (default "
+              f"{x['bytes_per_chip_default'] / 1e6:.2f}), read amplification {x['read_amplification']}")
+    if "read_paths" in w:
+        x = w["read_paths"]
+        print(f"  plain windowed RasterIO read instead of read_stack (local files, 1 thread): {x['plain_read_cpu_s_per_task']} "
+              f"vs {x['warpedvrt_cpu_s_per_task']} CPU s per task; 10 m + SCL identical: "
+              f"{x['plain_10m_and_scl_identical']}, 20 m identical share {x['plain_20m_share_identical']}")
+    d = s["diagnostics"]
+    print("\ntargets:")
+    for k, v in s["values"].items():
+        shown = "n/a" if v is None else (f"{v:.2%}" if k == "kafka_overhead_share" else f"{v:.3f}")
+        print(f"  {k:<24} {shown:>9}  target {s['targets'][k]:<8} {s['verdicts'][k]}")
+    print(f"  (read amplification against each task's own tiles: {d['read_amplification_per_task']}; "
+          f"CPU ceiling of this machine: {d['cpu_ceiling_chips_per_s']} chips/s = "
+          f"{d['cpu_ceiling_chips_per_s'] / s['chips_per_s_median']['1']:.2f}x one worker)"
+          if d.get("cpu_ceiling_chips_per_s") and s["chips_per_s_median"].get("1") else
+          f"  (read amplification against each task's own tiles: {d['read_amplification_per_task']})")

@@ -1,0 +1,106 @@
+"""``worker.py`` processes for the benchmark: start one, follow its log, stop it and read its peak memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from bench.areas import REPO
+
+
+class Worker:
+    """``worker.py N`` as a child process (through bench/_worker.py for millisecond log times)."""
+
+    _LINE = re.compile(r"^@(\d+\.\d+) \S+\s+\S+: (.*)$")
+
+    def __init__(self, n: int, args: list[str], env: dict[str, str] | None = None):
+        self.n = n
+        self.lines: list[tuple[float, str]] = []
+        self.raw: list[str] = []
+        self.spawned = time.time()
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "_worker.py"), str(REPO / "worker.py"),
+                                      str(n), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     cwd=REPO, env={**os.environ, **(env or {})})
+        self.maxrss_kib: int | None = None
+        self.cpu_s: float | None = None
+        self.returncode: int | None = None
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.raw.append(line)
+            match = self._LINE.match(line.rstrip("\n"))
+            if match:
+                self.lines.append((float(match.group(1)), match.group(2)))
+
+    def assignment(self) -> set[int] | None:
+        """Partitions currently held, from the log (None: never assigned)."""
+        state: set[int] | None = None
+        for _, text in list(self.lines):
+            if text.startswith("partitions assigned:"):
+                state = set(json.loads(text.split(":", 1)[1].strip()))
+            elif text.startswith("partitions revoked:"):
+                state = set()
+        return state
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """SIGTERM (the worker finishes, leaves the group and exits), then reap it with wait4 for its peak RSS
+        and CPU time (SIGKILL after ``timeout``)."""
+        if self.returncode is not None:
+            return
+        if self.proc.returncode is None:  # not reaped yet (Popen.poll reaps a child that died early)
+            try:
+                os.kill(self.proc.pid, signal.SIGTERM)  # not Popen.send_signal: its poll() could reap the child
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + timeout
+            try:
+                while True:
+                    pid, status, usage = os.wait4(self.proc.pid, os.WNOHANG)
+                    if pid:
+                        break
+                    if time.monotonic() > deadline:
+                        os.kill(self.proc.pid, signal.SIGKILL)
+                        pid, status, usage = os.wait4(self.proc.pid, 0)
+                        break
+                    time.sleep(0.05)
+                self.maxrss_kib = usage.ru_maxrss
+                self.cpu_s = usage.ru_utime + usage.ru_stime
+                self.proc.returncode = os.waitstatus_to_exitcode(status)
+            except ChildProcessError:  # reaped elsewhere
+                pass
+        self.returncode = self.proc.returncode
+        self._reader.join(timeout=5)
+
+    @property
+    def log(self) -> str:
+        return "".join(self.raw)
+
+
+def wait_ready(workers: list[Worker], partitions: int, timeout: float = 120.0) -> float:
+    """Wait until the group is settled: every worker holds partitions, together all of them, once each."""
+    start = time.monotonic()
+    while True:
+        states = [w.assignment() for w in workers]
+        if all(s for s in states):
+            union: set[int] = set()
+            total = 0
+            for s in states:
+                union |= s  # type: ignore[operator]
+                total += len(s)  # type: ignore[arg-type]
+            if total == partitions and len(union) == partitions:
+                return time.monotonic() - start
+        for w in workers:
+            if w.proc.poll() is not None:
+                raise RuntimeError(f"worker {w.n} exited early:\n{w.log[-3000:]}")
+        if time.monotonic() - start > timeout:
+            raise RuntimeError("workers did not settle into the group:\n" + "\n".join(w.log[-1500:] for w in workers))
+        time.sleep(0.05)

@@ -12,6 +12,7 @@ from cropchips import config
 from cropchips.cli import EXIT_OK, run, setup_logging
 from cropchips.errors import ConfigError
 from cropchips.master import TASK_PARTITIONINGS, MasterOptions, make_plan, publish
+from cropchips.plan_map import check_plan_out, plan_map, write_plan_map
 from cropchips.spec_flags import add_spec_options, spec_from_args
 
 
@@ -35,6 +36,11 @@ def build_parser(env: Mapping[str, str] | None = None) -> config.EnvArgumentPars
     p.flag("--force", help="redo cells whose outputs are complete, and start the output folder's dataset over "
                            "if its dataset.yaml differs from this run's spec")
     p.flag("--dry-run", help="plan the tasks and print a summary, publish nothing")
+    p.option("--plan-out", default=None,
+             help="also write the plan as GeoJSON (EPSG:4326): one feature per grid cell with its status (task, "
+                  "too_few_polygons, outside_aoi), polygons, scenes and estimated chips and fetched bytes (see "
+                  "cropchips/plan_map.py). Its folder must exist. With --dry-run the file is all that is written; "
+                  "without, it is written before the tasks are published")
     p.option("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     return p
 
@@ -60,11 +66,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(options.spec.to_yaml())
             return EXIT_OK
         setup_logging(args.log_level)
+        if args.plan_out:
+            check_plan_out(args.plan_out)  # before planning: a wrong folder fails at once
         plan = make_plan(options)
+        cells = plan_map(plan, options.gpkg) if args.plan_out or args.dry_run else None
+        if args.plan_out:
+            write_plan_map(args.plan_out, cells)
         if args.dry_run:
+            totals = cells.totals()
             print(json.dumps({"run_id": plan.run_id, "tasks": len(plan.tasks), "cells_total": plan.cells_total,
                               "cells_dropped": dict(plan.dropped), "polygons": plan.polygons, "scenes": plan.scenes,
-                              "dataset_id": plan.spec.dataset_id()}))
+                              "dataset_id": plan.spec.dataset_id(), "est_chips": totals["est_chips"],
+                              "est_fetch_bytes": totals["est_fetch_bytes"],
+                              **({"plan_out": args.plan_out} if args.plan_out else {})}))
             return EXIT_OK
         publish(plan, options)
         print(f"published {len(plan.tasks)} tasks (run {plan.run_id}) to {options.tasks_topic}")

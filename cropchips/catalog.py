@@ -24,7 +24,7 @@ from pystac.extensions.projection import ProjectionExtension
 from pystac.utils import str_to_datetime
 
 from .classes import CLASS_NAMES
-from .messages import BANDS
+from .sources.sentinel2 import BANDS
 from .storage import Storage, open_storage
 from .writing import METADATA_DIR
 

@@ -26,9 +26,10 @@ def clear_mask(scl: np.ndarray, clear_classes: tuple[int, ...] = CLEAR_CLASSES) 
     return np.isin(scl, np.asarray(clear_classes, dtype=scl.dtype))
 
 
-def has_data(data: np.ndarray, scl: np.ndarray) -> np.ndarray:
-    """Per scene: does it hold any valid pixel at all? (All-zero scenes exist in real archives.)"""
-    return (scl.reshape(len(scl), -1) != 0).any(axis=1) & (data.reshape(len(data), -1) != 0).any(axis=1)
+def has_data(data: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Per scene: does it hold any valid pixel at all (``valid``: scenes x rows x cols, True inside the
+    scene's data; for Sentinel-2 SCL != 0)? All-zero scenes exist in real archives."""
+    return valid.reshape(len(valid), -1).any(axis=1) & (data.reshape(len(data), -1) != 0).any(axis=1)
 
 
 def median_composite(data: np.ndarray, clear: np.ndarray) -> np.ndarray:
@@ -162,9 +163,10 @@ class Composite:
 
 def composite(data: np.ndarray, scl: np.ndarray, method: str = "median",
               clear_classes: tuple[int, ...] = CLEAR_CLASSES) -> Composite:
-    """Composite a whole stack with its SCL; scenes without any valid pixel never take part."""
+    """Composite a whole Sentinel-2 stack with its SCL (0 = no data); scenes without any valid pixel
+    never take part. (The worker goes through its source's masks and :class:`Compositor` itself.)"""
     chosen = compositor(method)
-    usable = np.flatnonzero(has_data(data, scl))
+    usable = np.flatnonzero(has_data(data, scl != 0))
     if usable.size == 0:
         return Composite(np.zeros(data.shape[1:], dtype="uint16"), (), method)
     if usable.size == len(data):

@@ -23,6 +23,7 @@ from .grid import Grid
 from .kafka_io import DEFAULT_RETENTION_MS, KafkaSettings, ensure_topics, is_retriable, make_producer
 from .messages import MAX_MESSAGE_BYTES, RunHeader, Scene, Task, encode
 from .scenes import filter_items, load_items_file, scenes_for_cell, search_stac, to_scenes
+from .sources import source_for
 from .spec import DatasetSpec
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,7 @@ def make_plan(options: MasterOptions) -> Plan:
             raise InputDataError("give --stac-api or --stac-items")
         items = search_stac(options.stac_api, collection=spec.collection, bbox=grid.bbox,
                             datetime_range=spec.datetime, max_cloud=spec.max_cloud)
-    scenes = to_scenes(items)
+    scenes = to_scenes(items, source_for(spec.collection))
     if not scenes:
         raise InputDataError(
             f"no {spec.collection} scene covers {grid.bbox} in {spec.datetime} with cloud cover < "

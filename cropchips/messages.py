@@ -31,12 +31,8 @@ if TYPE_CHECKING:
 
 SCHEMA_VERSION = 2
 
-#: Sentinel-2 bands written to every image chip, in this order.
-BANDS: tuple[str, ...] = ("B02", "B03", "B04", "B08", "B05", "B06", "B07", "B8A", "B11", "B12")
-#: The scene classification layer, used for cloud masking.
-SCL = "SCL"
-#: Asset keys every scene of a task must carry.
-SCENE_ASSETS: tuple[str, ...] = BANDS + (SCL,)
+#: At most this many assets per scene (Sentinel-2 L2A carries 11; which ones is its source's business).
+MAX_SCENE_ASSETS = 64
 
 STATUSES = ("ok", "no_scenes", "no_fields", "failed")
 
@@ -99,7 +95,8 @@ class Cell:
 
 @dataclass(frozen=True)
 class Scene:
-    """One Sentinel-2 L2A scene, with everything a worker needs to read it."""
+    """One scene, with everything a worker needs to read it (which assets it must carry is its
+    source's to say: :meth:`cropchips.sources.base.Source.check_scene`)."""
 
     id: str
     """STAC item id."""
@@ -112,7 +109,7 @@ class Scene:
     epsg: int
     """EPSG code of the scene's UTM grid."""
     assets: dict[str, str]
-    """Band name (B02 ... B12, SCL) -> href of its Cloud-Optimized GeoTIFF."""
+    """Band name (Sentinel-2: B02 ... B12, SCL) -> href of its Cloud-Optimized GeoTIFF."""
     bbox: tuple[float, float, float, float] | None = None
     """Footprint bounding box in EPSG:4326, when known."""
     processing_baseline: str | None = None
@@ -127,10 +124,10 @@ class Scene:
         _require(isinstance(self.collection, str) and self.collection != "", "scene collection must be a string")
         _require(isinstance(self.datetime, str) and len(self.datetime) >= 10, f"scene datetime must be ISO 8601, got {self.datetime!r}")
         _require(isinstance(self.epsg, int) and 1024 <= self.epsg <= 999999, f"scene epsg must be an EPSG integer, got {self.epsg!r}")
-        _require(isinstance(self.assets, dict), "scene assets must be an object")
-        missing = [b for b in SCENE_ASSETS if b not in self.assets]
-        _require(not missing, f"scene {self.id} lacks assets {missing}; every scene needs {list(SCENE_ASSETS)}")
+        _require(isinstance(self.assets, dict) and 1 <= len(self.assets) <= MAX_SCENE_ASSETS,
+                 f"scene assets must be an object of 1..{MAX_SCENE_ASSETS} band -> href")
         for band, href in self.assets.items():
+            _require(isinstance(band, str) and 0 < len(band) <= 32, f"scene {self.id} has an invalid band name")
             _require(isinstance(href, str) and href != "", f"scene {self.id} asset {band} href must be a non-empty string")
         if self.cloud_cover is not None:
             object.__setattr__(self, "cloud_cover", _finite(self.cloud_cover, "scene cloud_cover"))

@@ -14,18 +14,18 @@ the grid, its geometry the cell's box (:attr:`~cropchips.messages.Cell.bbox`) an
   bound: chips too cloudy or outside the scenes' data are not written;
 * ``est_fetch_bytes``: the bytes a worker fetches for the task, estimated as::
 
-      sum over the scenes, sum over the 10 bands and SCL:
+      sum over the scenes, sum over the spec's bands and the quality band (Sentinel-2: SCL):
           ceil((W + 2 M) / r) * ceil((H + 2 M) / r) * bytes_per_pixel * COMPRESSION_FACTOR
 
   where ``W`` x ``H`` is the cell's size in metres (on a sphere: ``step`` in radians times
   :data:`EARTH_RADIUS_M`, times the cosine of the cell's middle latitude east-west), ``M`` the
   worker's margin of half a chip (``(chip_size // 2 + 1) * resolution`` metres: a chip may reach past
-  the cell's edge), ``r`` the band's native resolution (:data:`NATIVE_RESOLUTION_M`: 10 m for B02,
-  B03, B04, B08; 20 m for B05, B06, B07, B8A, B11, B12 and SCL), ``bytes_per_pixel`` 2 (uint16
-  reflectance) or 1 (SCL is uint8), and :data:`COMPRESSION_FACTOR` the share of those raw bytes a
-  deflate'd COG takes. The worker reads all 10 bands whatever the spec's ``bands`` (it picks them
-  after reading), so all 10 count. With ``max_scenes`` the worker reads every scene's SCL but the
-  bands of only ``max_scenes`` scenes, and so does the estimate.
+  the cell's edge), ``r`` the band's native resolution (the source's ``resolutions``: for Sentinel-2
+  10 m for B02, B03, B04, B08; 20 m for B05, B06, B07, B8A, B11, B12 and SCL), ``bytes_per_pixel`` 2
+  (uint16 reflectance) or 1 (the quality band is uint8), and :data:`COMPRESSION_FACTOR` the share of
+  those raw bytes a deflate'd COG takes. The worker fetches only the spec's ``bands``. With
+  ``max_scenes`` the worker reads every scene's quality band but the bands of only ``max_scenes``
+  scenes, and so does the estimate.
 
   It is a guide to the order of magnitude, not a measure: a COG is fetched in whole internal tiles
   (Earth Search: 1024 px), so a cell fetches more at its edges, while neighbouring cells on one worker
@@ -54,7 +54,7 @@ from .errors import ConfigError
 from .fields import open_layer, read_points
 from .master import Plan, read_aoi
 from .messages import Cell
-from .sources.sentinel2 import BANDS, SCL
+from .sources import source_for
 from .spec import DatasetSpec
 from .storage import atomic_output
 
@@ -63,14 +63,9 @@ log = logging.getLogger(__name__)
 #: Share of a band's raw bytes that its deflate'd COG takes (Sentinel-2 L2A uint16 reflectance
 #: deflates to roughly 50-70 %; SCL much further, but it is a small share of the total anyway).
 COMPRESSION_FACTOR = 0.6
-#: Native pixel size in metres of each band file the worker reads.
-NATIVE_RESOLUTION_M: dict[str, float] = {
-    **{band: 10.0 for band in ("B02", "B03", "B04", "B08")},
-    **{band: 20.0 for band in ("B05", "B06", "B07", "B8A", "B11", "B12")},
-    SCL: 20.0,
-}
-#: Bytes per pixel of each band file: reflectance is uint16, the scene classification uint8.
-BYTES_PER_PIXEL: dict[str, int] = {**{band: 2 for band in BANDS}, SCL: 1}
+#: Bytes per pixel of a reflectance band (uint16) and of the quality band (uint8).
+BAND_BYTES = 2
+QUALITY_BYTES = 1
 #: Mean Earth radius (IUGG), for the cell's size in metres.
 EARTH_RADIUS_M = 6_371_008.8
 
@@ -150,11 +145,15 @@ def estimate_fetch_bytes(cell: Cell, n_scenes: int, spec: DatasetSpec) -> int:
     width, height = cell_size_m(cell.bbox)
     margin = (spec.chip_size // 2 + 1) * spec.resolution  # the worker's margin (processing.py)
     band_scenes = min(n_scenes, spec.max_scenes) if spec.max_scenes else n_scenes
+    source = source_for(spec.collection)
     total = 0.0
-    for band, res in NATIVE_RESOLUTION_M.items():
+    for band in (*spec.bands, source.quality_band):
+        res = source.resolutions[band]
         pixels = math.ceil((width + 2 * margin) / res) * math.ceil((height + 2 * margin) / res)
-        scenes = n_scenes if band == SCL else band_scenes  # SCL of every scene picks the clearest
-        total += scenes * pixels * BYTES_PER_PIXEL[band] * COMPRESSION_FACTOR
+        if band == source.quality_band:  # every scene's quality band picks the clearest
+            total += n_scenes * pixels * QUALITY_BYTES * COMPRESSION_FACTOR
+        else:
+            total += band_scenes * pixels * BAND_BYTES * COMPRESSION_FACTOR
     return int(round(total))
 
 

@@ -17,7 +17,7 @@ from pyproj import Transformer
 
 from . import __version__
 from .chips import ChipWindow, plan_chips
-from .composite import clear_mask, has_data
+from .composite import has_data
 from .composite import compositor as composite_method
 from .errors import ConfigError, CropChipsError, InputDataError, RetryableError, is_transient
 from .fields import FieldLayer, layer_fingerprint, open_layer, read_fields
@@ -26,8 +26,8 @@ from .hrefs import HrefPolicy
 from .labels import rasterize_classes
 from .leases import LEASES_DIR, CellLeases, Lease, Starts, read_starts, write_starts
 from .manifest import chips_from_manifest, read_complete_manifest, remove_other_chips, write_manifest
-from .messages import BANDS, ChipRecord, Result, Task, compact_chip
-from .radiometry import radiometry, remove_offset
+from .messages import ChipRecord, Result, Task, compact_chip
+from .sources import remove_offset, source_for
 from .pixel_grid import cell_grid, choose_epsg
 from .reading import OpenDatasets, grid_origin, read_scenes, task_memory_bytes
 from .spec import DatasetSpec
@@ -196,7 +196,10 @@ class TaskProcessor:
             replace(scene, assets={band: opts.hrefs.check(href) for band, href in scene.assets.items()})
             for scene in task.scenes))
         if not task.scenes:
-            return self._result(task, "no_scenes", watch, error="no Sentinel-2 scene covers the cell")
+            return self._result(task, "no_scenes", watch, error=f"no {spec.collection} scene covers the cell")
+        source = source_for(spec.collection)
+        for scene in task.scenes:
+            source.check_scene(scene)
         self.layer(spec)  # this host's GeoPackage must be the master's
         if task.force or spec.dataset_digest() not in self._folder_specs:
             check_folder_spec(self.storage, spec, force=task.force)
@@ -265,7 +268,9 @@ class TaskProcessor:
         in_zone = [s for s in task.scenes if s.epsg == epsg]
         # Chips may reach half a chip beyond the cell, so a field near an edge still gets a whole chip.
         margin = spec.chip_size // 2 + 1
-        grid = cell_grid(cell, epsg, grid_origin(in_zone[0].assets["B02"], "B02"), spec.resolution, margin)
+        source = source_for(spec.collection)
+        origin = grid_origin(in_zone[0].assets[source.origin_band], source.origin_band)
+        grid = cell_grid(cell, epsg, origin, spec.resolution, margin)
 
         with watch.stage("fields"):
             to_lonlat = Transformer.from_crs(grid.crs, "EPSG:4326", always_xy=True)
@@ -286,30 +291,31 @@ class TaskProcessor:
 
         with watch.stage("read"):
             # With --max-scenes, the scenes are chosen on their SCL alone before any other band is read.
-            chosen, stack = read_scenes(task.scenes, grid, max_scenes=spec.max_scenes, threads=opts.read_threads,
+            chosen, stack = read_scenes(task.scenes, grid, source, bands=spec.bands, clear_classes=spec.clear_classes,
+                                        max_scenes=spec.max_scenes, threads=opts.read_threads,
                                         datasets=self.datasets, before_allocating=within_budget)
         compositor = composite_method(spec.composite)
         with watch.stage("composite"):
             # ``positions`` index the stack, ``usable``/``used`` the task's scenes (chosen[position]).
-            positions = [int(p) for p in np.flatnonzero(has_data(stack.data, stack.scl))]
+            valid = source.valid_mask(stack.quality)
+            positions = [int(p) for p in np.flatnonzero(has_data(stack.data, valid))]
             if not positions:
                 return self._result(task, "no_scenes", watch,
                                     error=f"all {len(task.scenes)} scenes are empty (nodata) over the cell")
             usable = [chosen[p] for p in positions]
-            clear = clear_mask(stack.scl, spec.clear_classes)
-            radio = {i: radiometry(task.scenes[i], spec.harmonize) for i in usable}
+            clear = source.clear_mask(stack.quality, spec.clear_classes)
+            radio = {i: source.radiometry(task.scenes[i], spec.harmonize) for i in usable}
             for p, i in zip(positions, usable):
                 remove_offset(stack.data[p], radio[i].applied_dn)
-            # The spec's bands, in its order (all of them in file order: the stack itself, no copy).
-            picked = slice(None) if spec.bands == BANDS else [BANDS.index(band) for band in spec.bands]
+            # Only the spec's bands were read, in its order: the stack goes in whole when every scene is usable.
             every = len(positions) == len(chosen)
-            data = stack.data[:, picked] if every else stack.data[positions][:, picked]
+            data = stack.data if every else stack.data[positions]
             made = compositor.compose(data, clear if every else clear[positions])
             used_positions = [positions[i] for i in made.used]
             used = [chosen[p] for p in used_positions]
             image, clear_obs = made.image, made.clear_fraction
             descriptions = compositor.descriptions(spec.bands, [task.scenes[i].datetime[:10] for i in used])
-            covered = (stack.scl[used_positions] != 0).any(axis=0)  # inside some used scene's footprint
+            covered = valid[used_positions].any(axis=0)  # inside some used scene's footprint
             del stack
         with watch.stage("rasterize"):
             mask = rasterize_classes(fields, grid)

@@ -1,4 +1,7 @@
-"""Reading Sentinel-2 bands for a cell: the target 10 m grid, GDAL settings for remote COGs, windowed reads.
+"""Reading a cell's scenes: GDAL settings for remote COGs, scene file checks, windowed band reads.
+
+Which bands a scene has, which is its quality band and what its values mean is the scene's
+:class:`~cropchips.sources.base.Source`'s to say: the stack readers take it as an argument.
 
 Scene files come from the network (a task names them), so each is opened as a GeoTIFF only and
 checked before anything is read from it (:func:`open_scene`), and a task's arrays are sized
@@ -27,9 +30,10 @@ from rasterio.errors import RasterioIOError
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
-from .composite import clear_mask, has_data
+from .composite import has_data
 from .errors import InputDataError, RetryableError
-from .messages import BANDS, SCL, Scene
+from .messages import Scene
+from .sources.base import Source
 from .pixel_grid import TargetGrid
 
 log = logging.getLogger(__name__)
@@ -158,20 +162,20 @@ def check_scene_file(src: rasterio.DatasetReader, href: str) -> None:
 
 @dataclass
 class SceneStack:
-    """Bands and SCL of several scenes on one grid."""
+    """Bands and quality band of several scenes on one grid."""
 
     scenes: list[Scene]
     """Scenes in the order of the first axis."""
     data: np.ndarray
-    """(scenes, bands, rows, cols) uint16, bands in :data:`~cropchips.messages.BANDS` order, 0 = nodata."""
-    scl: np.ndarray
-    """(scenes, rows, cols) uint8 scene classification, 0 = nodata."""
+    """(scenes, bands, rows, cols) uint16, bands in the order asked for, 0 = nodata."""
+    quality: np.ndarray
+    """(scenes, rows, cols) the quality band, of the source's ``quality_dtype`` (Sentinel-2: SCL, uint8, 0 = nodata)."""
 
 
-def resampling_for(band: str, src_res: float, dst_res: float) -> Resampling:
-    """Nearest for SCL (classes must not be averaged) and for same-resolution bands (an exact copy);
-    bilinear to upsample 20 m reflectance to 10 m."""
-    if band == SCL or math.isclose(src_res, dst_res, rel_tol=1e-6):
+def resampling_for(categorical: bool, src_res: float, dst_res: float) -> Resampling:
+    """Nearest for a categorical band (classes must not be averaged: a quality band) and for
+    same-resolution bands (an exact copy); bilinear to upsample 20 m reflectance to 10 m."""
+    if categorical or math.isclose(src_res, dst_res, rel_tol=1e-6):
         return Resampling.nearest
     return Resampling.bilinear
 
@@ -259,21 +263,23 @@ class OpenDatasets:
                 in_use.release()
 
 
-def read_band(href: str, band: str, grid: TargetGrid, datasets: OpenDatasets | None = None) -> np.ndarray:
+def read_band(href: str, band: str, grid: TargetGrid, datasets: OpenDatasets | None = None, *,
+              categorical: bool = False) -> np.ndarray:
     """One band of one scene onto ``grid`` (any CRS and resolution in, ``grid`` out), 0 outside the file.
 
     Only the tiles the grid's window needs are read. Transient I/O errors are retried. With
     ``datasets`` the file stays open afterwards (see :class:`OpenDatasets`); without, it is closed.
+    A ``categorical`` band (a quality band of classes) is resampled by nearest neighbour.
     """
     def read() -> np.ndarray:
         with rasterio.Env(**GDAL_OPTIONS):
             with (open_scene(href) if datasets is None else datasets.dataset(href)) as src:
-                return read_onto_grid(src, band, grid)
+                return read_onto_grid(src, grid, categorical=categorical)
 
     return with_read_retries(read, band, href)
 
 
-def read_onto_grid(src: rasterio.DatasetReader, band: str, grid: TargetGrid) -> np.ndarray:
+def read_onto_grid(src: rasterio.DatasetReader, grid: TargetGrid, *, categorical: bool = False) -> np.ndarray:
     """Band 1 of an open dataset onto ``grid``: uint16/uint8 as stored, 0 where there is no data.
 
     When the grid lies on the file's own pixel lattice (same CRS, north-up, the file's pixel an
@@ -283,7 +289,7 @@ def read_onto_grid(src: rasterio.DatasetReader, band: str, grid: TargetGrid) -> 
     warper's CPU and gives the same pixels. Anything else (another UTM zone) goes through a
     ``WarpedVRT``.
     """
-    resampling = resampling_for(band, abs(src.transform.a), grid.resolution)
+    resampling = resampling_for(categorical, abs(src.transform.a), grid.resolution)
     lattice = _lattice_offsets(src, grid)
     if lattice is not None:
         factor, col, row = lattice
@@ -443,57 +449,65 @@ def _looks_malformed(message: str) -> bool:
     return "not recognized as" in message.lower()
 
 
-def read_stack(scenes: Sequence[Scene], grid: TargetGrid, *, threads: int = 8,
-               datasets: OpenDatasets | None = None) -> SceneStack:
-    """Read the 10 bands and SCL of every scene onto ``grid``, ``threads`` files at a time
-    (remote reads are latency-bound, so they overlap); ``datasets``: see :func:`read_band`."""
-    data = np.zeros((len(scenes), len(BANDS), grid.height, grid.width), dtype="uint16")
-    scl = np.zeros((len(scenes), grid.height, grid.width), dtype="uint8")
-    jobs = [(i, b, band) for i in range(len(scenes)) for b, band in enumerate(BANDS + (SCL,))]
+def read_stack(scenes: Sequence[Scene], grid: TargetGrid, source: Source, *, bands: Sequence[str] | None = None,
+               threads: int = 8, datasets: OpenDatasets | None = None) -> SceneStack:
+    """Read ``bands`` (default: all of the source's) and the quality band of every scene onto
+    ``grid``, ``threads`` files at a time (remote reads are latency-bound, so they overlap);
+    ``datasets``: see :func:`read_band`. Only the bands asked for are fetched."""
+    bands = tuple(source.bands if bands is None else bands)
+    data = np.zeros((len(scenes), len(bands), grid.height, grid.width), dtype="uint16")
+    quality = np.zeros((len(scenes), grid.height, grid.width), dtype=source.quality_dtype)
+    jobs = [(i, b, band) for i in range(len(scenes)) for b, band in enumerate((*bands, source.quality_band))]
 
     def run(job: tuple[int, int, str]) -> None:
         i, b, band = job
-        array = read_band(scenes[i].assets[band], band, grid, datasets)
-        if band == SCL:
-            scl[i] = array
+        array = read_band(scenes[i].assets[band], band, grid, datasets, categorical=source.is_categorical(band))
+        if b == len(bands):
+            quality[i] = array
         else:
             data[i, b] = array
 
     with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="read") as pool:
         for _ in pool.map(run, jobs):
             pass
-    return SceneStack(scenes=list(scenes), data=data, scl=scl)
+    return SceneStack(scenes=list(scenes), data=data, quality=quality)
 
 
-def read_clear_fractions(scenes: Sequence[Scene], grid: TargetGrid, *, threads: int = 8,
+def read_clear_fractions(scenes: Sequence[Scene], grid: TargetGrid, source: Source, *,
+                         clear_classes: Sequence[int] | None = None, threads: int = 8,
                          datasets: OpenDatasets | None = None) -> list[float | None]:
-    """Per scene, the share of ``grid`` its SCL calls clear, or None where its SCL holds no data.
+    """Per scene, the share of ``grid`` its quality band calls clear (``clear_classes``, default the
+    source's), or None where its quality band holds no data.
 
-    Reads the SCL band alone and keeps one array per thread, not one per scene: this ranks the
-    scenes before their 10 bands are read (:func:`read_scenes`). The fraction is computed as
-    the ranking on a full stack computed it (the mean of the clear mask), so it is the same number.
+    Reads the quality band alone and keeps one array per thread, not one per scene: this ranks the
+    scenes before their bands are read (:func:`read_scenes`). The fraction is computed as the
+    ranking on a full stack computed it (the mean of the clear mask), so it is the same number.
     """
-    def fraction(scene: Scene) -> float | None:
-        scl = read_band(scene.assets[SCL], SCL, grid, datasets)
-        if not (scl != 0).any():
-            return None
-        return float(clear_mask(scl).mean())
+    classes = tuple(source.default_clear_classes if clear_classes is None else clear_classes)
 
-    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="read-scl") as pool:
+    def fraction(scene: Scene) -> float | None:
+        band = source.quality_band
+        quality = read_band(scene.assets[band], band, grid, datasets, categorical=True)
+        if not source.valid_mask(quality).any():
+            return None
+        return float(source.clear_mask(quality, classes).mean())
+
+    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="read-quality") as pool:
         return list(pool.map(fraction, scenes))
 
 
 def clearest_first(fractions: Sequence[float | None]) -> list[int]:
-    """Indices of the scenes with SCL data, clearest first; equal fractions keep the earlier scene."""
+    """Indices of the scenes with quality data, clearest first; equal fractions keep the earlier scene."""
     usable = [i for i, f in enumerate(fractions) if f is not None]
     order = np.argsort(-np.asarray([fractions[i] for i in usable], dtype="float64"), kind="stable")
     return [usable[int(j)] for j in order]
 
 
-def scene_has_data(scene: Scene, grid: TargetGrid, datasets: OpenDatasets | None = None) -> bool:
-    """Does any of the scene's 10 bands hold a non-zero pixel on ``grid``? (Reads band after band,
+def scene_has_data(scene: Scene, grid: TargetGrid, bands: Sequence[str],
+                   datasets: OpenDatasets | None = None) -> bool:
+    """Does any of the scene's ``bands`` hold a non-zero pixel on ``grid``? (Reads band after band,
     stopping at the first that does: usually one.)"""
-    return any((read_band(scene.assets[band], band, grid, datasets) != 0).any() for band in BANDS)
+    return any((read_band(scene.assets[band], band, grid, datasets) != 0).any() for band in bands)
 
 
 def task_memory_bytes(n_scenes: int, grid: TargetGrid) -> int:
@@ -502,47 +516,53 @@ def task_memory_bytes(n_scenes: int, grid: TargetGrid) -> int:
     return (n_scenes * TASK_BYTES_PER_SCENE_PIXEL + TASK_BYTES_PER_PIXEL) * grid.width * grid.height
 
 
-def read_scenes(scenes: Sequence[Scene], grid: TargetGrid, *, max_scenes: int = 0, threads: int = 8,
+def read_scenes(scenes: Sequence[Scene], grid: TargetGrid, source: Source, *, bands: Sequence[str] | None = None,
+                clear_classes: Sequence[int] | None = None, max_scenes: int = 0, threads: int = 8,
                 datasets: OpenDatasets | None = None,
                 before_allocating: Callable[[int], None] = lambda n: None) -> tuple[list[int], SceneStack]:
     """Read the scenes a task will use: all of them, or with ``max_scenes`` the clearest over the grid.
 
-    Returns the indices (into ``scenes``, ascending: date order) of the scenes read and their stack.
-    With more scenes than ``max_scenes``, only the SCL band of every scene is read first; the scenes
-    are ranked by clear fraction (:func:`clearest_first`), and the 10 bands are read for the best
-    ``max_scenes`` only. The choice is the one a full read would make: there a scene takes part only
-    if its bands hold data too (:func:`~cropchips.composite.has_data`), so a chosen scene whose bands
-    are all 0 gives its place to the next clearest, checked with :func:`scene_has_data`.
+    Returns the indices (into ``scenes``, ascending: date order) of the scenes read and their stack
+    of ``bands`` (default: the source's) and quality band. With more scenes than ``max_scenes``, only
+    the quality band of every scene is read first; the scenes are ranked by clear fraction
+    (``clear_classes``, :func:`clearest_first`), and the bands are read for the best ``max_scenes``
+    only. The choice is the one a full read would make: there a scene takes part only if its bands
+    hold data too (:func:`~cropchips.composite.has_data`), so a chosen scene whose bands are all 0
+    gives its place to the next clearest, checked with :func:`scene_has_data`.
 
     ``before_allocating(n)`` is called before the bands of ``n`` scenes are read (with 1 before the
-    SCL pass, so that a grid too large for even one scene is refused before any read); it raises to
-    refuse the task.
+    quality pass, so that a grid too large for even one scene is refused before any read); it raises
+    to refuse the task.
     """
+    bands = tuple(source.bands if bands is None else bands)
     everything = list(range(len(scenes)))
     if not max_scenes or len(scenes) <= max_scenes:
         before_allocating(len(scenes))
-        return everything, read_stack(scenes, grid, threads=threads, datasets=datasets)
+        return everything, read_stack(scenes, grid, source, bands=bands, threads=threads, datasets=datasets)
     before_allocating(1)
-    ranked = clearest_first(read_clear_fractions(scenes, grid, threads=threads, datasets=datasets))
+    ranked = clearest_first(read_clear_fractions(scenes, grid, source, clear_classes=clear_classes,
+                                                 threads=threads, datasets=datasets))
     chosen, rest = sorted(ranked[:max_scenes]), ranked[max_scenes:]
-    log.info("chose %d of %d scenes by their SCL clear fraction over the cell", len(chosen), len(scenes))
+    log.info("chose %d of %d scenes by their %s clear fraction over the cell", len(chosen), len(scenes),
+             source.quality_band)
 
     def read(indices: list[int]) -> SceneStack:
         before_allocating(len(indices))
-        return read_stack([scenes[i] for i in indices], grid, threads=threads, datasets=datasets)
+        return read_stack([scenes[i] for i in indices], grid, source, bands=bands, threads=threads,
+                          datasets=datasets)
 
     stack = read(chosen)
-    empty = {chosen[int(p)] for p in np.flatnonzero(~has_data(stack.data, stack.scl))}
+    empty = {chosen[int(p)] for p in np.flatnonzero(~has_data(stack.data, source.valid_mask(stack.quality)))}
     if not empty or not rest:
         return chosen, stack  # the empty ones (if any) are left out by the caller's has_data, as always
     del stack
-    log.warning("scenes %s have SCL but no band data over the cell; choosing the next clearest instead",
-                [scenes[i].id for i in sorted(empty)])
+    log.warning("scenes %s have %s but no band data over the cell; choosing the next clearest instead",
+                [scenes[i].id for i in sorted(empty)], source.quality_band)
     kept = [i for i in chosen if i not in empty]
     for i in rest:
         if len(kept) == max_scenes:
             break
-        if scene_has_data(scenes[i], grid, datasets):
+        if scene_has_data(scenes[i], grid, bands, datasets):
             kept.append(i)
     kept.sort()
     return kept, read(kept)

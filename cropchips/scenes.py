@@ -1,4 +1,8 @@
-"""Scene search: Sentinel-2 L2A items from a STAC API (one search per grid) or a local items file."""
+"""Scene search: STAC items from an API (one search per grid) or a local items file, and their footprints.
+
+What an item of a collection *means* (its band assets, its radiometry) is its source's business
+(:mod:`cropchips.sources`); this module only finds items, filters them and matches them to cells.
+"""
 
 from __future__ import annotations
 
@@ -8,23 +12,18 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, time, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import shapely
 from shapely.geometry import box, shape
 
 from .errors import ConfigError, InputDataError, SceneSearchError
-from .messages import SCENE_ASSETS, Cell, MessageError, Scene
+from .messages import Cell, Scene
+
+if TYPE_CHECKING:
+    from .sources.base import Source
 
 log = logging.getLogger(__name__)
-
-#: Earth Search v1 asset keys (``sentinel-2-l2a`` and ``sentinel-2-c1-l2a``) for each band.
-EARTH_SEARCH_KEYS: dict[str, str] = {
-    "B02": "blue", "B03": "green", "B04": "red", "B08": "nir",
-    "B05": "rededge1", "B06": "rededge2", "B07": "rededge3", "B8A": "nir08",
-    "B11": "swir16", "B12": "swir22", "SCL": "scl",
-}
-
 
 # --------------------------------------------------------------------------- datetime
 
@@ -87,46 +86,6 @@ def item_epsg(item: dict[str, Any]) -> int:
     raise InputDataError(f"item {item.get('id')!r} has neither proj:epsg nor proj:code; cannot tell its UTM zone")
 
 
-def _asset(item: dict[str, Any], band: str) -> dict[str, Any] | None:
-    assets = item.get("assets", {})
-    # Earth Search names (blue, ..., scl) first, then the band names some catalogues use.
-    # Keys ending in -jp2 (JPEG2000 duplicates in sentinel-2-l2a) are never used.
-    for key in (EARTH_SEARCH_KEYS[band], band, band.lower()):
-        if key in assets:
-            return assets[key]
-    return None
-
-
-def scene_from_item(item: dict[str, Any]) -> Scene:
-    """Normalise an Earth Search-shaped STAC item (dict) to a :class:`Scene`."""
-    item_id = item.get("id")
-    assets: dict[str, str] = {}
-    offsets: dict[str, float] = {}
-    missing = []
-    for band in SCENE_ASSETS:
-        asset = _asset(item, band)
-        if asset is None or not asset.get("href"):
-            missing.append(EARTH_SEARCH_KEYS[band])
-            continue
-        assets[band] = asset["href"]
-        bands = asset.get("raster:bands") or []
-        if bands and isinstance(bands[0], dict) and bands[0].get("offset") is not None:
-            offsets[band] = float(bands[0]["offset"])
-    if missing:
-        raise InputDataError(f"item {item_id!r} lacks assets {missing}; is it a Sentinel-2 L2A item?")
-    props = item.get("properties", {})
-    try:
-        return Scene(
-            id=str(item_id), collection=str(item.get("collection") or ""), datetime=item_datetime(item).isoformat().replace("+00:00", "Z"),
-            cloud_cover=props.get("eo:cloud_cover"), epsg=item_epsg(item), assets=assets,
-            bbox=tuple(item["bbox"]) if item.get("bbox") else None,
-            processing_baseline=props.get("s2:processing_baseline"), offsets=offsets,
-            item_href=next((link.get("href") for link in item.get("links", [])
-                            if isinstance(link, dict) and link.get("rel") == "self"), None))
-    except MessageError as exc:
-        raise InputDataError(f"item {item_id!r} cannot be used: {exc}") from exc
-
-
 def footprint(item: dict[str, Any]) -> shapely.Geometry:
     if item.get("geometry"):
         return shape(item["geometry"])
@@ -145,8 +104,9 @@ class SceneFootprint:
     geometry: shapely.Geometry
 
 
-def to_scenes(items: Iterable[dict[str, Any]]) -> list[SceneFootprint]:
-    out = [SceneFootprint(scene_from_item(item), footprint(item)) for item in items]
+def to_scenes(items: Iterable[dict[str, Any]], source: Source) -> list[SceneFootprint]:
+    """The items as ``source``'s scenes with their footprints, oldest first."""
+    out = [SceneFootprint(source.scene_from_item(item), footprint(item)) for item in items]
     out.sort(key=lambda s: (s.scene.datetime, s.scene.id))
     return out
 

@@ -36,7 +36,8 @@ from .composite import CLEAR_CLASSES, methods
 from .config import DEFAULT_COLLECTION, DEFAULT_DATETIME
 from .errors import ConfigError
 from .grid import Grid
-from .messages import BANDS
+from .sources import source_for
+from .sources.sentinel2 import BANDS
 from .scenes import parse_datetime_range
 from .writing import FORMATS
 
@@ -53,8 +54,6 @@ DEFAULT_Y_CELLS = 10
 #: Keys of earlier drafts and what replaced them, for the error message.
 RENAMED_KEYS = {"temporal": "composite: stack (a time series) or median / least-cloudy"}
 
-#: Values of Sentinel-2's scene classification layer (SCL), the candidates for ``clear_classes``.
-SCL_CLASSES = range(12)
 
 #: The key ``from_mapping`` and ``with_overrides`` accept besides the fields: the class map's CSV file,
 #: whose content becomes ``class_map``.
@@ -180,6 +179,7 @@ class DatasetSpec:
             raise ConfigError("layer is empty; give a layer name, or null for the first with EuroCrops columns")
         if not self.collection.strip():
             raise ConfigError(f"collection is empty; give a STAC collection such as {DEFAULT_COLLECTION}")
+        source_for(self.collection)  # a collection some data source reads
         parse_datetime_range(self.datetime)
         if not self.max_cloud > 0:
             raise ConfigError(f"max_cloud (--max-cloud) must be > 0 percent (scenes below it are used), "
@@ -238,19 +238,23 @@ class DatasetSpec:
         self.grid()  # the grid's own checks: cells >= 1, inside the globe
 
     def _check_bands(self) -> None:
-        unknown = [band for band in self.bands if band not in BANDS]
+        source = source_for(self.collection)
+        unknown = [band for band in self.bands if band not in source.bands]
         if not self.bands or unknown:
-            raise ConfigError(f"bands must be a non-empty list of {', '.join(BANDS)}"
+            raise ConfigError(f"bands must be a non-empty list of {source.name}'s bands {', '.join(source.bands)}"
                               + (f"; {', '.join(map(repr, unknown))} is not one" if unknown else ""))
         repeated = sorted({band for band in self.bands if self.bands.count(band) > 1})
         if repeated:
             raise ConfigError(f"bands lists {', '.join(repeated)} more than once; give each band once")
 
     def _check_clear_classes(self) -> None:
-        bad = [c for c in self.clear_classes if c not in SCL_CLASSES]
+        source = source_for(self.collection)
+        classes = source.quality_classes
+        bad = [c for c in self.clear_classes if c not in classes]
         if not self.clear_classes or bad:
-            raise ConfigError(f"clear_classes must be a non-empty list of SCL classes {SCL_CLASSES.start}.."
-                              f"{SCL_CLASSES.stop - 1}, e.g. [4, 5, 6]" + (f"; got {bad}" if bad else ""))
+            raise ConfigError(f"clear_classes must be a non-empty list of {source.quality_band} classes {classes.start}.."
+                              f"{classes.stop - 1}, e.g. {list(source.default_clear_classes)}"
+                              + (f"; got {bad}" if bad else ""))
         object.__setattr__(self, "clear_classes", tuple(sorted(set(self.clear_classes))))
 
     # ------------------------------------------------------------------ derived values

@@ -9,7 +9,9 @@ import numpy as np
 import rasterio
 from affine import Affine
 
-from .messages import BANDS, check_safe_id
+from .messages import check_safe_id
+
+from .sources.sentinel2 import BANDS
 from .storage import Storage, open_storage
 
 log = logging.getLogger(__name__)

@@ -109,7 +109,7 @@ def real_scene():
     """The real S2A_29RKH item, its hrefs pointed at the real (downsampled 10x) COGs beside it."""
     import json
 
-    from cropchips.scenes import EARTH_SEARCH_KEYS, scene_from_item
+    from cropchips.sources.sentinel2 import EARTH_SEARCH_KEYS, scene_from_item
 
     folder = shared_data("sentinel2", "S2A_29RKH_20200219_0_L2A")
     item = json.loads((folder / "S2A_29RKH_20200219_0_L2A.json").read_text())

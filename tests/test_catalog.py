@@ -28,7 +28,7 @@ from cropchips.catalog import CATALOG_NAME, COLLECTION_PATH, ITEMS_DIR, build_ca
 from cropchips.classes import CLASS_NAMES
 from cropchips.dataset import SplitPolicy, finalize, records_from_metadata
 from cropchips.hrefs import HrefPolicy
-from cropchips.scenes import EARTH_SEARCH_KEYS
+from cropchips.sources.sentinel2 import EARTH_SEARCH_KEYS
 from cropchips.storage import TMP_PREFIX, LocalStorage
 from helpers import SpecProcessor
 

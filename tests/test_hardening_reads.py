@@ -34,7 +34,8 @@ from cropchips.cog_server import CogServer
 from cropchips.composite import clear_mask
 from cropchips.errors import ConfigError, InputDataError, MessageError
 from cropchips.hrefs import HrefPolicy
-from cropchips.messages import BANDS, SCL, Cell, Task
+from cropchips.messages import Cell, Task
+from cropchips.sources.sentinel2 import BANDS, SCL, Sentinel2L2A
 from cropchips.processing import ProcessingOptions, TaskProcessor
 from cropchips.spec import DatasetSpec
 from helpers import SpecProcessor
@@ -42,6 +43,7 @@ from cropchips.pixel_grid import TargetGrid, cell_grid
 from cropchips.reading import (OpenDatasets, check_scene_file, clearest_first, grid_origin, read_band,
                                read_clear_fractions, read_stack)
 
+SENTINEL2 = Sentinel2L2A()
 RES = 100.0  # the shared COGs are the real ones downsampled 10x: 10 m bands are 100 m pixels
 DESERT = Cell(id="c-desert", row=0, col=0, bbox=(-11.6, 24.6, -11.5, 24.7))  # inside the real 29RKH scene
 GRID = TargetGrid(epsg=32629, transform=Affine(10, 0, 500000, 0, -10, 4000000), width=64, height=64)
@@ -110,7 +112,7 @@ def test_a_vrt_named_b02_in_the_local_scenes_dir_is_refused_everywhere_it_could_
 def test_a_vrt_raw_band_reading_a_local_file_is_refused(planted):
     for datasets in (None, OpenDatasets(8 * 2**20)):
         with pytest.raises(InputDataError, match=rf"{re.escape(planted['SCL'])} is not a GeoTIFF"):
-            read_band(planted["SCL"], "SCL", GRID, datasets)
+            read_band(planted["SCL"], "SCL", GRID, datasets, categorical=True)
 
 
 def test_a_task_with_a_planted_vrt_fails_for_good_naming_the_href(sample_area, sample_task, planted, tmp_path):
@@ -272,8 +274,6 @@ sys.path.insert(0, sys.argv[2])
 from affine import Affine
 from cropchips.pixel_grid import TargetGrid
 from cropchips.reading import read_band
-from cropchips.spec import DatasetSpec
-from helpers import SpecProcessor
 grid = TargetGrid(epsg=32629, transform=Affine(10, 0, 500000, 0, -10, 4000000), width=700, height=700)
 try:
     read_band(sys.argv[1], "B02", grid)
@@ -430,9 +430,9 @@ def test_clearest_first_ranks_like_a_stable_sort_and_skips_scenes_without_scl():
 
 def test_clear_fractions_from_scl_alone_equal_those_of_a_full_stack(served):
     scenes, grid = served["scenes"], served["grid"]
-    fractions = read_clear_fractions(scenes, grid)
-    stack = read_stack(scenes, grid)
-    full = clear_mask(stack.scl).reshape(len(scenes), -1).mean(axis=1)  # the ranking a full read made
+    fractions = read_clear_fractions(scenes, grid, SENTINEL2)
+    stack = read_stack(scenes, grid, SENTINEL2)
+    full = clear_mask(stack.quality).reshape(len(scenes), -1).mean(axis=1)  # the ranking a full read made
     assert fractions[-1] is None  # date F: SCL all nodata
     assert fractions[:-1] == [float(f) for f in full[:-1]]
     assert fractions[0] == fractions[1] == 1.0 > fractions[4] > fractions[2] > fractions[3]

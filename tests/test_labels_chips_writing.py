@@ -11,7 +11,8 @@ from shapely.geometry import box
 from conftest import shared_data
 from cropchips.chips import plan_chips
 from cropchips.labels import rasterize_classes
-from cropchips.messages import BANDS, Cell
+from cropchips.messages import Cell
+from cropchips.sources.sentinel2 import BANDS
 from cropchips.pixel_grid import TargetGrid
 from cropchips.storage import TMP_PREFIX, remove_stale_temporaries
 from cropchips.writing import write_chip

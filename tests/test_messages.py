@@ -5,10 +5,10 @@ from dataclasses import replace
 
 import pytest
 
-from cropchips.errors import MessageError
+from cropchips.errors import InputDataError, MessageError
 from cropchips.spec import DatasetSpec
-from cropchips.messages import (BANDS, SCENE_ASSETS, ChipRecord, Cell, Result, RunHeader, Scene, Task, check_safe_id,
-                                decode, encode)
+from cropchips.messages import ChipRecord, Cell, Result, RunHeader, Scene, Task, check_safe_id, decode, encode
+from cropchips.sources.sentinel2 import BANDS, SCENE_ASSETS, Sentinel2L2A
 
 
 def make_scene(scene_id="S2A_30SUG_20230520_0_L2A", **over):
@@ -80,9 +80,14 @@ def test_task_with_unknown_field_or_missing_asset_is_rejected():
     body["surprise"] = 1
     with pytest.raises(MessageError, match="unknown fields"):
         decode(json.dumps(body).encode())
+    # Which assets a scene needs is its source's to say: the message is well-formed, the source refuses it.
     body = json.loads(encode(make_task()))
     del body["scenes"][0]["assets"]["SCL"]
-    with pytest.raises(MessageError, match="lacks assets"):
+    scene = decode(json.dumps(body).encode()).scenes[0]
+    with pytest.raises(InputDataError, match=r"lacks the assets \['SCL'\] that sentinel-2-l2a scenes carry"):
+        Sentinel2L2A().check_scene(scene)
+    body["scenes"][0]["assets"] = {}
+    with pytest.raises(MessageError, match="scene assets must be an object of 1..64"):
         decode(json.dumps(body).encode())
 
 

@@ -152,9 +152,10 @@ def test_the_fetch_estimate_follows_the_documented_formula():
                  + math.ceil(side / 20) ** 2 * 1) * COMPRESSION_FACTOR
     assert estimate_fetch_bytes(cell, 3, spec) == round(3 * per_scene)
     assert estimate_fetch_bytes(cell, 0, spec) == 0
-    # The spec's bands do not matter (the worker reads all ten); max_scenes limits the bands, not SCL.
-    assert estimate_fetch_bytes(cell, 3, replace(spec, bands=("B04",))) == estimate_fetch_bytes(cell, 3, spec)
+    # Only the spec's bands are fetched; max_scenes limits the bands, not SCL.
     scl = math.ceil(side / 20) ** 2 * COMPRESSION_FACTOR
+    red_only = 3 * (math.ceil(side / 10) ** 2 * 2 * COMPRESSION_FACTOR + scl)
+    assert estimate_fetch_bytes(cell, 3, replace(spec, bands=("B04",))) == round(red_only)
     assert estimate_fetch_bytes(cell, 3, replace(spec, max_scenes=1)) == round(per_scene + 2 * scl)
     # Away from the equator a cell of the same step is narrower.
     north = Cell(id="n", row=0, col=0, bbox=(0.0, 60.0, 0.05, 60.05))

@@ -8,7 +8,7 @@ import rasterio
 
 from cropchips.hrefs import HrefPolicy
 from cropchips.manifest import manifest_path
-from cropchips.messages import BANDS
+from cropchips.sources.sentinel2 import BANDS
 from cropchips.spec import DatasetSpec
 from helpers import SpecProcessor
 

@@ -10,9 +10,13 @@ import rasterio
 from affine import Affine
 from rasterio.windows import from_bounds
 
-from cropchips.messages import BANDS, Cell
+from cropchips.messages import Cell
+
+from cropchips.sources.sentinel2 import BANDS, Sentinel2L2A
 from cropchips.pixel_grid import TargetGrid, cell_grid, choose_epsg, utm_epsg
 from cropchips.reading import grid_origin, read_band, read_stack
+
+SENTINEL2 = Sentinel2L2A()
 
 RES = 100.0  # the shared COGs are the real ones downsampled 10x: 10 m bands are 100 m pixels
 
@@ -63,7 +67,7 @@ CLOUDY = Cell(id="cloudy", row=0, col=0, bbox=(-11.25, 25.05, -11.0, 25.28))  # 
 
 def test_20m_bands_are_upsampled_bilinear_and_scl_nearest(scene):
     grid = cell_grid(CLOUDY, 32629, grid_origin(scene.assets["B02"]), RES, margin_px=3)
-    scl = read_band(scene.assets["SCL"], "SCL", grid)
+    scl = read_band(scene.assets["SCL"], "SCL", grid, categorical=True)
     with rasterio.open(scene.assets["SCL"]) as src:
         coarse, coarse_transform = src.read(1), src.transform
     # Independent nearest neighbour: the coarse pixel that contains each fine pixel's centre.
@@ -99,9 +103,9 @@ def test_outside_the_scene_is_nodata(scene):
 
 def test_read_stack_shapes_and_band_order(scene):
     grid = cell_grid(CELL, 32629, grid_origin(scene.assets["B02"]), RES, margin_px=2)
-    stack = read_stack([scene, scene], grid, threads=4)
+    stack = read_stack([scene, scene], grid, SENTINEL2, threads=4)
     assert stack.data.shape == (2, len(BANDS), grid.height, grid.width) and stack.data.dtype == np.uint16
-    assert stack.scl.shape == (2, grid.height, grid.width) and stack.scl.dtype == np.uint8
+    assert stack.quality.shape == (2, grid.height, grid.width) and stack.quality.dtype == np.uint8
     assert np.array_equal(stack.data[0, BANDS.index("B08")], read_band(scene.assets["B08"], "B08", grid))
     assert np.array_equal(stack.data[0], stack.data[1])
 
@@ -260,7 +264,7 @@ def test_grids_off_the_files_lattice_go_through_the_warper(scene):
                          width=shifted.width, height=shifted.height)
     for grid in (zone28, shifted):
         for band, resampling in (("B04", "nearest"), ("B11", "bilinear"), ("SCL", "nearest")):
-            ours = read_band(scene.assets[band], band, grid)
+            ours = read_band(scene.assets[band], band, grid, categorical=band == "SCL")
             assert (ours > 0).mean() > 0.9
             assert np.array_equal(ours, _warped(scene.assets[band], grid, resampling))
 
@@ -282,14 +286,14 @@ def test_open_datasets_fetch_shared_tiles_once_and_give_the_same_pixels(scene):
         stacks = {}
         for label, datasets in (("closed", None), ("kept open", OpenDatasets(64 * 2**20))):
             server.reset_stats()
-            stacks[label] = [read_stack([remote], grid, threads=4, datasets=datasets) for grid in (west, east)]
+            stacks[label] = [read_stack([remote], grid, SENTINEL2, threads=4, datasets=datasets) for grid in (west, east)]
             fetched[label] = server.stats.bytes
             if datasets is not None:
                 assert len(datasets) == len(scene.assets)  # one handle per band file, reused by the second cell
                 datasets.close()
                 assert len(datasets) == 0
     for a, b in zip(stacks["closed"], stacks["kept open"]):
-        assert np.array_equal(a.data, b.data) and np.array_equal(a.scl, b.scl)
+        assert np.array_equal(a.data, b.data) and np.array_equal(a.quality, b.quality)
     # Closing every file after reading it fetches the shared tiles (and headers) twice.
     assert fetched["kept open"] < 0.5 * fetched["closed"], fetched
 
@@ -303,8 +307,8 @@ def test_open_datasets_close_the_least_recently_used_and_survive_concurrent_use(
         read_band(scene.assets[band], band, grid, datasets)
     assert len(datasets) == 3
     # The same files read by several threads at once (one scene twice): same pixels as without the cache.
-    stack = read_stack([scene, scene, scene], grid, threads=6, datasets=datasets)
-    expected = read_stack([scene], grid, threads=1)
+    stack = read_stack([scene, scene, scene], grid, SENTINEL2, threads=6, datasets=datasets)
+    expected = read_stack([scene], grid, SENTINEL2, threads=1)
     assert all(np.array_equal(stack.data[i], expected.data[0]) for i in range(3))
     assert len(datasets) == 3
     datasets.close()
@@ -325,11 +329,11 @@ def test_a_failed_read_drops_the_kept_file_and_the_retry_reopens_it(scene, tmp_p
     real = reading.read_onto_grid
     calls = []
 
-    def fail_once(src, band, grid):
+    def fail_once(src, grid, **kwargs):
         calls.append(src)
         if len(calls) == 1:
             raise RasterioIOError("CURL error: Connection reset by peer")
-        return real(src, band, grid)
+        return real(src, grid, **kwargs)
 
     monkeypatch.setattr(reading, "read_onto_grid", fail_once)
     again = read_band(scene.assets["B02"], "B02", grid, datasets)

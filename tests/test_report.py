@@ -24,7 +24,7 @@ from cropchips.dataset import SplitPolicy, finalize
 from cropchips.grid import Grid
 from cropchips.hrefs import HrefPolicy
 from cropchips.master import record_params
-from cropchips.messages import BANDS
+from cropchips.sources.sentinel2 import BANDS
 from cropchips.report import (
     OVERLAY_ALPHA,
     PALETTE,

@@ -21,7 +21,8 @@ from pyproj import Transformer
 from conftest import shared_data
 from cropchips.classes import load_class_map
 from cropchips.sample import CROPS, generate_sample, mgrs_square, scene_dates, utm_epsg
-from cropchips.scenes import EARTH_SEARCH_KEYS, load_items_file, parse_datetime_range, to_scenes
+from cropchips.scenes import load_items_file, parse_datetime_range, to_scenes
+from cropchips.sources.sentinel2 import EARTH_SEARCH_KEYS, Sentinel2L2A
 
 BANDS_10M = ("B02", "B03", "B04", "B08")
 BANDS_20M = ("B05", "B06", "B07", "B8A", "B11", "B12")
@@ -224,7 +225,7 @@ def test_cloud_cover_is_the_cloud_share_of_scl(sample, items):
 
 
 def test_the_pipeline_reads_the_items(sample):
-    scenes = to_scenes(load_items_file(sample.items))
+    scenes = to_scenes(load_items_file(sample.items), Sentinel2L2A())
     assert len(scenes) == 3
     for footprint in scenes:
         assert footprint.scene.epsg == sample.epsg

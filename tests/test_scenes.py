@@ -7,9 +7,12 @@ import pytest
 
 from conftest import shared_data
 from cropchips.errors import ConfigError, InputDataError, SceneSearchError
-from cropchips.messages import SCENE_ASSETS, Cell
-from cropchips.scenes import (filter_items, load_items_file, parse_datetime_range, scene_from_item, scenes_for_cell,
+from cropchips.messages import Cell
+from cropchips.sources.sentinel2 import SCENE_ASSETS, Sentinel2L2A, scene_from_item
+from cropchips.scenes import (filter_items, load_items_file, parse_datetime_range, scenes_for_cell,
                               search_stac, to_scenes)
+
+SENTINEL2 = Sentinel2L2A()
 
 ITEMS = ("S2A_13TDE_20231008_0_L2A.json", "S2B_24MVV_20250731_0_L2A.json", "S2B_T24MVV_20250731T130245_L2A.json")
 
@@ -79,7 +82,7 @@ def test_filter_items_applies_collection_dates_cloud_and_bbox(tmp_path):
 
 
 def test_scenes_for_cell_uses_footprints():
-    scenes = to_scenes([real_item(n) for n in ITEMS])
+    scenes = to_scenes([real_item(n) for n in ITEMS], SENTINEL2)
     inside = Cell(id="c", row=0, col=0, bbox=(-105.2, 40.1, -105.1, 40.2))
     far = Cell(id="d", row=0, col=0, bbox=(10.0, 10.0, 10.1, 10.1))
     assert [s.id for s in scenes_for_cell(inside, scenes)] == ["S2A_13TDE_20231008_0_L2A"]

@@ -16,9 +16,10 @@ from shapely.geometry import box
 from conftest import shared_data
 from cropchips.composite import composite
 from cropchips.hrefs import HrefPolicy
-from cropchips.messages import BANDS, Cell, Task
-from cropchips.radiometry import radiometry, remove_offset, scene_offset_dn
-from cropchips.scenes import EARTH_SEARCH_KEYS, scene_from_item
+from cropchips.messages import Cell, Task
+from cropchips.sources.sentinel2 import BANDS
+from cropchips.sources import remove_offset
+from cropchips.sources.sentinel2 import EARTH_SEARCH_KEYS, radiometry, scene_from_item, scene_offset_dn
 from cropchips.spec import DatasetSpec
 from helpers import SpecProcessor
 

@@ -148,7 +148,7 @@ def test_the_area_is_given_exactly_one_valid_way(kwargs, match):
     ("split_ratios", (0.5, 0.5, 0.5), "split_ratios .*adding up to 1.*got 0.5,0.5,0.5"),
     ("split_ratios", (1.2, -0.1, -0.1), "non-negative"),
     ("bands", ("B02", "B99"), "'B99' is not one"),
-    ("bands", (), "non-empty list of B02"),
+    ("bands", (), "non-empty list of sentinel-2-l2a's bands B02, B03"),
     ("bands", ("B02", "B03", "B02"), "bands lists B02 more than once"),
     ("clear_classes", (), "non-empty list of SCL classes 0..11"),
     ("clear_classes", (4, 12), r"got \[12\]"),

@@ -22,8 +22,9 @@ from conftest import shared_data
 from stac_replay import RECORDED_ROOT, StacReplayServer
 
 from cropchips.errors import InputDataError, SceneSearchError
-from cropchips.messages import SCENE_ASSETS
-from cropchips.scenes import EARTH_SEARCH_KEYS, scene_from_item, search_stac, to_scenes
+from cropchips.sources.sentinel2 import SCENE_ASSETS
+from cropchips.scenes import search_stac, to_scenes
+from cropchips.sources.sentinel2 import EARTH_SEARCH_KEYS, Sentinel2L2A, scene_from_item
 
 ALL_KEYS = [EARTH_SEARCH_KEYS[band] for band in SCENE_ASSETS]  # blue ... swir22, scl
 
@@ -121,7 +122,7 @@ def test_replayed_items_become_scenes_with_cog_assets(responses_dir, name):
     complete = [item for item in items if has_all_assets(item)]
     incomplete = [item for item in items if not has_all_assets(item)]
     assert complete, "the recording holds no Sentinel-2 L2A item"
-    scenes = {s.scene.id: s.scene for s in to_scenes(complete)}
+    scenes = {s.scene.id: s.scene for s in to_scenes(complete, Sentinel2L2A())}
     assert sorted(scenes) == sorted(item["id"] for item in complete)
     for item in complete:
         scene = scenes[item["id"]]
@@ -143,7 +144,7 @@ def test_replayed_items_become_scenes_with_cog_assets(responses_dir, name):
 def test_both_collections_are_covered(responses_dir):
     with StacReplayServer(SEQUENCES["cli_filter"][0], responses_dir=responses_dir) as server:
         items = run_search(server, "cli_filter")
-    collections = [s.scene.collection for s in to_scenes(i for i in items if has_all_assets(i))]
+    collections = [s.scene.collection for s in to_scenes((i for i in items if has_all_assets(i)), Sentinel2L2A())]
     assert {"sentinel-2-c1-l2a", "sentinel-2-l2a"} <= set(collections)
     # The JPEG2000 duplicates of sentinel-2-l2a are present in the recording but never chosen.
     assert any("blue-jp2" in i["assets"] for i in items if i["collection"] == "sentinel-2-l2a")

@@ -12,7 +12,7 @@ from typing import BinaryIO
 import numpy as np
 import rasterio
 
-from ..messages import BANDS
+from ..sources.sentinel2 import BANDS
 from .colours import PALETTE
 
 #: White pixels between the true-colour and the overlay halves of a quicklook.

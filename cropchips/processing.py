@@ -6,11 +6,13 @@ import logging
 import math
 import socket
 import time
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+import geopandas as gpd
 import numpy as np
 from affine import Affine
 from pyproj import Transformer
@@ -26,10 +28,10 @@ from .hrefs import HrefPolicy
 from .labels import rasterize_classes
 from .leases import LEASES_DIR, CellLeases, Lease, Starts, read_starts, write_starts
 from .manifest import chips_from_manifest, read_complete_manifest, remove_other_chips, write_manifest
-from .messages import ChipRecord, Result, Task, compact_chip
-from .sources import remove_offset, source_for
-from .pixel_grid import cell_grid, choose_epsg
-from .reading import OpenDatasets, grid_origin, read_scenes, task_memory_bytes
+from .messages import Cell, ChipRecord, Result, Task, compact_chip
+from .sources import SceneRadiometry, Source, remove_offset, source_for
+from .pixel_grid import TargetGrid, cell_grid, choose_epsg
+from .reading import CogReader, SceneReader, SceneStack, task_memory_bytes
 from .spec import DatasetSpec
 from .spec_file import check_folder_spec
 from .storage import open_storage
@@ -99,7 +101,7 @@ class Stopwatch:
 class TaskProcessor:
     """Processes tasks for one worker, each after its own spec; opens the GeoPackage's layers once."""
 
-    def __init__(self, options: ProcessingOptions, worker_id: str):
+    def __init__(self, options: ProcessingOptions, worker_id: str, reader: SceneReader | None = None):
         self.options = options
         self.worker_id = worker_id
         self.storage = open_storage(options.output_dir)
@@ -115,7 +117,7 @@ class TaskProcessor:
         self._layers: dict[str | None, tuple[FieldLayer, str]] = {}  # spec layer -> (layer, fingerprint)
         self._folder_specs: set[str] = set()  # dataset digests checked against the folder's dataset.yaml
         # Band files stay open across tasks, so that the next cell reuses the decoded tiles it shares.
-        self.datasets = OpenDatasets(options.read_cache_mb * 2**20) if options.read_cache_mb else None
+        self.reader = reader or CogReader(threads=options.read_threads, cache_bytes=options.read_cache_mb * 2**20)
 
     def layer(self, spec: DatasetSpec) -> FieldLayer:
         """The spec's layer of this host's GeoPackage, checked against the master's fingerprint."""
@@ -137,8 +139,7 @@ class TaskProcessor:
 
     def close(self) -> None:
         """Close the band files kept open across tasks."""
-        if self.datasets is not None:
-            self.datasets.close()
+        self.reader.close()
 
     def _result(self, task: Task, status: str, watch: Stopwatch, **kwargs) -> Result:
         return Result(run_id=task.run_id, task_id=task.task_id, cell_id=task.cell.id, worker_id=self.worker_id,
@@ -261,118 +262,168 @@ class TaskProcessor:
             self._lease.check()
 
     def _process(self, task: Task, watch: Stopwatch) -> Result:
-        opts = self.options
-        spec = task.spec
-        cell = task.cell
-        epsg = choose_epsg(cell, task.scenes)
-        in_zone = [s for s in task.scenes if s.epsg == epsg]
-        # Chips may reach half a chip beyond the cell, so a field near an edge still gets a whole chip.
-        margin = spec.chip_size // 2 + 1
+        """Source -> grid and fields -> read -> compositor -> labels -> chips -> writer."""
+        spec, cell = task.spec, task.cell
         source = source_for(spec.collection)
-        origin = grid_origin(in_zone[0].assets[source.origin_band], source.origin_band)
-        grid = cell_grid(cell, epsg, origin, spec.resolution, margin)
-
+        grid = self._grid(task, source)
         with watch.stage("fields"):
-            to_lonlat = Transformer.from_crs(grid.crs, "EPSG:4326", always_xy=True)
-            grid_bbox = to_lonlat.transform_bounds(*grid.bounds, densify_pts=21)
-            fields = read_fields(self.layer(spec), grid_bbox, spec.classes())
-            in_cell = int(cell_contains(cell, fields["lon"].to_numpy(), fields["lat"].to_numpy()).sum()) if len(fields) else 0
-        if in_cell == 0:
+            fields = self._fields(task, grid)
+        if fields is None:
             return self._result(task, "no_fields", watch, error="no field polygon lies in the cell")
-
-        def within_budget(n_scenes: int) -> None:
-            """Refuse the task before the bands of ``n_scenes`` scenes are allocated, if they would not fit."""
-            need = task_memory_bytes(n_scenes, grid)
-            if need > opts.max_task_memory_mb * 2**20:
-                raise InputDataError(
-                    f"cell {cell.id} needs ~{math.ceil(need / 2**20)} MiB for {n_scenes} scenes on a "
-                    f"{grid.height}x{grid.width} grid, over --max-task-memory-mb {opts.max_task_memory_mb}; "
-                    "use smaller cells (--grid-step) or fewer scenes (--max-scenes)")
-
         with watch.stage("read"):
-            # With --max-scenes, the scenes are chosen on their SCL alone before any other band is read.
-            chosen, stack = read_scenes(task.scenes, grid, source, bands=spec.bands, clear_classes=spec.clear_classes,
-                                        max_scenes=spec.max_scenes, threads=opts.read_threads,
-                                        datasets=self.datasets, before_allocating=within_budget)
-        compositor = composite_method(spec.composite)
+            # With max_scenes, the scenes are chosen on their quality band alone before any other band is read.
+            chosen, stack = self.reader.read(task.scenes, grid, source, bands=spec.bands,
+                                             clear_classes=spec.clear_classes, max_scenes=spec.max_scenes,
+                                             before_allocating=self._memory_budget(cell, grid))
         with watch.stage("composite"):
-            # ``positions`` index the stack, ``usable``/``used`` the task's scenes (chosen[position]).
-            valid = source.valid_mask(stack.quality)
-            positions = [int(p) for p in np.flatnonzero(has_data(stack.data, valid))]
-            if not positions:
-                return self._result(task, "no_scenes", watch,
-                                    error=f"all {len(task.scenes)} scenes are empty (nodata) over the cell")
-            usable = [chosen[p] for p in positions]
-            clear = source.clear_mask(stack.quality, spec.clear_classes)
-            radio = {i: source.radiometry(task.scenes[i], spec.harmonize) for i in usable}
-            for p, i in zip(positions, usable):
-                remove_offset(stack.data[p], radio[i].applied_dn)
-            # Only the spec's bands were read, in its order: the stack goes in whole when every scene is usable.
-            every = len(positions) == len(chosen)
-            data = stack.data if every else stack.data[positions]
-            made = compositor.compose(data, clear if every else clear[positions])
-            used_positions = [positions[i] for i in made.used]
-            used = [chosen[p] for p in used_positions]
-            image, clear_obs = made.image, made.clear_fraction
-            descriptions = compositor.descriptions(spec.bands, [task.scenes[i].datetime[:10] for i in used])
-            covered = valid[used_positions].any(axis=0)  # inside some used scene's footprint
+            made = composite_cell(task, source, chosen, stack)
             del stack
+        if made is None:
+            return self._result(task, "no_scenes", watch,
+                                error=f"all {len(task.scenes)} scenes are empty (nodata) over the cell")
         with watch.stage("rasterize"):
             mask = rasterize_classes(fields, grid)
-
-        def reject(window: ChipWindow) -> str | None:
-            rows, cols = window.slices()
-            if 1.0 - covered[rows, cols].mean() > spec.max_nodata_fraction:
-                return "nodata"
-            if clear_obs[rows, cols].mean() < spec.min_clear_fraction:
-                return "too_cloudy"
-            return None
-
         windows, skipped = plan_chips(fields, cell, grid, chip_size=spec.chip_size,
-                                      max_chips=spec.max_chips_per_cell, reject=reject)
-        scenes_meta = tuple({"id": task.scenes[i].id, "datetime": task.scenes[i].datetime,
-                             "collection": task.scenes[i].collection, "item_href": task.scenes[i].item_href,
-                             "processing_baseline": radio[i].processing_baseline,
-                             "published_offset": radio[i].published_offset, "offset_dn": radio[i].offset_dn,
-                             "applied_dn": radio[i].applied_dn} for i in used)
-        records = []
+                                      max_chips=spec.max_chips_per_cell, reject=made.rejecter(spec))
         with watch.stage("write"):
-            for k, window in enumerate(windows):
-                rows, cols = window.slices()
-                name = f"{cell.id}-chip{k:02d}"
-                chip_mask = mask[rows, cols]
-                transform = grid.transform * Affine.translation(window.col, window.row)
-                image_rel, mask_rel = write_chip(self.storage, name, image[:, rows, cols], chip_mask,
-                                                 crs=grid.crs, transform=transform, descriptions=descriptions,
-                                                 fmt=spec.format)
-                classes, counts = np.unique(chip_mask, return_counts=True)
-                left, top = transform.c, transform.f
-                size = window.size * grid.resolution
-                record = ChipRecord(
-                    name=name, image=image_rel, mask=mask_rel, crs=grid.crs,
-                    bounds=(left, top - size, left + size, top),
-                    class_pixels={str(int(c)): int(n) for c, n in zip(classes, counts)}, field_id=window.field_id,
-                    cell_id=cell.id, method=spec.composite, scenes=scenes_meta, bands=descriptions,
-                    clear_fraction=round(float(clear_obs[rows, cols].mean()), 4),
-                    nodata_fraction=round(float(1.0 - covered[rows, cols].mean()), 4),
-                    resolution=grid.resolution, format=spec.format, software=__version__,
-                    dataset_id=spec.dataset_id())
-                # The provenance sidecar sits beside the chip for tools that never see Kafka.
-                self.storage.write_json(f"{METADATA_DIR}/{name}.json",
-                           {"task_id": task.task_id, "run_id": task.run_id, "worker_id": self.worker_id,
-                            **asdict(record)})
-                records.append(record)
-            self._check_lease()  # another writer must not have taken the cell meanwhile
-            remove_other_chips(self.storage, cell.id, keep={r.name for r in records})
-            scene_ids = tuple(task.scenes[i].id for i in used)
-            write_manifest(self.storage, cell.id, {
-                "task_id": task.task_id, "run_id": task.run_id, "cell_id": cell.id, "settings": self.manifest_key(spec),
-                "chips": [asdict(r) for r in records], "scenes_used": list(scene_ids),
-                "chips_skipped": dict(skipped), "worker_id": self.worker_id, "written_at": utc_now()})
+            records = self._write(task, grid, made, mask, windows, skipped)
+        scene_ids = tuple(task.scenes[i].id for i in made.used)
         log.info("task %s: %d chips from %d scenes (%s)", task.task_id, len(records), len(scene_ids),
                  ", ".join(f"{k} skipped: {v}" for k, v in skipped.items()) or "none skipped")
         return self._result(task, "ok", watch, chips=tuple(map(compact_chip, records)), scenes_used=scene_ids,
                             chips_skipped=dict(skipped))
+
+    def _grid(self, task: Task, source: Source) -> TargetGrid:
+        """The cell's pixel grid: in its UTM zone, on the lattice of the source's finest band, with a margin
+        of half a chip (a field near an edge still gets a whole chip)."""
+        epsg = choose_epsg(task.cell, task.scenes)
+        in_zone = [s for s in task.scenes if s.epsg == epsg]
+        origin = self.reader.origin(in_zone[0].assets[source.origin_band], source.origin_band)
+        return cell_grid(task.cell, epsg, origin, task.spec.resolution, task.spec.chip_size // 2 + 1)
+
+    def _fields(self, task: Task, grid: TargetGrid) -> gpd.GeoDataFrame | None:
+        """The field polygons over the grid, labelled by the spec's class map; None if none lies in the cell."""
+        to_lonlat = Transformer.from_crs(grid.crs, "EPSG:4326", always_xy=True)
+        grid_bbox = to_lonlat.transform_bounds(*grid.bounds, densify_pts=21)
+        fields = read_fields(self.layer(task.spec), grid_bbox, task.spec.classes())
+        if not len(fields) or not cell_contains(task.cell, fields["lon"].to_numpy(), fields["lat"].to_numpy()).any():
+            return None
+        return fields
+
+    def _memory_budget(self, cell: Cell, grid: TargetGrid) -> Callable[[int], None]:
+        """A check that refuses the task before the bands of ``n`` scenes are allocated, if they would not fit."""
+        limit = self.options.max_task_memory_mb
+
+        def within_budget(n_scenes: int) -> None:
+            need = task_memory_bytes(n_scenes, grid)
+            if need > limit * 2**20:
+                raise InputDataError(
+                    f"cell {cell.id} needs ~{math.ceil(need / 2**20)} MiB for {n_scenes} scenes on a "
+                    f"{grid.height}x{grid.width} grid, over --max-task-memory-mb {limit}; "
+                    "use smaller cells (--grid-step) or fewer scenes (--max-scenes)")
+
+        return within_budget
+
+    def _write(self, task: Task, grid: TargetGrid, made: CellImage, mask: np.ndarray,
+               windows: list[ChipWindow], skipped: dict[str, int]) -> list[ChipRecord]:
+        """Write each chip (image, mask, provenance sidecar), then, if the cell is still ours, remove the
+        cell's chips this run no longer makes and write the manifest."""
+        spec, cell = task.spec, task.cell
+        records = []
+        for k, window in enumerate(windows):
+            rows, cols = window.slices()
+            name = f"{cell.id}-chip{k:02d}"
+            chip_mask = mask[rows, cols]
+            transform = grid.transform * Affine.translation(window.col, window.row)
+            image_rel, mask_rel = write_chip(self.storage, name, made.image[:, rows, cols], chip_mask,
+                                             crs=grid.crs, transform=transform, descriptions=made.descriptions,
+                                             fmt=spec.format)
+            classes, counts = np.unique(chip_mask, return_counts=True)
+            left, top = transform.c, transform.f
+            size = window.size * grid.resolution
+            record = ChipRecord(
+                name=name, image=image_rel, mask=mask_rel, crs=grid.crs,
+                bounds=(left, top - size, left + size, top),
+                class_pixels={str(int(c)): int(n) for c, n in zip(classes, counts)}, field_id=window.field_id,
+                cell_id=cell.id, method=spec.composite, scenes=made.provenance(task), bands=made.descriptions,
+                clear_fraction=round(float(made.clear_fraction[rows, cols].mean()), 4),
+                nodata_fraction=round(float(1.0 - made.covered[rows, cols].mean()), 4),
+                resolution=grid.resolution, format=spec.format, software=__version__,
+                dataset_id=spec.dataset_id())
+            # The provenance sidecar sits beside the chip for tools that never see Kafka.
+            self.storage.write_json(f"{METADATA_DIR}/{name}.json",
+                                    {"task_id": task.task_id, "run_id": task.run_id, "worker_id": self.worker_id,
+                                     **asdict(record)})
+            records.append(record)
+        self._check_lease()  # another writer must not have taken the cell meanwhile
+        remove_other_chips(self.storage, cell.id, keep={r.name for r in records})
+        write_manifest(self.storage, cell.id, {
+            "task_id": task.task_id, "run_id": task.run_id, "cell_id": cell.id, "settings": self.manifest_key(spec),
+            "chips": [asdict(r) for r in records], "scenes_used": [task.scenes[i].id for i in made.used],
+            "chips_skipped": dict(skipped), "worker_id": self.worker_id, "written_at": utc_now()})
+        return records
+
+
+@dataclass(frozen=True)
+class CellImage:
+    """A cell's composited image and what the chip checks and the provenance need of it."""
+
+    image: np.ndarray
+    """(bands out, rows, cols) uint16 on the cell's grid."""
+    descriptions: tuple[str, ...]
+    """Band descriptions in file order."""
+    clear_fraction: np.ndarray
+    """(rows, cols) share of clear observations."""
+    covered: np.ndarray
+    """(rows, cols) True inside some used scene's data."""
+    used: tuple[int, ...]
+    """Indices (into the task's scenes) of the scenes in the image, date order."""
+    radiometry: Mapping[int, SceneRadiometry]
+    """Task scene index -> what its DNs meant and what was subtracted."""
+
+    def rejecter(self, spec: DatasetSpec) -> Callable[[ChipWindow], str | None]:
+        """Why a chip window is not written (``nodata``, ``too_cloudy``), or None."""
+        def reject(window: ChipWindow) -> str | None:
+            rows, cols = window.slices()
+            if 1.0 - self.covered[rows, cols].mean() > spec.max_nodata_fraction:
+                return "nodata"
+            if self.clear_fraction[rows, cols].mean() < spec.min_clear_fraction:
+                return "too_cloudy"
+            return None
+
+        return reject
+
+    def provenance(self, task: Task) -> tuple[dict[str, object], ...]:
+        """Per scene used, oldest first: id, date, collection, item link and radiometry (the sidecar's ``scenes``)."""
+        return tuple({"id": task.scenes[i].id, "datetime": task.scenes[i].datetime,
+                      "collection": task.scenes[i].collection, "item_href": task.scenes[i].item_href,
+                      "processing_baseline": self.radiometry[i].processing_baseline,
+                      "published_offset": self.radiometry[i].published_offset,
+                      "offset_dn": self.radiometry[i].offset_dn, "applied_dn": self.radiometry[i].applied_dn}
+                     for i in self.used)
+
+
+def composite_cell(task: Task, source: Source, chosen: Sequence[int], stack: SceneStack) -> CellImage | None:
+    """The spec's compositor over the scenes of ``stack`` that hold data (``chosen[p]`` is the task's index of
+    stack position ``p``), after each scene's radiometric correction; None if no scene holds data."""
+    spec = task.spec
+    valid = source.valid_mask(stack.quality)
+    positions = [int(p) for p in np.flatnonzero(has_data(stack.data, valid))]
+    if not positions:
+        return None
+    clear = source.clear_mask(stack.quality, spec.clear_classes)
+    radio = {chosen[p]: source.radiometry(task.scenes[chosen[p]], spec.harmonize) for p in positions}
+    for p in positions:
+        remove_offset(stack.data[p], radio[chosen[p]].applied_dn)
+    # The stack goes in whole when every scene is usable (the usual case): no copy.
+    every = len(positions) == len(chosen)
+    compositor = composite_method(spec.composite)
+    made = compositor.compose(stack.data if every else stack.data[positions], clear if every else clear[positions])
+    used_positions = [positions[i] for i in made.used]
+    used = tuple(chosen[p] for p in used_positions)
+    return CellImage(image=made.image, clear_fraction=made.clear_fraction,
+                     descriptions=compositor.descriptions(spec.bands, [task.scenes[i].datetime[:10] for i in used]),
+                     covered=valid[used_positions].any(axis=0), used=used, radiometry=radio)
 
 
 def default_worker_id(number: str) -> str:

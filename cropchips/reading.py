@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import numpy as np
 import rasterio
@@ -566,3 +566,43 @@ def read_scenes(scenes: Sequence[Scene], grid: TargetGrid, source: Source, *, ba
             kept.append(i)
     kept.sort()
     return kept, read(kept)
+
+
+class SceneReader(Protocol):
+    """How a :class:`~cropchips.processing.TaskProcessor` reads scenes (modelled on stackstac's
+    ``Reader``): inject another (an in-memory array, a recording wrapper, a remote service) with
+    ``TaskProcessor(..., reader=...)``."""
+
+    def origin(self, href: str, band: str) -> tuple[float, float]:
+        """Upper-left corner of the file's pixel lattice (the cell's grid snaps to it)."""
+
+    def read(self, scenes: Sequence[Scene], grid: TargetGrid, source: Source, *, bands: Sequence[str],
+             clear_classes: Sequence[int], max_scenes: int,
+             before_allocating: Callable[[int], None]) -> tuple[list[int], SceneStack]:
+        """The indices of the scenes read (date order) and their stack; see :func:`read_scenes`."""
+
+    def close(self) -> None:
+        """Release what the reader keeps open across tasks."""
+
+
+class CogReader:
+    """The default reader: Cloud-Optimized GeoTIFFs, local or over HTTP, through GDAL, ``threads``
+    files at a time, with ``cache_bytes`` of decoded tiles kept across tasks (0: none, every file
+    closed after reading)."""
+
+    def __init__(self, *, threads: int = 8, cache_bytes: int = 0):
+        self.threads = threads
+        self.datasets = OpenDatasets(cache_bytes) if cache_bytes else None
+
+    def origin(self, href: str, band: str) -> tuple[float, float]:
+        return grid_origin(href, band)
+
+    def read(self, scenes: Sequence[Scene], grid: TargetGrid, source: Source, *, bands: Sequence[str],
+             clear_classes: Sequence[int], max_scenes: int,
+             before_allocating: Callable[[int], None]) -> tuple[list[int], SceneStack]:
+        return read_scenes(scenes, grid, source, bands=bands, clear_classes=clear_classes, max_scenes=max_scenes,
+                           threads=self.threads, datasets=self.datasets, before_allocating=before_allocating)
+
+    def close(self) -> None:
+        if self.datasets is not None:
+            self.datasets.close()

@@ -121,3 +121,26 @@ def test_the_masters_plan_carries_the_fingerprint_of_the_geopackage(sample_plan,
     fingerprint = layer_fingerprint(open_layer(sample_area.gpkg, sample_area.layer))
     assert {t.spec.gpkg_fingerprint for t in sample_plan.tasks} == {fingerprint}
     assert {t.spec.layer for t in sample_plan.tasks} == {sample_area.layer}
+
+
+def test_the_processor_reads_through_an_injected_reader_and_asks_for_the_specs_bands(sample_area, task, tmp_path):
+    from cropchips.processing import ProcessingOptions, TaskProcessor
+    from cropchips.reading import CogReader
+
+    class Recording(CogReader):
+        def __init__(self):
+            super().__init__(threads=2)
+            self.calls = []
+
+        def read(self, scenes, grid, source, **kwargs):
+            self.calls.append((len(scenes), kwargs["bands"], kwargs["max_scenes"]))
+            return super().read(scenes, grid, source, **kwargs)
+
+    reader = Recording()
+    processor = TaskProcessor(ProcessingOptions(output_dir=tmp_path, gpkg=str(sample_area.gpkg),
+                                                hrefs=HrefPolicy(local_dirs=(sample_area.root.resolve(),))),
+                              "rec@test", reader=reader)
+    spec = replace(task.spec, chip_size=32, bands=("B04", "B08"), max_scenes=2)
+    result = processor.process(replace(task, spec=spec))
+    assert result.status == "ok" and reader.calls == [(len(task.scenes), ("B04", "B08"), 2)]
+    processor.close()

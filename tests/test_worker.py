@@ -33,7 +33,7 @@ def task_for(cell, scenes, run_id="run-w"):
 def test_cell_without_scenes_is_no_scenes(processor):
     cell = Cell(id="c-empty", row=0, col=0, bbox=(15.6, 45.95, 15.65, 46.0))
     result = processor.process(task_for(cell, []))
-    assert result.status == "no_scenes" and "no Sentinel-2 scene" in result.error and not result.chips
+    assert result.status == "no_scenes" and "no sentinel-2-l2a scene covers the cell" in result.error and not result.chips
 
 
 def test_cell_without_fields_is_no_fields(processor, real_scene):

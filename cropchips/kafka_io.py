@@ -12,9 +12,8 @@ Known broker differences are handled here, in one place (see docs in the README)
 from __future__ import annotations
 
 import logging
-import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -24,6 +23,7 @@ from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from .errors import BrokerError, ConfigError
+from .retry import BROKER, retry
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -87,39 +87,34 @@ def topic_configs(retention_ms: int = DEFAULT_RETENTION_MS) -> dict[str, str]:
     return {"retention.ms": str(retention_ms)}
 
 
-def backoff_delays(base: float = 0.5, cap: float = 10.0) -> Iterable[float]:
-    """Exponential backoff with full jitter: 0.5, 1, 2, ... capped, each randomised."""
-    attempt = 0
-    while True:
-        yield random.uniform(base, min(cap, base * 2**attempt))
-        attempt += 1
-
-
 def connect(factory: Callable[..., T], settings: KafkaSettings, wait: float) -> T:
-    """Call ``factory(bootstrap_timeout_ms=...)`` until the broker answers, with logged backoff.
+    """Call ``factory(bootstrap_timeout_ms=...)`` until the broker answers, with logged backoff
+    (:data:`~cropchips.retry.BROKER`).
 
     Gives up after ``wait`` seconds with a BrokerError that says what to check.
     """
     deadline = time.monotonic() + wait
-    delays = backoff_delays()
-    while True:
+
+    def attempt() -> T:
         # Each attempt is bounded so the total stays near ``wait`` (kafka-python's own default is 30 s).
-        attempt_ms = int(1000 * min(10.0, max(1.0, deadline - time.monotonic())))
-        try:
-            return factory(bootstrap_timeout_ms=attempt_ms)
-        except (KafkaError, OSError) as exc:
-            if isinstance(exc, kafka_errors.KafkaConfigurationError):
-                raise ConfigError(f"invalid Kafka client settings: {exc}") from None  # no wait fixes that
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise BrokerError(
-                    f"cannot reach the Kafka broker at {settings.bootstrap_servers} ({exc.__class__.__name__}); "
-                    "check --bootstrap-servers, that the broker runs, and the firewall (port 9092)"
-                ) from exc
-            delay = min(next(delays), remaining)
-            log.warning("broker %s not reachable (%s); retrying in %.1f s", settings.bootstrap_servers,
-                        exc.__class__.__name__, delay)
-            time.sleep(delay)
+        return factory(bootstrap_timeout_ms=int(1000 * min(10.0, max(1.0, deadline - time.monotonic()))))
+
+    def transient(exc: BaseException) -> bool:
+        return isinstance(exc, (KafkaError, OSError)) and not isinstance(exc, kafka_errors.KafkaConfigurationError)
+
+    def report(exc: BaseException, attempt_number: int, delay: float) -> None:
+        log.warning("broker %s not reachable (%s); retrying in %.1f s", settings.bootstrap_servers,
+                    exc.__class__.__name__, delay)
+
+    try:
+        return retry(attempt, f"connecting to {settings.bootstrap_servers}", transient=transient, deadline=deadline,
+                     backoff=BROKER, on_retry=report)
+    except kafka_errors.KafkaConfigurationError as exc:
+        raise ConfigError(f"invalid Kafka client settings: {exc}") from None  # no wait fixes that
+    except (KafkaError, OSError) as exc:
+        raise BrokerError(
+            f"cannot reach the Kafka broker at {settings.bootstrap_servers} ({exc.__class__.__name__}); "
+            "check --bootstrap-servers, that the broker runs, and the firewall (port 9092)") from exc
 
 
 class _AdminClient(KafkaAdminClient):

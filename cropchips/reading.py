@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +30,7 @@ from rasterio.windows import Window
 
 from .composite import has_data
 from .errors import InputDataError, RetryableError
+from .retry import READS, retry
 from .messages import Scene
 from .sources.base import Source
 from .pixel_grid import TargetGrid
@@ -400,7 +399,7 @@ class NotAGeoTIFF(InputDataError):
 
 
 def with_read_retries(read: Callable[[], T], band: str, href: str) -> T:
-    """Run ``read``; retry transient I/O errors with exponential backoff and jitter, each retry logged.
+    """Run ``read``, retrying transient I/O errors (:data:`~cropchips.retry.READS`), each retry logged.
 
     A missing file (a local path that is not there, HTTP 404) is final at once (InputDataError).
     Over a network, a connection cut while GDAL reads the header makes the file look missing or
@@ -409,28 +408,27 @@ def with_read_retries(read: Callable[[], T], band: str, href: str) -> T:
     becomes RetryableError (GDAL's own HTTP retries of 5xx answers come on top).
     """
     remote = _is_remote(href)
-    delay = 0.5
-    for attempt in range(1, READ_ATTEMPTS + 1):
+
+    def attempt() -> T:
         try:
             return read()
-        except NotAGeoTIFF as exc:
-            if not remote or attempt == READ_ATTEMPTS:
-                raise
-            message = str(exc)
         except RasterioIOError as exc:
-            message = str(exc)
-            if _is_missing(message, remote):
-                raise InputDataError(f"cannot open {band} at {href}: {message}") from exc
-            if attempt == READ_ATTEMPTS:
-                if remote and _looks_malformed(message):
-                    raise InputDataError(f"cannot read {band} at {href} ({attempt} tries): {message}") from exc
-                raise RetryableError(f"reading {band} from {href} failed {attempt} times: {message}") from exc
-        wait = random.uniform(delay / 2, delay)
-        log.warning("read of %s from %s failed (%s); retry %d/%d in %.1f s", band, href, message,
-                    attempt, READ_ATTEMPTS - 1, wait)
-        time.sleep(wait)
-        delay *= 2
-    raise AssertionError("unreachable")
+            if _is_missing(str(exc), remote):
+                raise InputDataError(f"cannot open {band} at {href}: {exc}") from exc
+            raise
+
+    def transient(exc: BaseException) -> bool:
+        return isinstance(exc, RasterioIOError) or (remote and isinstance(exc, NotAGeoTIFF))
+
+    try:
+        return retry(attempt, f"read of {band} from {href}", transient=transient, attempts=READ_ATTEMPTS,
+                     backoff=READS)
+    except NotAGeoTIFF:
+        raise
+    except RasterioIOError as exc:  # still failing after every attempt
+        if remote and _looks_malformed(str(exc)):
+            raise InputDataError(f"cannot read {band} at {href} ({READ_ATTEMPTS} tries): {exc}") from exc
+        raise RetryableError(f"reading {band} from {href} failed {READ_ATTEMPTS} times: {exc}") from exc
 
 
 def _is_remote(href: str) -> bool:

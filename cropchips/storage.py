@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from .errors import ConfigError
+from .retry import STORAGE, Backoff, retry
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -151,25 +152,9 @@ def atomic_output(path: Path) -> Iterator[Path]:
         os.close(dir_fd)
 
 
-def retry(call: Callable[[], T], what: str, *, attempts: int, transient: Callable[[BaseException], bool],
-          delay: float = 0.5) -> T:
-    """Run ``call``; retry the errors ``transient`` accepts with exponential backoff, each retry logged."""
-    for attempt in range(1, attempts + 1):
-        try:
-            return call()
-        except Exception as exc:  # noqa: BLE001 - ``transient`` decides
-            if not transient(exc) or attempt == attempts:
-                raise
-            log.warning("%s failed (%s: %s); retry %d/%d in %.1f s", what, type(exc).__name__, exc,
-                        attempt, attempts - 1, delay)
-            time.sleep(delay)
-            delay *= 2
-    raise AssertionError("unreachable")
-
-
 def with_retries(write: Callable[[], None], what: str, attempts: int = WRITE_ATTEMPTS, delay: float = 0.5) -> None:
     """Run ``write``, retrying transient file-system errors (NFS hiccups) with exponential backoff."""
-    retry(write, f"writing {what}", attempts=attempts, delay=delay,
+    retry(write, f"writing {what}", attempts=attempts, backoff=Backoff(base=delay, cap=8.0, jitter=False),
           transient=lambda exc: isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS)
 
 
@@ -722,7 +707,7 @@ class ObjectStorage(Storage):
     def _retry(call: Callable[[], T], what: str) -> T:
         """Retry object-store errors other than "not found", "denied", "exists" and a failed
         precondition (throttling, resets, 5xx; 409 ConditionalRequestConflict too)."""
-        return retry(call, what, attempts=UPLOAD_ATTEMPTS,
+        return retry(call, what, attempts=UPLOAD_ATTEMPTS, backoff=STORAGE,
                      transient=lambda exc: not isinstance(exc, (FileNotFoundError, PermissionError, FileExistsError))
                      and not _precondition_failed(exc))
 

@@ -42,10 +42,11 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from .errors import BrokerError, ConfigError, MessageError, RetryableError
-from .kafka_io import (DEFAULT_RETENTION_MS, KafkaSettings, backoff_delays, ensure_topics, is_retriable,
+from .kafka_io import (DEFAULT_RETENTION_MS, KafkaSettings, ensure_topics, is_retriable,
                        make_consumer, make_producer)
 from .messages import Result, Task, check_safe_id, decode, encode
 from .processing import utc_now
+from .retry import OUTAGE, PUBLISH, retry
 
 log = logging.getLogger(__name__)
 
@@ -361,7 +362,7 @@ class Worker:
         ``retry_for_s``, then WorkerGaveUp is raised."""
         task = inflight.task
         first_failure: float | None = None
-        delays = backoff_delays(base=1.0, cap=60.0)
+        delays = OUTAGE.delays()  # waited out polling, partitions paused: not a plain retry() loop
         while True:
             runner = self._run_task(inflight)
             if runner is None or inflight.delivered:
@@ -537,22 +538,22 @@ class Worker:
         for up to ``retry_s`` (default ``publish_retry_s``), then BrokerError; an error that
         cannot succeed on retry (record too large, not authorised) is PublishRefused at once."""
         window = self.options.publish_retry_s if retry_s is None else retry_s
-        deadline = time.monotonic() + window
-        delays = backoff_delays(cap=15.0)
-        while True:
-            try:
-                self.producer.send(topic, key=key.encode(), value=value, headers=headers or []).get(timeout=30)
-                return
-            except KafkaError as exc:
-                if not is_retriable(exc):
-                    raise PublishRefused(f"the broker refused a record of {len(value)} bytes for {topic}: "
-                                         f"{type(exc).__name__}: {exc}") from exc
-                if time.monotonic() > deadline:
-                    raise BrokerError(f"could not publish to {topic} for {window:.0f} s: {exc}") from exc
-                delay = next(delays)
-                log.warning("publishing to %s failed (%s); the broker may be unreachable, retrying in %.1f s",
-                            topic, exc.__class__.__name__, delay)
-                time.sleep(delay)
+
+        def send() -> None:
+            self.producer.send(topic, key=key.encode(), value=value, headers=headers or []).get(timeout=30)
+
+        def report(exc: BaseException, attempt: int, delay: float) -> None:
+            log.warning("publishing to %s failed (%s); the broker may be unreachable, retrying in %.1f s",
+                        topic, exc.__class__.__name__, delay)
+
+        try:
+            retry(send, f"publishing to {topic}", transient=lambda exc: isinstance(exc, KafkaError) and is_retriable(exc),
+                  deadline=time.monotonic() + window, backoff=PUBLISH, on_retry=report)
+        except KafkaError as exc:
+            if not is_retriable(exc):
+                raise PublishRefused(f"the broker refused a record of {len(value)} bytes for {topic}: "
+                                     f"{type(exc).__name__}: {exc}") from exc
+            raise BrokerError(f"could not publish to {topic} for {window:.0f} s: {exc}") from exc
 
     def _dead_letter(self, record: Any, reason: str, result: Result, retry_s: float | None = None) -> None:
         """The original record, unchanged, to the dead-letter topic (its start only, if the broker

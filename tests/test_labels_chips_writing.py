@@ -9,6 +9,7 @@ from affine import Affine
 from shapely.geometry import box
 
 from conftest import shared_data
+from cropchips import retry
 from cropchips.chips import plan_chips
 from cropchips.labels import rasterize_classes
 from cropchips.messages import Cell
@@ -168,7 +169,6 @@ def test_temporaries_of_dead_writers_and_old_ones_are_removed(tmp_path):
 
 def test_transient_write_errors_are_retried(tmp_path, monkeypatch, caplog):
     import errno
-    import cropchips.storage as storage
     import cropchips.writing as writing
 
     real = writing.write_tiff
@@ -181,7 +181,7 @@ def test_transient_write_errors_are_retried(tmp_path, monkeypatch, caplog):
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(writing, "write_tiff", flaky)
-    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    monkeypatch.setattr(retry, "sleep", lambda s: None)
     image = np.ones((10, 16, 16), "uint16")
     write_chip(tmp_path, "c-chip00", image, np.ones((16, 16), "uint8"), crs="EPSG:32630",
                transform=Affine(10, 0, 0, 0, -10, 0))

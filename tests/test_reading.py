@@ -10,6 +10,7 @@ import rasterio
 from affine import Affine
 from rasterio.windows import from_bounds
 
+from cropchips import retry
 from cropchips.messages import Cell
 
 from cropchips.sources.sentinel2 import BANDS, Sentinel2L2A
@@ -124,7 +125,7 @@ def test_transient_read_errors_are_retried_with_backoff_then_reported(monkeypatc
     from cropchips.errors import RetryableError
 
     sleeps = []
-    monkeypatch.setattr(reading.time, "sleep", sleeps.append)
+    monkeypatch.setattr(retry, "sleep", sleeps.append)
     attempts = []
 
     def flaky():
@@ -320,7 +321,7 @@ def test_a_failed_read_drops_the_kept_file_and_the_retry_reopens_it(scene, tmp_p
 
     from cropchips.reading import OpenDatasets
 
-    monkeypatch.setattr(reading.time, "sleep", lambda s: None)
+    monkeypatch.setattr(retry, "sleep", lambda s: None)
     datasets = OpenDatasets(16 * 2**20)
     grid = cell_grid(CELL, 32629, grid_origin(scene.assets["B02"]), RES, margin_px=2)
     first = read_band(scene.assets["B02"], "B02", grid, datasets)

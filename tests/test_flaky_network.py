@@ -18,9 +18,10 @@ def test_all_tasks_succeed_through_a_store_failing_a_fifth_of_requests(broker, t
             "--start-x", str(sample_area.start_x), "--start-y", str(sample_area.start_y),
             "--grid-step", str(sample_area.grid_step), "--x-cells", str(sample_area.x_cells),
             "--y-cells", str(sample_area.y_cells), "--stac-items", str(items), "--datetime", sample_area.datetime,
-            "--max-cloud", "100", "--run-id", "run-flaky", *kafka_args(broker.bootstrap_servers, topics))
+            "--max-cloud", "100", "--chip-size", "64", "--run-id", "run-flaky",
+            *kafka_args(broker.bootstrap_servers, topics))
         assert published.returncode == 0, published.stderr
-        workers = [WorkerProcess(n, sample_area, tmp_path / "out", broker.bootstrap_servers, topics, "--chip-size", "64",
+        workers = [WorkerProcess(n, sample_area, tmp_path / "out", broker.bootstrap_servers, topics,
                                  "--allowed-hrefs", f"{server.url}/", "--burst", "--burst-idle", "5")
                    for n in (1, 2)]
         for worker in workers:

@@ -16,6 +16,7 @@ import pytest
 from conftest import REPO, run_script
 from cropchips.cog_server import CogServer
 from cropchips.kafka_io import KafkaSettings, make_producer, read_topic
+from cropchips.spec import DatasetSpec
 from cropchips.messages import Cell, Result, RunHeader, Task, decode, encode
 from cropchips.processing import utc_now
 from cropchips.worker import Worker, WorkerOptions
@@ -42,9 +43,9 @@ def test_an_outage_of_the_scene_server_is_waited_out_not_dead_lettered(broker, t
     try:
         items = http_items(sample_area, server, tmp_path / "items.json")
         published = run_script("master.py", *master_args(sample_area, items), "--run-id", "run-outage",
-                               *kafka_args(broker.bootstrap_servers, topics))
+                               "--chip-size", "64", *kafka_args(broker.bootstrap_servers, topics))
         assert published.returncode == 0, published.stderr
-        worker = WorkerProcess(1, sample_area, tmp_path / "out", broker.bootstrap_servers, topics, "--chip-size", "64",
+        worker = WorkerProcess(1, sample_area, tmp_path / "out", broker.bootstrap_servers, topics,
                                "--allowed-hrefs", f"{server.url}/", "--read-cache-mb", "0", "--retry-for", "300",
                                "--burst", "--burst-idle", "5")
         worker.wait_for(") started", timeout=90)
@@ -69,10 +70,9 @@ def test_an_outage_past_the_retry_bound_stops_the_worker_and_loses_nothing(broke
     try:
         items = http_items(sample_area, server, tmp_path / "items.json")
         published = run_script("master.py", *master_args(sample_area, items), "--run-id", "run-long-outage",
-                               *kafka_args(broker.bootstrap_servers, topics))
+                               "--chip-size", "64", *kafka_args(broker.bootstrap_servers, topics))
         assert published.returncode == 0, published.stderr
-        common = ["--chip-size", "64", "--allowed-hrefs", f"{server.url}/", "--read-cache-mb", "0",
-                  "--session-timeout-ms", "3000"]
+        common = ["--allowed-hrefs", f"{server.url}/", "--read-cache-mb", "0", "--session-timeout-ms", "3000"]
         server.stop()  # down before any worker starts, and for longer than --retry-for
         first = WorkerProcess(1, sample_area, tmp_path / "out", broker.bootstrap_servers, topics, *common,
                               "--retry-for", "4")
@@ -116,7 +116,7 @@ def small_disk(tmp_path):
 
 def test_a_full_disk_is_waited_out_not_dead_lettered(broker, topics, sample_area, tmp_path, small_disk):
     kafka = KafkaSettings(broker.bootstrap_servers)
-    publish_area(sample_area, broker.bootstrap_servers, topics, "--run-id", "run-full")
+    publish_area(sample_area, broker.bootstrap_servers, topics, "--run-id", "run-full", "--chip-size", "32")
     filler = small_disk / "filler"
     with open(filler, "wb") as handle:  # fill the disk to the last block
         try:
@@ -125,7 +125,7 @@ def test_a_full_disk_is_waited_out_not_dead_lettered(broker, topics, sample_area
                 handle.flush()
         except OSError:
             pass
-    worker = WorkerProcess(1, sample_area, small_disk / "out", broker.bootstrap_servers, topics, "--chip-size", "32",
+    worker = WorkerProcess(1, sample_area, small_disk / "out", broker.bootstrap_servers, topics,
                            "--retry-for", "300", "--burst", "--burst-idle", "5")
     worker.wait_for("retrying in", timeout=120)
     assert "No space left on device" in worker.log
@@ -145,10 +145,10 @@ def test_a_task_that_crashes_three_workers_is_dead_lettered(broker, topics, samp
     with CogServer(sample_area.root, latency_s=0.3) as server:
         items = http_items(sample_area, server, tmp_path / "items.json")
         published = run_script("master.py", *master_args(sample_area, items), "--x-cells", "1", "--y-cells", "1",
-                               "--run-id", "run-crash", *kafka_args(broker.bootstrap_servers, topics))
+                               "--run-id", "run-crash", "--chip-size", "64",
+                               *kafka_args(broker.bootstrap_servers, topics))
         assert published.returncode == 0, published.stderr
-        common = ["--chip-size", "64", "--allowed-hrefs", f"{server.url}/", "--read-cache-mb", "0",
-                  "--session-timeout-ms", "3000"]
+        common = ["--allowed-hrefs", f"{server.url}/", "--read-cache-mb", "0", "--session-timeout-ms", "3000"]
         starts = tmp_path / "out" / "leases" / f"{decode(read_topic(kafka, topics['tasks'])[0].value).cell.id}.starts.json"
         for n in range(3):  # what an OOM kill or a segfault in GDAL does
             victim = WorkerProcess(1, sample_area, tmp_path / "out", broker.bootstrap_servers, topics, *common)
@@ -192,7 +192,7 @@ def test_a_worker_joining_mid_task_makes_no_task_run_twice(broker, topics):
     tasks = []
     for i in range(6):
         cell = Cell(id=f"cell-{i}", row=0, col=i, bbox=(0.0 + i, 0.0, 0.5 + i, 0.5))
-        tasks.append(Task(run_id="run-join", task_id=Task.make_id(cell, []), cell=cell, scenes=()))
+        tasks.append(Task(run_id="run-join", task_id=Task.make_id(cell, []), cell=cell, scenes=(), spec=DatasetSpec()))
     producer = make_producer(KafkaSettings(broker.bootstrap_servers))
     for task in tasks:
         producer.send(topics["tasks"], key=task.cell.id.encode(), value=encode(task)).get(timeout=10)
@@ -243,11 +243,11 @@ def test_a_run_whose_tasks_are_too_large_publishes_nothing(broker, topics, sampl
     refused = run_script("master.py", *master_args(sample_area, items), "--run-id", "run-big",
                          *kafka_args(broker.bootstrap_servers, topics))
     assert refused.returncode == 1, refused.stderr
-    assert "would be larger than 1000000 bytes" in refused.stderr and "--max-scenes" in refused.stderr
+    assert "would be larger than 1000000 bytes" in refused.stderr and "--max-task-scenes" in refused.stderr
     assert "nothing was published" in refused.stderr and "Traceback" not in refused.stderr
     assert read_topic(kafka, topics["tasks"]) == [] and read_topic(kafka, topics["results"]) == []
 
-    fits = run_script("master.py", *master_args(sample_area, items), "--run-id", "run-big", "--max-scenes", "40",
+    fits = run_script("master.py", *master_args(sample_area, items), "--run-id", "run-big", "--max-task-scenes", "40",
                       *kafka_args(broker.bootstrap_servers, topics))
     assert fits.returncode == 0, fits.stderr
     published = [decode(r.value) for r in read_topic(kafka, topics["tasks"])]

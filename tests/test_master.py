@@ -4,12 +4,14 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 
 import master
 from conftest import run_script, shared_data
 from cropchips.config import env_table
 from cropchips.errors import ConfigError
 from cropchips.kafka_io import KafkaSettings, read_topic
+from cropchips.spec import DatasetSpec
 from cropchips.messages import Task, decode
 
 SEED_DEFAULTS = {
@@ -21,9 +23,11 @@ SEED_DEFAULTS = {
 
 
 def test_defaults_are_the_seed_values():
-    _, args = master.parse_args([], env={})
+    options, args = master.parse_args([], env={})
     for key, value in SEED_DEFAULTS.items():
-        assert getattr(args, key) == value, key
+        # Host and broker settings are the master's own; the dataset's come from its spec.
+        assert (getattr(args, key) if hasattr(options, key) or key in ("bootstrap_servers",)
+                else getattr(options.spec, key)) == value, key
 
 
 def test_every_option_has_an_environment_twin():
@@ -35,9 +39,9 @@ def test_every_option_has_an_environment_twin():
 
 def test_environment_then_command_line_precedence():
     options, _ = master.parse_args([], env={"CROPCHIPS_GRID_STEP": "0.1", "CROPCHIPS_TASKS_TOPIC": "t"})
-    assert options.grid.step == 0.1 and options.tasks_topic == "t"
+    assert options.spec.grid_step == 0.1 and options.tasks_topic == "t"
     options, _ = master.parse_args(["--grid-step", "0.2"], env={"CROPCHIPS_GRID_STEP": "0.1"})
-    assert options.grid.step == 0.2
+    assert options.spec.grid_step == 0.2
     with pytest.raises(ConfigError, match="CROPCHIPS_X_CELLS"):
         master.parse_args([], env={"CROPCHIPS_X_CELLS": "many"})
 
@@ -65,6 +69,32 @@ def assert_clean_failure(result, needle, broker, topics):
 def kafka_args(broker, topics):
     return ["--bootstrap-servers", broker.bootstrap_servers, "--tasks-topic", topics["tasks"],
             "--results-topic", topics["results"], "--dlq-topic", topics["dlq"]]
+
+
+def test_write_spec_prints_the_file_with_the_flags_over_it_and_publishes_nothing(broker, topics, tmp_path):
+    settings = {"layer": "fields", "x_cells": 3, "y_cells": 2, "datetime": "2023-04-01/2023-09-30",
+                "chip_size": 64, "max_chips_per_cell": 2, "composite": "least-cloudy", "format": "cog"}
+    spec_file = tmp_path / "dataset.yaml"
+    spec_file.write_text(yaml.safe_dump(settings))
+    result = run_script("master.py", "--spec", str(spec_file), "--chip-size", "48", "--write-spec",
+                        *kafka_args(broker, topics))
+    assert result.returncode == 0, result.stderr
+    printed = yaml.safe_load(result.stdout)
+    assert printed["chip_size"] == 48  # the flag overrides the file...
+    assert {key: printed[key] for key in settings if key != "chip_size"} == {
+        key: value for key, value in settings.items() if key != "chip_size"}  # ...which gives the rest
+    assert DatasetSpec.from_yaml(result.stdout) == DatasetSpec.from_yaml(spec_file).with_overrides({"chip_size": 48})
+    kafka = KafkaSettings(broker.bootstrap_servers)
+    assert read_topic(kafka, topics["tasks"], idle_s=0.5) == []
+    assert read_topic(kafka, topics["results"], idle_s=0.5) == []
+
+
+def test_a_misspelt_spec_key_is_refused_with_a_suggestion(broker, topics, tmp_path):
+    spec_file = tmp_path / "dataset.yaml"
+    spec_file.write_text("chip_sise: 64\n")
+    result = run_script("master.py", "--spec", str(spec_file), *si_grid_args(), *kafka_args(broker, topics))
+    assert_clean_failure(result, "did you mean 'chip_size'", broker, topics)
+    assert str(spec_file) in result.stderr  # and says which file
 
 
 def test_missing_geopackage(broker, topics, tmp_path):
@@ -152,7 +182,7 @@ def test_grid_partitioning_gives_each_worker_a_compact_region_evenly(x_cells, y_
     from cropchips.master import grid_order
 
     grid = Grid(start_x=-5.8, start_y=37.2, step=0.05, x_cells=x_cells, y_cells=y_cells)
-    tasks = [Task(run_id="r", task_id=f"t-{cell.id}", cell=cell, scenes=()) for cell in grid.cells()]
+    tasks = [Task(run_id="r", task_id=f"t-{cell.id}", cell=cell, scenes=(), spec=DatasetSpec()) for cell in grid.cells()]
     placed = grid_order(tasks, 10)
     assert sorted(t.task_id for t, _ in placed) == sorted(t.task_id for t in tasks)
     counts = np.bincount([p for _, p in placed], minlength=10)

@@ -98,12 +98,13 @@ def test_cut_off_worker_loses_its_partitions_and_its_late_commit_is_refused(host
                                       "--start-y", str(sample_area.start_y), "--grid-step", str(sample_area.grid_step),
                                       "--x-cells", str(sample_area.x_cells), "--y-cells", str(sample_area.y_cells),
                                       "--stac-items", str(sample_area.items), "--datetime", sample_area.datetime,
-                                      "--max-cloud", "100", "--run-id", "run-mh", "--bootstrap-servers", bootstrap,
+                                      "--max-cloud", "100", "--chip-size", "256", "--run-id", "run-mh",
+                                      "--bootstrap-servers", bootstrap,
                                       "--tasks-topic", topics["tasks"], "--results-topic", topics["results"],
                                       "--dlq-topic", topics["dlq"]),
                                 capture_output=True, text=True, timeout=120, cwd=REPO)
         assert master.returncode == 0, master.stderr
-        extra = ["--chip-size", "256", "--burst", "--burst-idle", "8", "--session-timeout-ms", "3000"]
+        extra = ["--burst", "--burst-idle", "8", "--session-timeout-ms", "3000"]
         # Worker 1 (alone in the group) takes a task; then its cable is cut.
         cut = WorkerProcess(1, sample_area, tmp_path, bootstrap, topics, *extra, wrap=in_ns(hosts["w1"]))
         workers = [cut]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -12,21 +13,37 @@ import pyogrio
 import pytest
 import rasterio
 import shapely
+import yaml
 
 from conftest import REPO, run_script
 from cropchips.classes import load_class_map
 from cropchips.kafka_io import KafkaSettings, read_topic
-from cropchips.messages import BANDS, Result, decode
+from cropchips.messages import Result, decode
+from cropchips.sources.sentinel2 import BANDS
+from cropchips.spec import DatasetSpec
+from cropchips.spec_file import SPEC_FILE
 from cropchips.storage import TMP_PREFIX
 
-CHIP = 64
+#: The run's chip settings, given to the master in its --spec file only.
+CHIP_SETTINGS = {"chip_size": 64, "max_chips_per_cell": 3, "composite": "median"}
+CHIP = CHIP_SETTINGS["chip_size"]
+MAX_CHIPS = CHIP_SETTINGS["max_chips_per_cell"]
+#: Old worker settings left in the workers' environment: they conflict with the spec, which must win.
+STALE_WORKER_ENV = {"CROPCHIPS_CHIP_SIZE": "16", "CROPCHIPS_COMPOSITE": "least-cloudy",
+                    "CROPCHIPS_MAX_CHIPS_PER_CELL": "1"}
 
 
-def master_args(sample, broker, topics, run_id):
-    return ["--gpkg", str(sample.gpkg), "--layer", sample.layer, "--start-x", str(sample.start_x),
-            "--start-y", str(sample.start_y), "--grid-step", str(sample.grid_step), "--x-cells", str(sample.x_cells),
-            "--y-cells", str(sample.y_cells), "--stac-items", str(sample.items), "--datetime", sample.datetime,
-            "--max-cloud", "100", "--run-id", run_id, *kafka_args(broker, topics)]
+def spec_settings(sample):
+    """Everything the run's chips depend on, as the --spec file holds it: the area, the scenes, the chips."""
+    return {"layer": sample.layer, "start_x": sample.start_x, "start_y": sample.start_y,
+            "grid_step": sample.grid_step, "x_cells": sample.x_cells, "y_cells": sample.y_cells,
+            "datetime": sample.datetime, "max_cloud": 100, **CHIP_SETTINGS}
+
+
+def master_args(sample, spec_path, broker, topics, run_id):
+    """Host and broker settings only: the dataset is all in the spec file."""
+    return ["--gpkg", str(sample.gpkg), "--stac-items", str(sample.items), "--spec", str(spec_path),
+            "--run-id", run_id, *kafka_args(broker, topics)]
 
 
 def kafka_args(broker, topics):
@@ -35,12 +52,14 @@ def kafka_args(broker, topics):
 
 
 def start_worker(n, sample, output, broker, topics, *extra):
+    """worker.py with no dataset flags, and the stale settings in its environment (not the master's)."""
     return subprocess.Popen(
-        [sys.executable, str(REPO / "worker.py"), str(n), "--gpkg", str(sample.gpkg), "--layer", sample.layer,
-         "--output-dir", str(output), "--local-scenes-dir", str(sample.root), "--chip-size", str(CHIP),
+        [sys.executable, str(REPO / "worker.py"), str(n), "--gpkg", str(sample.gpkg),
+         "--output-dir", str(output), "--local-scenes-dir", str(sample.root),
          "--group-id", topics["group"], "--burst",
          "--burst-idle", "5", *kafka_args(broker, topics), *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+        env={**os.environ, **STALE_WORKER_ENV})
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +70,10 @@ def pipeline_run(tmp_path_factory, broker, sample_area):
     topics = {"tasks": "e2e-tasks", "results": "e2e-results", "dlq": "e2e-dlq", "group": "e2e-workers"}
     ensure_topics(KafkaSettings(broker.bootstrap_servers), {topics["tasks"]: 10, topics["results"]: 1, topics["dlq"]: 1})
     output = tmp_path_factory.mktemp("dataset")
-    published = run_script("master.py", *master_args(sample_area, broker, topics, "run-e2e"))
+    spec_path = tmp_path_factory.mktemp("spec") / "dataset.yaml"
+    spec_path.write_text(yaml.safe_dump(spec_settings(sample_area), sort_keys=False))
+    assert not set(STALE_WORKER_ENV) & set(os.environ), "the master must not see the workers' stale settings"
+    published = run_script("master.py", *master_args(sample_area, spec_path, broker, topics, "run-e2e"))
     assert published.returncode == 0, published.stderr
     workers = [start_worker(n, sample_area, output, broker, topics) for n in (1, 2)]
     monitor = run_script("monitor.py", "--exit-when-done", "--json", "--timeout", "240", "--no-progress",
@@ -62,7 +84,7 @@ def pipeline_run(tmp_path_factory, broker, sample_area):
         logs.append(out)
         assert proc.returncode == 0, out
     results = [decode(r.value) for r in read_topic(KafkaSettings(broker.bootstrap_servers), topics["results"])]
-    return {"output": output, "monitor": monitor, "worker_logs": logs,
+    return {"output": output, "monitor": monitor, "worker_logs": logs, "spec_path": spec_path,
             "results": [r for r in results if isinstance(r, Result)], "sample": sample_area}
 
 
@@ -86,6 +108,27 @@ def test_both_workers_joined_and_results_name_them(pipeline_run):
     assert workers <= {"1", "2"} and workers
 
 
+def test_the_chips_follow_the_spec_file_not_the_workers_environment(pipeline_run):
+    output, sample = pipeline_run["output"], pipeline_run["sample"]
+    counts = [len(r.chips) for r in pipeline_run["results"]]
+    # Up to the spec's 3 per cell, and more than the stale CROPCHIPS_MAX_CHIPS_PER_CELL=1 somewhere.
+    assert max(counts) > 1 and all(0 < n <= MAX_CHIPS for n in counts), counts
+    # The folder records the run's spec: the file's settings, as the master published them.
+    folder_spec = DatasetSpec.from_yaml(output / SPEC_FILE)
+    for key, value in spec_settings(sample).items():
+        assert getattr(folder_spec, key) == value, key
+    assert folder_spec == DatasetSpec.from_yaml(pipeline_run["spec_path"]).with_overrides(
+        {"gpkg_fingerprint": folder_spec.gpkg_fingerprint})  # nothing else changed on the way
+    for chip in (c for r in pipeline_run["results"] for c in r.chips):
+        with rasterio.open(output / chip.image) as img:
+            assert img.shape == (CHIP, CHIP)  # not the stale CROPCHIPS_CHIP_SIZE=16
+        sidecar = json.loads((output / "metadata" / f"{chip.name}.json").read_text())
+        assert sidecar["dataset_id"] == folder_spec.dataset_id() and sidecar["method"] == "median"
+    # The workers say they ignore the stale variables instead of silently using or dropping them.
+    for log in pipeline_run["worker_logs"]:
+        assert "ignoring" in log and all(name in log for name in STALE_WORKER_ENV), log[-3000:]
+
+
 def test_chip_files_match_the_results(pipeline_run):
     output = pipeline_run["output"]
     chips = [c for r in pipeline_run["results"] for c in r.chips]
@@ -94,7 +137,7 @@ def test_chip_files_match_the_results(pipeline_run):
     assert images == masks == sorted(f"{c.name}.tif" for c in chips)
     assert not [p for p in output.rglob(f"{TMP_PREFIX}*")]
     for result in pipeline_run["results"]:
-        assert 0 < len(result.chips) <= 5
+        assert 0 < len(result.chips) <= MAX_CHIPS
         assert [c.name for c in result.chips] == [f"{result.cell_id}-chip{k:02d}" for k in range(len(result.chips))]
 
 

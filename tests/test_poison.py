@@ -11,7 +11,7 @@ from helpers import WorkerProcess, final_summary, publish_area
 
 def test_poison_messages_are_dead_lettered_while_valid_tasks_complete(broker, topics, sample_area, tmp_path):
     kafka = KafkaSettings(broker.bootstrap_servers)
-    publish_area(sample_area, broker.bootstrap_servers, topics, "--run-id", "run-poison")
+    publish_area(sample_area, broker.bootstrap_servers, topics, "--run-id", "run-poison", "--chip-size", "32")
     raw = read_topic(kafka, topics["tasks"])[0].value
 
     def variant(change):
@@ -31,7 +31,7 @@ def test_poison_messages_are_dead_lettered_while_valid_tasks_complete(broker, to
         producer.send(topics["tasks"], key=key.encode(), value=value).get(timeout=10)
     producer.close()
 
-    worker = WorkerProcess(1, sample_area, tmp_path, broker.bootstrap_servers, topics, "--chip-size", "32",
+    worker = WorkerProcess(1, sample_area, tmp_path, broker.bootstrap_servers, topics,
                            "--burst", "--burst-idle", "5")
     assert worker.wait(timeout=180) == 0, worker.log[-3000:]
     assert "Traceback" not in worker.log

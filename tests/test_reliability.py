@@ -27,11 +27,10 @@ def big_area(tmp_path_factory):
 def test_kill_9_chaos_loses_nothing_and_doubles_nothing(broker, topics, big_area, tmp_path):
     rng = random.Random(7)
     bootstrap = broker.bootstrap_servers
-    publish_area(big_area, bootstrap, topics, "--run-id", "run-chaos")
+    publish_area(big_area, bootstrap, topics, "--run-id", "run-chaos", "--chip-size", "64", "--max-chips-per-cell", "3")
     # No tile cache: the 100 tiny cells share a few tiles, and with the cache the run is over before
     # the first kill; read afresh, each task lasts long enough to be killed mid-way.
-    extra = ["--chip-size", "64", "--max-chips-per-cell", "3", "--burst", "--burst-idle", "10",
-             "--session-timeout-ms", "3000", "--read-cache-mb", "0"]
+    extra = ["--burst", "--burst-idle", "10", "--session-timeout-ms", "3000", "--read-cache-mb", "0"]
     workers = {n: WorkerProcess(n, big_area, tmp_path, bootstrap, topics, *extra) for n in (1, 2, 3)}
     for w in workers.values():
         w.wait_for("partitions assigned")
@@ -59,16 +58,15 @@ def test_kill_9_chaos_loses_nothing_and_doubles_nothing(broker, topics, big_area
 
 def test_sigterm_finishes_the_current_task_commits_and_exits_0(broker, topics, sample_area, tmp_path):
     bootstrap = broker.bootstrap_servers
-    publish_area(sample_area, bootstrap, topics, "--run-id", "run-term")
-    first = WorkerProcess(1, sample_area, tmp_path, bootstrap, topics, "--chip-size", "256")
+    publish_area(sample_area, bootstrap, topics, "--run-id", "run-term", "--chip-size", "256")
+    first = WorkerProcess(1, sample_area, tmp_path, bootstrap, topics)
     first.wait_for(") started", timeout=60)  # "task ... (cell ..., N scenes) started": mid-task
     first.proc.send_signal(signal.SIGTERM)
     assert first.wait(timeout=120) == 0, first.log
     assert "finishing the current task" in first.log and "stopped after" in first.log
     finished = [line for line in first.lines if " ok: " in line and "task " in line]
     assert len(finished) == 1, first.log  # the task in hand was finished, no new one was taken
-    second = WorkerProcess(2, sample_area, tmp_path, bootstrap, topics, "--chip-size", "256", "--burst",
-                           "--burst-idle", "5")
+    second = WorkerProcess(2, sample_area, tmp_path, bootstrap, topics, "--burst", "--burst-idle", "5")
     assert second.wait(timeout=180) == 0, second.log
     code, summary = final_summary(bootstrap, topics, "run-term")
     assert code == 0 and summary["statuses"]["ok"] == summary["tasks_total"] == 4
@@ -83,12 +81,11 @@ def test_workers_wait_for_a_broker_that_comes_up_late(sample_area, tmp_path):
     port = free_port()
     bootstrap = f"127.0.0.1:{port}"
     topics = {"tasks": "late-tasks", "results": "late-results", "dlq": "late-dlq", "group": "late-workers"}
-    worker = WorkerProcess(1, sample_area, tmp_path, bootstrap, topics, "--chip-size", "32", "--burst",
-                           "--burst-idle", "5")
+    worker = WorkerProcess(1, sample_area, tmp_path, bootstrap, topics, "--burst", "--burst-idle", "5")
     worker.wait_for("not reachable", timeout=30)
     time.sleep(2)
     with EmbeddedBroker(port=port):
-        publish_area(sample_area, bootstrap, topics, "--run-id", "run-late")
+        publish_area(sample_area, bootstrap, topics, "--run-id", "run-late", "--chip-size", "32")
         assert worker.wait(timeout=180) == 0, worker.log
         code, summary = final_summary(bootstrap, topics, "run-late")
     assert code == 0 and summary["statuses"]["ok"] == 4

@@ -30,7 +30,8 @@ from conftest import IN_CI, REPO, run_script
 from cropchips.dataset import SplitPolicy, finalize
 from cropchips.hrefs import HrefPolicy
 from cropchips.kafka_io import KafkaSettings, read_topic
-from cropchips.messages import BANDS, Result, decode
+from cropchips.messages import Result, decode
+from cropchips.sources.sentinel2 import BANDS
 from cropchips.processing import ProcessingOptions, TaskProcessor
 from cropchips.errors import ConfigError
 from cropchips.report import build_report

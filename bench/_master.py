@@ -17,8 +17,8 @@ def bench_master(spec: ParcelsSpec, reps: int) -> dict[str, Any]:
     import shapely
     from pyproj import Transformer
 
-    from cropchips.fields import bbox_in_crs, open_layer, read_points
-    from cropchips.master import MasterOptions, make_plan
+    from cropchips.fields.gpkg import bbox_in_crs, open_layer, read_points
+    from cropchips.plan.plan import MasterOptions, make_plan
     from cropchips.spec import DatasetSpec
 
     path, gen_s = build_parcels(spec)

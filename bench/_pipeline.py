@@ -39,18 +39,19 @@ def run_pipeline(area, items_http: Path, server, n_workers: int, setting: Settin
     """Start ``n_workers`` workers, wait for the group, publish one task per cell, wait for every result.
 
     ``round_robin`` publishes task i to partition i mod P instead of by the hash of its cell id (what
-    ``cropchips.master.publish`` does); ``worker_env`` adds environment variables to the workers'.
+    ``cropchips.plan.plan.publish`` does); ``worker_env`` adds environment variables to the workers'.
     Both exist only to measure proposed changes."""
     from kafka import TopicPartition
 
-    from cropchips.kafka_io import (
+    from cropchips.queue.kafka import (
         KafkaSettings,
         ensure_topics,
         make_consumer,
         read_topic,
     )
-    from cropchips.master import make_plan, new_run_id, publish
-    from cropchips.messages import Result, decode
+    from cropchips.plan.plan import make_plan, new_run_id
+    from cropchips.queue.publish import publish
+    from cropchips.queue.messages import Result, decode
 
     k = next(_counter)
     tag = f"bench{os.getpid()}-{k}"
@@ -134,10 +135,10 @@ def run_pipeline(area, items_http: Path, server, n_workers: int, setting: Settin
 
 
 def _publish_round_robin(plan, options) -> None:
-    """Like ``cropchips.master.publish``, but task i goes to partition i mod P (same keys, same header)."""
-    from cropchips.kafka_io import make_producer
-    from cropchips.master import record_params
-    from cropchips.messages import encode
+    """Like ``cropchips.plan.plan.publish``, but task i goes to partition i mod P (same keys, same header)."""
+    from cropchips.queue.kafka import make_producer
+    from cropchips.plan.plan import record_params
+    from cropchips.queue.messages import encode
 
     producer = make_producer(options.kafka)
     try:

@@ -18,10 +18,10 @@ def bench_read_paths(area, max_tasks: int = 4) -> dict[str, Any]:
     from rasterio.enums import Resampling
     from rasterio.windows import from_bounds
 
-    from cropchips.master import make_plan
+    from cropchips.plan.plan import make_plan
     from cropchips.sources.sentinel2 import BANDS, SCL
-    from cropchips.pixel_grid import cell_grid, choose_epsg
-    from cropchips.reading import GDAL_OPTIONS, grid_origin, read_stack
+    from cropchips.raster.grid import cell_grid, choose_epsg
+    from cropchips.raster.read import GDAL_OPTIONS, grid_origin, read_stack
     from cropchips.sources import source_for
 
     tasks = make_plan(area_options(area, area.items)).tasks[:max_tasks]

@@ -23,8 +23,8 @@ from bench.areas import REPO, AreaSpec, ParcelsSpec, build_area, serve_items
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Everything ``args`` (``bench.run``'s flags) asks for, as the report's dict (without its summary)."""
-    from cropchips.cog_server import CogServer
-    from cropchips.embedded_broker import EmbeddedBroker
+    from cropchips.testing.cog_server import CogServer
+    from cropchips.demo.broker import EmbeddedBroker
 
     reps = args.reps or (1 if args.quick else 3)
     parcels = args.parcels if args.parcels is not None else (100_000 if args.quick else 1_000_000)

@@ -22,10 +22,10 @@ import rasterio
 import rasterio.shutil
 from rasterio.windows import from_bounds
 
-from cropchips.sample import CROPS, SampleArea, generate_sample
+from cropchips.demo.sample import CROPS, SampleArea, generate_sample
 
 if TYPE_CHECKING:
-    from cropchips.master import MasterOptions
+    from cropchips.plan.plan import MasterOptions
 
 #: The repository's root (worker.py, the working directory of the programs the harness starts).
 REPO = Path(__file__).resolve().parent.parent
@@ -85,7 +85,7 @@ def area_options(area: SampleArea, items: Path, spec: dict[str, Any] | None = No
     """The master's options for ``area``: its grid, layer, collection and dates, every cell with a field
     (min_polygons 1) and every scene (max_cloud 100) of the local STAC ``items`` file. ``spec`` changes the
     run's dataset spec (chip_size, max_chips_per_cell, ...), ``options`` the master's own (kafka, topics, ...)."""
-    from cropchips.master import MasterOptions
+    from cropchips.plan.plan import MasterOptions
     from cropchips.spec import DatasetSpec
 
     dataset = DatasetSpec(start_x=area.start_x, start_y=area.start_y, grid_step=area.grid_step,

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     from geocube.api.core import make_geocube
     from pyproj import Transformer
 
-    from cropchips.classes import load_class_map
+    from cropchips.fields.classes import load_class_map
 
     imports_s = time.perf_counter() - started
     items = json.loads(Path(args.items).read_text())["features"]

@@ -28,9 +28,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from cropchips.dataset import SplitPolicy, build_index, write_index
-from cropchips.hrefs import HrefPolicy
-from cropchips.master import make_plan
+from cropchips.dataset.index import SplitPolicy, build_index, write_index
+from cropchips.sources.hrefs import HrefPolicy
+from cropchips.plan.plan import make_plan
 from cropchips.processing import ProcessingOptions, TaskProcessor
 
 from .areas import CACHE, AreaSpec, area_options, build_area
@@ -97,7 +97,7 @@ def index_and_catalog(records: list[dict], count: int, reps: int, workdir: Path)
                                        "catalog_write_s": []}
     have_catalog = True
     try:
-        from cropchips.catalog import build_catalog, write_catalog
+        from cropchips.dataset.catalog import build_catalog, write_catalog
     except ImportError:
         have_catalog = False
     for _ in range(reps):

@@ -3,7 +3,7 @@
     python -m bench.join                # 2 workers busy, a third joins; 3 rounds
     python -m bench.join --rounds 1 --tasks 40 --task-s 0.5
 
-The workers are the real Kafka loop (:class:`cropchips.worker.Worker`) on the real broker
+The workers are the real Kafka loop (:class:`cropchips.queue.consumer.Worker`) on the real broker
 (embedded Tansu), in threads of this process; only their task processor is a stand-in that
 sleeps ``--task-s`` seconds, so the figures are the loop's and the broker's, not GDAL's.
 """
@@ -17,12 +17,12 @@ import threading
 import time
 from typing import Any
 
-from cropchips.embedded_broker import EmbeddedBroker
-from cropchips.kafka_io import KafkaSettings, ensure_topics, make_producer
+from cropchips.demo.broker import EmbeddedBroker
+from cropchips.queue.kafka import KafkaSettings, ensure_topics, make_producer
 from cropchips.spec import DatasetSpec
-from cropchips.messages import Cell, Result, Task, encode
+from cropchips.queue.messages import Cell, Result, Task, encode
 from cropchips.processing import utc_now
-from cropchips.worker import Worker, WorkerOptions
+from cropchips.queue.consumer import Worker, WorkerOptions
 
 
 class Sleeper:

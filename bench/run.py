@@ -1,8 +1,8 @@
 """The benchmark harness: ``python -m bench.run [--quick] [--out bench/results.json]``.
 
 Measures, on generated data with Earth-Search-like COGs (1024 x 1024 tiles) served over HTTP with a
-per-request latency (``cropchips.cog_server.CogServer``) and a real Kafka-protocol broker
-(``cropchips.embedded_broker.EmbeddedBroker``):
+per-request latency (``cropchips.testing.cog_server.CogServer``) and a real Kafka-protocol broker
+(``cropchips.demo.broker.EmbeddedBroker``):
 
 1. throughput (chips/s, median of ``--reps`` runs) of 1, 2 and 4 ``worker.py`` processes;
 2. per chip: HTTP requests, bytes fetched, header bytes and read amplification (bytes fetched / bytes

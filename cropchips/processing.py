@@ -17,25 +17,25 @@ import numpy as np
 from affine import Affine
 from pyproj import Transformer
 
-from . import __version__
-from .chips import ChipWindow, plan_chips
-from .composite import has_data
-from .composite import compositor as composite_method
-from .errors import ConfigError, CropChipsError, InputDataError, RetryableError, is_transient
-from .fields import FieldLayer, layer_fingerprint, open_layer, read_fields
-from .grid import cell_contains
-from .hrefs import HrefPolicy
-from .labels import rasterize_classes
-from .leases import LEASES_DIR, CellLeases, Lease, Starts, read_starts, write_starts
-from .manifest import chips_from_manifest, read_complete_manifest, remove_other_chips, write_manifest
-from .messages import Cell, ChipRecord, Result, Task, compact_chip
-from .sources import SceneRadiometry, Source, remove_offset, source_for
-from .pixel_grid import TargetGrid, cell_grid, choose_epsg
-from .reading import CogReader, SceneReader, SceneStack, task_memory_bytes
-from .spec import DatasetSpec
-from .spec_file import check_folder_spec
-from .storage import open_storage
-from .writing import METADATA_DIR, OUTPUT_SUBDIRS, write_chip
+from cropchips import __version__
+from cropchips.raster.chips import ChipWindow, plan_chips
+from cropchips.raster.composite import has_data
+from cropchips.raster.composite import compositor as composite_method
+from cropchips.errors import ConfigError, CropChipsError, InputDataError, RetryableError, is_transient
+from cropchips.fields.gpkg import FieldLayer, layer_fingerprint, open_layer, read_fields
+from cropchips.plan.grid import cell_contains
+from cropchips.sources.hrefs import HrefPolicy
+from cropchips.raster.labels import rasterize_classes
+from cropchips.output.leases import LEASES_DIR, CellLeases, Lease, Starts, read_starts, write_starts
+from cropchips.output.manifest import chips_from_manifest, read_complete_manifest, remove_other_chips, write_manifest
+from cropchips.queue.messages import Cell, ChipRecord, Result, Task, compact_chip
+from cropchips.sources import SceneRadiometry, Source, remove_offset, source_for
+from cropchips.raster.grid import TargetGrid, cell_grid, choose_epsg
+from cropchips.raster.read import CogReader, SceneReader, SceneStack, task_memory_bytes
+from cropchips.spec import DatasetSpec
+from cropchips.output.spec_file import check_folder_spec
+from cropchips.output.storage import open_storage
+from cropchips.raster.write import METADATA_DIR, OUTPUT_SUBDIRS, write_chip
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class ProcessingOptions:
 
     output_dir: Path | str
     """Where ``images/`` and ``masks/`` are written: the shared NFS folder, or an object-store
-    URL such as ``s3://bucket/prefix`` (see :mod:`cropchips.storage`)."""
+    URL such as ``s3://bucket/prefix`` (see :mod:`cropchips.output.storage`)."""
     gpkg: str
     """The EuroCrops GeoPackage as this host sees it (the NFS-mounted copy of the master's)."""
     read_threads: int = 8
@@ -60,7 +60,7 @@ class ProcessingOptions:
     """Which scene hrefs may be opened."""
     max_task_memory_mb: int = 4096
     """A task whose scene stack and composite would take more MiB than this is refused before reading
-    (see :func:`~cropchips.reading.task_memory_bytes`)."""
+    (see :func:`~cropchips.raster.read.task_memory_bytes`)."""
     max_task_starts: int = 3
     """A task whose starts crashed this many workers (killed mid-task) is dead-lettered instead."""
     lease_ttl_s: float = 120.0

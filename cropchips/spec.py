@@ -31,15 +31,18 @@ from typing import Any
 
 import yaml
 
-from .classes import DEFAULT_CLASS_MAP_PATH, ClassMap, load_class_map
-from .composite import CLEAR_CLASSES, methods
-from .config import DEFAULT_COLLECTION, DEFAULT_DATETIME
-from .errors import ConfigError
-from .grid import Grid
-from .sources import source_for
-from .sources.sentinel2 import BANDS
-from .scenes import parse_datetime_range
-from .writing import FORMATS
+from cropchips.fields.classes import DEFAULT_CLASS_MAP_PATH, ClassMap, load_class_map
+from cropchips.raster.composite import CLEAR_CLASSES, methods
+from cropchips.errors import ConfigError
+from cropchips.plan.grid import Grid
+from cropchips.sources import source_for
+from cropchips.sources.sentinel2 import BANDS
+from cropchips.sources.stac import parse_datetime_range
+from cropchips.raster.write import FORMATS
+
+#: The seed's scenes: Sentinel-2 L2A on Earth Search, from mid-May to the end of June 2023.
+DEFAULT_COLLECTION = "sentinel-2-l2a"
+DEFAULT_DATETIME = "2023-05-15/2023-06-30"
 
 #: The newest spec version this code reads (and the one it writes).
 SPEC_VERSION = 1
@@ -73,14 +76,14 @@ _CELL_TOLERANCE = 1e-9
 
 @functools.lru_cache(maxsize=1)
 def default_class_map() -> str:
-    """The packaged class map CSV's text (``cropchips/data/hcat_classes.csv``)."""
+    """The packaged class map CSV's text (``cropchips/fields/data/hcat_classes.csv``)."""
     return DEFAULT_CLASS_MAP_PATH.read_text(encoding="utf-8")
 
 
 @functools.lru_cache(maxsize=8)
 def parse_class_map(text: str) -> ClassMap:
-    """The :class:`~cropchips.classes.ClassMap` of a class map CSV's text, checked by
-    :func:`~cropchips.classes.load_class_map` (cached by content)."""
+    """The :class:`~cropchips.fields.classes.ClassMap` of a class map CSV's text, checked by
+    :func:`~cropchips.fields.classes.load_class_map` (cached by content)."""
     with tempfile.TemporaryDirectory(prefix="cropchips-spec-") as folder:
         path = Path(folder) / "class_map.csv"
         path.write_text(text, encoding="utf-8")
@@ -269,7 +272,7 @@ class DatasetSpec:
         (``x_cells`` x ``y_cells``) of ``grid_step`` degrees. For a bbox: the fewest cells that cover it,
         from its south-west corner (the last column and row may reach past its east and north edges).
         For an aoi: the same over ``aoi_bounds``, the bounds of its polygons, which the caller reads
-        (see :func:`cropchips.master.read_aoi`): this module does no I/O."""
+        (see :func:`cropchips.plan.plan.read_aoi`): this module does no I/O."""
         if self.aoi is not None:
             if aoi_bounds is None:
                 raise ConfigError(f"the grid of aoi {self.aoi!r} comes from its polygons: read them first "

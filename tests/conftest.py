@@ -28,7 +28,7 @@ def shared_data(*parts: str) -> Path:
 @pytest.fixture(scope="session")
 def broker():
     """A real Kafka-protocol broker (Tansu) on a free loopback port, for the whole session."""
-    from cropchips.embedded_broker import EmbeddedBroker
+    from cropchips.demo.broker import EmbeddedBroker
 
     with EmbeddedBroker() as running:
         yield running
@@ -43,7 +43,7 @@ def s3_server(tmp_path_factory):
 
     Yields the environment a client needs: test credentials, region and AWS_ENDPOINT_URL, with
     the user's own AWS config files out of the way."""
-    from cropchips.embedded_broker import free_port, wait_for_port
+    from cropchips.demo.broker import free_port, wait_for_port
 
     port = free_port()
     home = tmp_path_factory.mktemp("aws")
@@ -80,7 +80,7 @@ def s3_bucket(s3_server, monkeypatch):
 @pytest.fixture
 def topics(broker):
     """Fresh topic names and group id for one test, created with the right partition counts."""
-    from cropchips.kafka_io import KafkaSettings, ensure_topics
+    from cropchips.queue.kafka import KafkaSettings, ensure_topics
 
     n = next(_counter)
     names = {"tasks": f"tasks-{n}", "results": f"results-{n}", "dlq": f"dlq-{n}", "group": f"workers-{n}"}
@@ -91,7 +91,7 @@ def topics(broker):
 
 @pytest.fixture(scope="session")
 def sample_area(tmp_path_factory):
-    from cropchips.sample import generate_sample
+    from cropchips.demo.sample import generate_sample
 
     return generate_sample(tmp_path_factory.mktemp("sample"))
 
@@ -121,7 +121,7 @@ def real_scene():
 @pytest.fixture(scope="session")
 def sample_master_options(sample_area):
     """The master's options for the whole sample area, scenes from its local items file."""
-    from cropchips.master import MasterOptions
+    from cropchips.plan.plan import MasterOptions
     from cropchips.spec import DatasetSpec
 
     spec = DatasetSpec(start_x=sample_area.start_x, start_y=sample_area.start_y, grid_step=sample_area.grid_step,
@@ -133,7 +133,7 @@ def sample_master_options(sample_area):
 @pytest.fixture(scope="session")
 def sample_plan(sample_master_options):
     """The tasks the master plans for the sample area (no Kafka involved)."""
-    from cropchips.master import make_plan
+    from cropchips.plan.plan import make_plan
 
     return make_plan(sample_master_options)
 

@@ -78,8 +78,8 @@ def kill_at_random(workers: dict, restart, kafka, results_topic: str, *, tasks: 
     passed or ``max_kills`` is reached. Returns the number of kills."""
     import signal
 
-    from cropchips.kafka_io import read_topic
-    from cropchips.messages import decode
+    from cropchips.queue.kafka import read_topic
+    from cropchips.queue.messages import decode
 
     kills = 0
     deadline = time.monotonic() + seconds

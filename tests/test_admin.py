@@ -14,13 +14,13 @@ from kafka.admin import NewTopic
 from kafka.structs import OffsetAndMetadata
 
 import admin as admin_script
-from cropchips import admin
-from cropchips.config import env_table
-from cropchips.embedded_broker import free_port
+from cropchips.queue import admin
+from cropchips.cli.options import env_table
+from cropchips.demo.broker import free_port
 from cropchips.errors import BrokerError
-from cropchips.kafka_io import KafkaSettings, make_producer, read_topic
+from cropchips.queue.kafka import KafkaSettings, make_producer, read_topic
 from cropchips.spec import DatasetSpec
-from cropchips.messages import ChipRecord, Result, RunHeader, encode
+from cropchips.queue.messages import ChipRecord, Result, RunHeader, encode
 
 
 def kafka_args(broker, topics):
@@ -223,7 +223,7 @@ def test_dlq_list_shows_the_error_worker_and_source_headers(broker, topics):
 
 
 def test_dlq_replay_republishes_valid_tasks_and_skips_poison(broker, topics):
-    from cropchips.messages import Cell, Task, decode
+    from cropchips.queue.messages import Cell, Task, decode
 
     cells = [Cell(id=f"replay-{i}", row=0, col=i, bbox=(float(i), 0.0, i + 0.5, 0.5)) for i in range(3)]
     tasks = [Task(run_id="run-r", task_id=f"replay-{i}-abc", cell=c, scenes=(), spec=DatasetSpec()) for i, c in enumerate(cells)]

@@ -23,13 +23,13 @@ from pystac.extensions.label import LabelExtension, LabelType
 from pystac.extensions.projection import ProjectionExtension
 from referencing import Registry, Resource
 
-import cropchips.catalog as catalog_module
-from cropchips.catalog import CATALOG_NAME, COLLECTION_PATH, ITEMS_DIR, build_catalog, write_catalog
-from cropchips.classes import CLASS_NAMES
-from cropchips.dataset import SplitPolicy, finalize, records_from_metadata
-from cropchips.hrefs import HrefPolicy
+import cropchips.dataset.catalog as catalog_module
+from cropchips.dataset.catalog import CATALOG_NAME, COLLECTION_PATH, ITEMS_DIR, build_catalog, write_catalog
+from cropchips.fields.classes import CLASS_NAMES
+from cropchips.dataset.index import SplitPolicy, finalize, records_from_metadata
+from cropchips.sources.hrefs import HrefPolicy
 from cropchips.sources.sentinel2 import EARTH_SEARCH_KEYS
-from cropchips.storage import TMP_PREFIX, LocalStorage
+from cropchips.output.storage import TMP_PREFIX, LocalStorage
 from helpers import SpecProcessor
 
 CHIP = 64

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cropchips.classes import CLASS_NAMES, DEFAULT_CLASS_MAP_PATH, ClassMap, load_class_map
+from cropchips.fields.classes import CLASS_NAMES, DEFAULT_CLASS_MAP_PATH, ClassMap, load_class_map
 from cropchips.errors import ConfigError
 
 SHARED_EUROCROPS = Path(__file__).resolve().parents[2] / "shared" / "data" / "eurocrops"

@@ -23,7 +23,7 @@ from conftest import REPO, shared_data
 from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
-from cropchips.cog_server import CogServer, FaultPlan, parse_range
+from cropchips.testing.cog_server import CogServer, FaultPlan, parse_range
 
 GDAL_ENV = dict(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR", VSI_CACHE="TRUE", GDAL_HTTP_MERGE_CONSECUTIVE_RANGES="YES")
 RETRIES = dict(GDAL_HTTP_MAX_RETRY="5", GDAL_HTTP_RETRY_DELAY="0.1")
@@ -138,7 +138,7 @@ def test_gdal_reads_the_real_sentinel2_cog_in_place():
 
 def test_gdal_with_the_projects_own_options(root):
     """reading.GDAL_OPTIONS ask for HTTP/2 and multiplexing; curl falls back to HTTP/1.1 here."""
-    from cropchips.reading import GDAL_OPTIONS
+    from cropchips.raster.read import GDAL_OPTIONS
 
     path = served_file(root)
     with CogServer(root) as server, rasterio.Env(**GDAL_OPTIONS), rasterio.open(server.href(path)) as src:

@@ -7,7 +7,7 @@ import pytest
 import rasterio
 
 from conftest import shared_data
-from cropchips.composite import clear_mask, composite, median_composite
+from cropchips.raster.composite import clear_mask, composite, median_composite
 
 
 def reference_median(data, clear):

@@ -57,7 +57,7 @@ import re  # noqa: E402
 
 import admin  # noqa: E402
 import monitor  # noqa: E402
-from cropchips.config import EnvArgumentParser  # noqa: E402
+from cropchips.cli.options import EnvArgumentParser  # noqa: E402
 
 
 def _parsers(parser):
@@ -106,7 +106,7 @@ def test_the_formatter_states_a_default_once_and_only_when_it_says_something():
 # 1 MiB"), then remove them here; this list may only shrink.
 KNOWN_DEFAULT_WORD_TWICE = {
     ("--max-task-bytes", "the brokers' and clients' default limit is 1 MiB"),  # master.py
-    ("--topic-retention-ms", "brokers' default would drop tasks"),  # cropchips/config.py add_kafka_options
+    ("--topic-retention-ms", "brokers' default would drop tasks"),  # cropchips/cli/options.py add_kafka_options
 }
 
 

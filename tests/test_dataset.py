@@ -14,8 +14,8 @@ import shapely
 from conftest import run_script
 
 from cropchips.spec import DatasetSpec
-from cropchips.dataset import SplitPolicy, build_index, finalize, records_from_metadata
-from cropchips.hrefs import HrefPolicy
+from cropchips.dataset.index import SplitPolicy, build_index, finalize, records_from_metadata
+from cropchips.sources.hrefs import HrefPolicy
 from helpers import SpecProcessor
 
 CHIP = 64

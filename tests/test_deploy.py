@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cropchips import config
+from cropchips.cli import options as config
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE = REPO / "docker-compose.yml"

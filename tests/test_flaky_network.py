@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from conftest import run_script
-from cropchips.cog_server import CogServer, FaultPlan
-from cropchips.kafka_io import KafkaSettings, read_topic
-from cropchips.messages import Result, decode
+from cropchips.testing.cog_server import CogServer, FaultPlan
+from cropchips.queue.kafka import KafkaSettings, read_topic
+from cropchips.queue.messages import Result, decode
 from helpers import WorkerProcess, final_summary, http_items, kafka_args
 
 

@@ -7,8 +7,8 @@ from shapely.geometry import box
 
 from conftest import shared_data
 from cropchips.errors import ConfigError
-from cropchips.fields import open_layer, read_points
-from cropchips.grid import Grid, cell_contains
+from cropchips.fields.gpkg import open_layer, read_points
+from cropchips.plan.grid import Grid, cell_contains
 
 
 def test_cells_tile_the_grid_without_gaps():

@@ -14,12 +14,12 @@ import time
 import pytest
 
 from conftest import REPO, run_script
-from cropchips.cog_server import CogServer
-from cropchips.kafka_io import KafkaSettings, make_producer, read_topic
+from cropchips.testing.cog_server import CogServer
+from cropchips.queue.kafka import KafkaSettings, make_producer, read_topic
 from cropchips.spec import DatasetSpec
-from cropchips.messages import Cell, Result, RunHeader, Task, decode, encode
+from cropchips.queue.messages import Cell, Result, RunHeader, Task, decode, encode
 from cropchips.processing import utc_now
-from cropchips.worker import Worker, WorkerOptions
+from cropchips.queue.consumer import Worker, WorkerOptions
 from helpers import WorkerProcess, final_summary, http_items, kafka_args, publish_area
 
 
@@ -305,7 +305,7 @@ class RecordingProxy:
 
 
 def test_topics_are_created_with_explicit_retention(tmp_path):
-    from cropchips.embedded_broker import free_port, tansu_binary, wait_for_port
+    from cropchips.demo.broker import free_port, tansu_binary, wait_for_port
 
     broker_port = free_port()
     proxy = RecordingProxy(broker_port)

@@ -8,12 +8,12 @@ import threading
 import pytest
 
 from cropchips.errors import MessageError
-from cropchips.kafka_io import KafkaSettings, is_retriable, make_producer, read_topic
+from cropchips.queue.kafka import KafkaSettings, is_retriable, make_producer, read_topic
 from cropchips.spec import DatasetSpec
-from cropchips.messages import Cell, ChipRecord, Result, RunHeader, Task, compact_chip, decode, encode
-from cropchips.monitor import Monitor
+from cropchips.queue.messages import Cell, ChipRecord, Result, RunHeader, Task, compact_chip, decode, encode
+from cropchips.queue.monitor import Monitor
 from cropchips.processing import utc_now
-from cropchips.worker import Worker, WorkerOptions
+from cropchips.queue.consumer import Worker, WorkerOptions
 
 DEEP = b"[" * 200_000 + b"]" * 200_000
 HUGE_INT = b'{"type": "task", "schema_version": 2, "run_id": "r", "task_id": "t", "cell": {"id": "c", "row": ' \

@@ -30,17 +30,17 @@ from conftest import REPO, shared_data
 from rasterio.windows import from_bounds
 from shapely.geometry import box
 
-from cropchips.cog_server import CogServer
-from cropchips.composite import clear_mask
+from cropchips.testing.cog_server import CogServer
+from cropchips.raster.composite import clear_mask
 from cropchips.errors import ConfigError, InputDataError, MessageError
-from cropchips.hrefs import HrefPolicy
-from cropchips.messages import Cell, Task
+from cropchips.sources.hrefs import HrefPolicy
+from cropchips.queue.messages import Cell, Task
 from cropchips.sources.sentinel2 import BANDS, SCL, Sentinel2L2A
 from cropchips.processing import ProcessingOptions, TaskProcessor
 from cropchips.spec import DatasetSpec
 from helpers import SpecProcessor
-from cropchips.pixel_grid import TargetGrid, cell_grid
-from cropchips.reading import (OpenDatasets, check_scene_file, clearest_first, grid_origin, read_band,
+from cropchips.raster.grid import TargetGrid, cell_grid
+from cropchips.raster.read import (OpenDatasets, check_scene_file, clearest_first, grid_origin, read_band,
                                read_clear_fractions, read_stack)
 
 SENTINEL2 = Sentinel2L2A()
@@ -272,8 +272,8 @@ import resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
 sys.path.insert(0, sys.argv[2])
 from affine import Affine
-from cropchips.pixel_grid import TargetGrid
-from cropchips.reading import read_band
+from cropchips.raster.grid import TargetGrid
+from cropchips.raster.read import read_band
 grid = TargetGrid(epsg=32629, transform=Affine(10, 0, 500000, 0, -10, 4000000), width=700, height=700)
 try:
     read_band(sys.argv[1], "B02", grid)
@@ -527,7 +527,7 @@ def test_the_estimate_covers_what_a_task_really_allocates(served, tmp_path):
     rasterize, write) stays under the estimate the budget refuses by, and is of its order."""
     import tracemalloc
 
-    from cropchips.reading import task_memory_bytes
+    from cropchips.raster.read import task_memory_bytes
 
     scenes = [s for s in served["scenes"] if s.id.split("_")[2] in ("20200219", "20200221", "20200222", "20200223")]
     grid = cell_grid(DESERT, 32629, grid_origin(scenes[0].assets["B02"]), 20.0, margin_px=9)

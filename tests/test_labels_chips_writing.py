@@ -10,13 +10,13 @@ from shapely.geometry import box
 
 from conftest import shared_data
 from cropchips import retry
-from cropchips.chips import plan_chips
-from cropchips.labels import rasterize_classes
-from cropchips.messages import Cell
+from cropchips.raster.chips import plan_chips
+from cropchips.raster.labels import rasterize_classes
+from cropchips.queue.messages import Cell
 from cropchips.sources.sentinel2 import BANDS
-from cropchips.pixel_grid import TargetGrid
-from cropchips.storage import TMP_PREFIX, remove_stale_temporaries
-from cropchips.writing import write_chip
+from cropchips.raster.grid import TargetGrid
+from cropchips.output.storage import TMP_PREFIX, remove_stale_temporaries
+from cropchips.raster.write import write_chip
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def test_write_chip_profile_and_atomicity(tmp_path):
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
-    import cropchips.storage as storage
+    import cropchips.output.storage as storage
 
     def boom(*args, **kwargs):
         raise OSError("disk full")
@@ -169,7 +169,7 @@ def test_temporaries_of_dead_writers_and_old_ones_are_removed(tmp_path):
 
 def test_transient_write_errors_are_retried(tmp_path, monkeypatch, caplog):
     import errno
-    import cropchips.writing as writing
+    import cropchips.raster.write as writing
 
     real = writing.write_tiff
     calls = []

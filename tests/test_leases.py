@@ -13,10 +13,10 @@ from dataclasses import replace
 import pytest
 
 from cropchips.errors import RetryableError
-from cropchips.hrefs import HrefPolicy
-from cropchips.leases import CellBusy, CellLeases, LeaseLost, lease_path, read_starts, starts_path
-from cropchips.manifest import manifest_path
-from cropchips.storage import open_storage
+from cropchips.sources.hrefs import HrefPolicy
+from cropchips.output.leases import CellBusy, CellLeases, LeaseLost, lease_path, read_starts, starts_path
+from cropchips.output.manifest import manifest_path
+from cropchips.output.storage import open_storage
 from helpers import SpecProcessor
 
 
@@ -161,7 +161,7 @@ def test_a_changed_sidecar_or_image_means_a_redo_even_at_the_same_size(sample_ar
 def test_two_masters_on_one_area_leave_every_reported_chip_in_place(sample_area, sample_plan, tmp_path):
     """Two tasks for each cell (two masters), run at the same time by two workers on one folder:
     every chip that either reports ok exists, whole, as its manifest recorded it."""
-    from cropchips.manifest import read_complete_manifest
+    from cropchips.output.manifest import read_complete_manifest
 
     tasks_a = list(sample_plan.tasks)
     tasks_b = [replace(t, run_id="run-other") for t in sample_plan.tasks]

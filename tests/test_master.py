@@ -8,11 +8,11 @@ import yaml
 
 import master
 from conftest import run_script, shared_data
-from cropchips.config import env_table
+from cropchips.cli.options import env_table
 from cropchips.errors import ConfigError
-from cropchips.kafka_io import KafkaSettings, read_topic
+from cropchips.queue.kafka import KafkaSettings, read_topic
 from cropchips.spec import DatasetSpec
-from cropchips.messages import Task, decode
+from cropchips.queue.messages import Task, decode
 
 SEED_DEFAULTS = {
     "gpkg": "/export/mimmo/es_2023_all.gpkg", "start_x": -5.80, "start_y": 37.20, "grid_step": 0.05, "x_cells": 10,
@@ -161,7 +161,7 @@ def test_publishes_deterministic_tasks_and_a_run_header(broker, topics, sample_a
 
 
 def test_hilbert_order_steps_to_a_neighbour_every_time():
-    from cropchips.master import hilbert_index
+    from cropchips.queue.publish import hilbert_index
 
     for side in (2, 4, 16):
         at = {hilbert_index(c, r, side): (c, r) for c in range(side) for r in range(side)}
@@ -178,8 +178,8 @@ def _spread(cells) -> float:
 
 @pytest.mark.parametrize("x_cells,y_cells", [(10, 10), (16, 4), (37, 23)])
 def test_grid_partitioning_gives_each_worker_a_compact_region_evenly(x_cells, y_cells):
-    from cropchips.grid import Grid
-    from cropchips.master import grid_order
+    from cropchips.plan.grid import Grid
+    from cropchips.queue.publish import grid_order
 
     grid = Grid(start_x=-5.8, start_y=37.2, step=0.05, x_cells=x_cells, y_cells=y_cells)
     tasks = [Task(run_id="r", task_id=f"t-{cell.id}", cell=cell, scenes=(), spec=DatasetSpec()) for cell in grid.cells()]
@@ -212,7 +212,7 @@ def test_publish_puts_each_cell_in_its_partition(broker, topics, sample_master_o
 
     from kafka.partitioner.default import murmur2
 
-    from cropchips.master import grid_order, publish
+    from cropchips.queue.publish import grid_order, publish
 
     options = replace(sample_master_options, kafka=KafkaSettings(broker.bootstrap_servers),
                       tasks_topic=topics["tasks"], results_topic=topics["results"], dlq_topic=topics["dlq"],

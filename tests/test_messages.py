@@ -7,7 +7,7 @@ import pytest
 
 from cropchips.errors import InputDataError, MessageError
 from cropchips.spec import DatasetSpec
-from cropchips.messages import ChipRecord, Cell, Result, RunHeader, Scene, Task, check_safe_id, decode, encode
+from cropchips.queue.messages import ChipRecord, Cell, Result, RunHeader, Scene, Task, check_safe_id, decode, encode
 from cropchips.sources.sentinel2 import BANDS, SCENE_ASSETS, Sentinel2L2A
 
 

@@ -8,9 +8,9 @@ import os
 import pytest
 
 from conftest import run_script
-from cropchips.kafka_io import KafkaSettings, make_producer
-from cropchips.messages import ChipRecord, Result, RunHeader, encode
-from cropchips.monitor import ProgressDisplay, RunProgress, is_terminal
+from cropchips.queue.kafka import KafkaSettings, make_producer
+from cropchips.queue.messages import ChipRecord, Result, RunHeader, encode
+from cropchips.queue.monitor import ProgressDisplay, RunProgress, is_terminal
 
 
 def result(task, status, run="run-m", worker="1@a", chips=0, pixels=None):

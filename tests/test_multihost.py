@@ -19,7 +19,7 @@ import pytest
 import rasterio
 
 from conftest import IN_CI, REPO
-from cropchips.embedded_broker import tansu_binary
+from cropchips.demo.broker import tansu_binary
 from helpers import WorkerProcess
 
 SUBNET = "10.213.77"

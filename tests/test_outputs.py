@@ -11,8 +11,8 @@ import pytest
 import rasterio
 
 from conftest import REPO
-from cropchips.dataset import finalize
-from cropchips.hrefs import HrefPolicy
+from cropchips.dataset.index import finalize
+from cropchips.sources.hrefs import HrefPolicy
 from helpers import SpecProcessor
 
 

@@ -16,13 +16,13 @@ import shapely
 import yaml
 
 from conftest import REPO, run_script
-from cropchips.classes import load_class_map
-from cropchips.kafka_io import KafkaSettings, read_topic
-from cropchips.messages import Result, decode
+from cropchips.fields.classes import load_class_map
+from cropchips.queue.kafka import KafkaSettings, read_topic
+from cropchips.queue.messages import Result, decode
 from cropchips.sources.sentinel2 import BANDS
 from cropchips.spec import DatasetSpec
-from cropchips.spec_file import SPEC_FILE
-from cropchips.storage import TMP_PREFIX
+from cropchips.output.spec_file import SPEC_FILE
+from cropchips.output.storage import TMP_PREFIX
 
 #: The run's chip settings, given to the master in its --spec file only.
 CHIP_SETTINGS = {"chip_size": 64, "max_chips_per_cell": 3, "composite": "median"}
@@ -65,7 +65,7 @@ def start_worker(n, sample, output, broker, topics, *extra):
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory, broker, sample_area):
     """Run the whole pipeline once; the tests below inspect what it produced."""
-    from cropchips.kafka_io import ensure_topics
+    from cropchips.queue.kafka import ensure_topics
 
     topics = {"tasks": "e2e-tasks", "results": "e2e-results", "dlq": "e2e-dlq", "group": "e2e-workers"}
     ensure_topics(KafkaSettings(broker.bootstrap_servers), {topics["tasks"]: 10, topics["results"]: 1, topics["dlq"]: 1})

@@ -11,9 +11,9 @@ import shapely
 
 from conftest import run_script
 from cropchips.errors import ConfigError
-from cropchips.master import make_plan
-from cropchips.messages import Cell
-from cropchips.plan_map import (COMPRESSION_FACTOR, build_plan_map, check_plan_out, estimate_fetch_bytes, plan_map,
+from cropchips.plan.plan import make_plan
+from cropchips.queue.messages import Cell
+from cropchips.plan.plan_map import (COMPRESSION_FACTOR, build_plan_map, check_plan_out, estimate_fetch_bytes, plan_map,
                                 write_plan_map)
 from cropchips.spec import DatasetSpec
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from cropchips.kafka_io import KafkaSettings, make_producer, read_topic
-from cropchips.messages import Result, decode
+from cropchips.queue.kafka import KafkaSettings, make_producer, read_topic
+from cropchips.queue.messages import Result, decode
 from helpers import WorkerProcess, final_summary, publish_area
 
 

@@ -6,8 +6,8 @@ from dataclasses import replace
 import pytest
 import rasterio
 
-from cropchips.hrefs import HrefPolicy
-from cropchips.manifest import manifest_path
+from cropchips.sources.hrefs import HrefPolicy
+from cropchips.output.manifest import manifest_path
 from cropchips.sources.sentinel2 import BANDS
 from cropchips.spec import DatasetSpec
 from helpers import SpecProcessor
@@ -116,7 +116,7 @@ def test_a_worker_whose_geopackage_differs_from_the_masters_refuses_the_task(sam
 
 
 def test_the_masters_plan_carries_the_fingerprint_of_the_geopackage(sample_plan, sample_area):
-    from cropchips.fields import layer_fingerprint, open_layer
+    from cropchips.fields.gpkg import layer_fingerprint, open_layer
 
     fingerprint = layer_fingerprint(open_layer(sample_area.gpkg, sample_area.layer))
     assert {t.spec.gpkg_fingerprint for t in sample_plan.tasks} == {fingerprint}
@@ -125,7 +125,7 @@ def test_the_masters_plan_carries_the_fingerprint_of_the_geopackage(sample_plan,
 
 def test_the_processor_reads_through_an_injected_reader_and_asks_for_the_specs_bands(sample_area, task, tmp_path):
     from cropchips.processing import ProcessingOptions, TaskProcessor
-    from cropchips.reading import CogReader
+    from cropchips.raster.read import CogReader
 
     class Recording(CogReader):
         def __init__(self):

@@ -11,11 +11,11 @@ from affine import Affine
 from rasterio.windows import from_bounds
 
 from cropchips import retry
-from cropchips.messages import Cell
+from cropchips.queue.messages import Cell
 
 from cropchips.sources.sentinel2 import BANDS, Sentinel2L2A
-from cropchips.pixel_grid import TargetGrid, cell_grid, choose_epsg, utm_epsg
-from cropchips.reading import grid_origin, read_band, read_stack
+from cropchips.raster.grid import TargetGrid, cell_grid, choose_epsg, utm_epsg
+from cropchips.raster.read import grid_origin, read_band, read_stack
 
 SENTINEL2 = Sentinel2L2A()
 
@@ -119,7 +119,7 @@ def test_missing_file_is_a_clear_error(scene, tmp_path):
 
 
 def test_transient_read_errors_are_retried_with_backoff_then_reported(monkeypatch, caplog):
-    import cropchips.reading as reading
+    import cropchips.raster.read as reading
     from rasterio.errors import RasterioIOError
 
     from cropchips.errors import RetryableError
@@ -273,8 +273,8 @@ def test_grids_off_the_files_lattice_go_through_the_warper(scene):
 # --- Band files kept open across tasks: shared tiles are fetched and decoded once.
 
 def test_open_datasets_fetch_shared_tiles_once_and_give_the_same_pixels(scene):
-    from cropchips.cog_server import CogServer
-    from cropchips.reading import OpenDatasets
+    from cropchips.testing.cog_server import CogServer
+    from cropchips.raster.read import OpenDatasets
 
     folder = Path(scene.assets["B02"]).parent
     origin = grid_origin(scene.assets["B02"])
@@ -300,7 +300,7 @@ def test_open_datasets_fetch_shared_tiles_once_and_give_the_same_pixels(scene):
 
 
 def test_open_datasets_close_the_least_recently_used_and_survive_concurrent_use(scene):
-    from cropchips.reading import OpenDatasets
+    from cropchips.raster.read import OpenDatasets
 
     datasets = OpenDatasets(16 * 2**20, max_open=3)
     grid = cell_grid(CELL, 32629, grid_origin(scene.assets["B02"]), RES, margin_px=2)
@@ -316,10 +316,10 @@ def test_open_datasets_close_the_least_recently_used_and_survive_concurrent_use(
 
 
 def test_a_failed_read_drops_the_kept_file_and_the_retry_reopens_it(scene, tmp_path, monkeypatch):
-    import cropchips.reading as reading
+    import cropchips.raster.read as reading
     from rasterio.errors import RasterioIOError
 
-    from cropchips.reading import OpenDatasets
+    from cropchips.raster.read import OpenDatasets
 
     monkeypatch.setattr(retry, "sleep", lambda s: None)
     datasets = OpenDatasets(16 * 2**20)

@@ -8,7 +8,7 @@ import master
 import monitor
 import worker
 from conftest import REPO
-from cropchips.config import env_table
+from cropchips.cli.options import env_table
 
 README = (REPO / "README.md").read_text()
 

@@ -8,16 +8,16 @@ import time
 
 import pytest
 
-from cropchips.embedded_broker import EmbeddedBroker, free_port
-from cropchips.kafka_io import KafkaSettings, read_topic
-from cropchips.messages import Result, decode
-from cropchips.storage import TMP_PREFIX
+from cropchips.demo.broker import EmbeddedBroker, free_port
+from cropchips.queue.kafka import KafkaSettings, read_topic
+from cropchips.queue.messages import Result, decode
+from cropchips.output.storage import TMP_PREFIX
 from helpers import WorkerProcess, final_summary, kill_at_random, publish_area
 
 
 @pytest.fixture(scope="module")
 def big_area(tmp_path_factory):
-    from cropchips.sample import generate_sample
+    from cropchips.demo.sample import generate_sample
 
     # 100 small cells with 3 fields each: 100 quick tasks.
     return generate_sample(tmp_path_factory.mktemp("big"), x_cells=10, y_cells=10, grid_step=0.01,

@@ -20,12 +20,12 @@ from affine import Affine
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.io import MemoryFile
 
-from cropchips.dataset import SplitPolicy, finalize
-from cropchips.grid import Grid
-from cropchips.hrefs import HrefPolicy
-from cropchips.master import record_params
+from cropchips.dataset.index import SplitPolicy, finalize
+from cropchips.plan.grid import Grid
+from cropchips.sources.hrefs import HrefPolicy
+from cropchips.plan.plan import record_params
 from cropchips.sources.sentinel2 import BANDS
-from cropchips.report import (
+from cropchips.dataset.report import (
     OVERLAY_ALPHA,
     PALETTE,
     QUICKLOOK_GAP,
@@ -43,7 +43,7 @@ from cropchips.report import (
     read_rgb,
     stretch_rgb,
 )
-from cropchips.writing import write_chip
+from cropchips.raster.write import write_chip
 from helpers import SpecProcessor
 
 CHIP = 64

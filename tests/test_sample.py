@@ -19,9 +19,9 @@ import shapely.geometry
 from pyproj import Transformer
 
 from conftest import shared_data
-from cropchips.classes import load_class_map
-from cropchips.sample import CROPS, generate_sample, mgrs_square, scene_dates, utm_epsg
-from cropchips.scenes import load_items_file, parse_datetime_range, to_scenes
+from cropchips.fields.classes import load_class_map
+from cropchips.demo.sample import CROPS, generate_sample, mgrs_square, scene_dates, utm_epsg
+from cropchips.sources.stac import load_items_file, parse_datetime_range, to_scenes
 from cropchips.sources.sentinel2 import EARTH_SEARCH_KEYS, Sentinel2L2A
 
 BANDS_10M = ("B02", "B03", "B04", "B08")

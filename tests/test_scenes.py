@@ -7,9 +7,9 @@ import pytest
 
 from conftest import shared_data
 from cropchips.errors import ConfigError, InputDataError, SceneSearchError
-from cropchips.messages import Cell
+from cropchips.queue.messages import Cell
 from cropchips.sources.sentinel2 import SCENE_ASSETS, Sentinel2L2A, scene_from_item
-from cropchips.scenes import (filter_items, load_items_file, parse_datetime_range, scenes_for_cell,
+from cropchips.sources.stac import (filter_items, load_items_file, parse_datetime_range, scenes_for_cell,
                               search_stac, to_scenes)
 
 SENTINEL2 = Sentinel2L2A()

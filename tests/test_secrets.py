@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from conftest import REPO, run_script
-from cropchips.cli import REDACTED, RedactingFilter
+from cropchips.cli.run import REDACTED, RedactingFilter
 
 SECRET = "Zq9-s3cr3t-Pa55word"
 SASL = ["--security-protocol", "SASL_PLAINTEXT", "--sasl-mechanism", "SCRAM-SHA-256", "--sasl-username", "pipeline"]
@@ -54,7 +54,7 @@ def test_a_password_from_a_file_is_not_logged_either(broker, tmp_path):
 CLIENTS = r'''
 import logging, sys
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
-from cropchips.cli import setup_logging
+from cropchips.cli.run import setup_logging
 
 setup_logging("DEBUG")
 servers, password = sys.argv[1], sys.argv[2]

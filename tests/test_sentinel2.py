@@ -14,9 +14,9 @@ from rasterio.warp import Resampling, calculate_default_transform, reproject
 from shapely.geometry import box
 
 from conftest import shared_data
-from cropchips.composite import composite
-from cropchips.hrefs import HrefPolicy
-from cropchips.messages import Cell, Task
+from cropchips.raster.composite import composite
+from cropchips.sources.hrefs import HrefPolicy
+from cropchips.queue.messages import Cell, Task
 from cropchips.sources.sentinel2 import BANDS
 from cropchips.sources import remove_offset
 from cropchips.sources.sentinel2 import EARTH_SEARCH_KEYS, radiometry, scene_from_item, scene_offset_dn

@@ -23,11 +23,11 @@ from shapely.geometry import box
 
 from conftest import shared_data
 from cropchips.errors import ConfigError, InputDataError
-from cropchips.master import MasterOptions, make_plan
-from cropchips.messages import Scene, decode, encode
+from cropchips.plan.plan import MasterOptions, make_plan
+from cropchips.queue.messages import Scene, decode, encode
 from cropchips.processing import ProcessingOptions, TaskProcessor
-from cropchips.hrefs import HrefPolicy
-from cropchips.scenes import item_datetime
+from cropchips.sources.hrefs import HrefPolicy
+from cropchips.sources.stac import item_datetime
 from cropchips.sources import SOURCES, SceneRadiometry, Source, register_source, source_for
 from cropchips.spec import DatasetSpec
 

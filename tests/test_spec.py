@@ -16,7 +16,7 @@ import master
 import monitor
 import worker
 from cropchips import spec as spec_module
-from cropchips.classes import DEFAULT_CLASS_MAP_PATH
+from cropchips.fields.classes import DEFAULT_CLASS_MAP_PATH
 from cropchips.errors import ConfigError
 from cropchips.spec import SPEC_VERSION, DatasetSpec
 

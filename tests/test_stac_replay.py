@@ -23,7 +23,7 @@ from stac_replay import RECORDED_ROOT, StacReplayServer
 
 from cropchips.errors import InputDataError, SceneSearchError
 from cropchips.sources.sentinel2 import SCENE_ASSETS
-from cropchips.scenes import search_stac, to_scenes
+from cropchips.sources.stac import search_stac, to_scenes
 from cropchips.sources.sentinel2 import EARTH_SEARCH_KEYS, Sentinel2L2A, scene_from_item
 
 ALL_KEYS = [EARTH_SEARCH_KEYS[band] for band in SCENE_ASSETS]  # blue ... swir22, scl

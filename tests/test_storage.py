@@ -27,15 +27,15 @@ import pytest
 import rasterio
 from conftest import IN_CI, REPO, run_script
 
-from cropchips.dataset import SplitPolicy, finalize
-from cropchips.hrefs import HrefPolicy
-from cropchips.kafka_io import KafkaSettings, read_topic
-from cropchips.messages import Result, decode
+from cropchips.dataset.index import SplitPolicy, finalize
+from cropchips.sources.hrefs import HrefPolicy
+from cropchips.queue.kafka import KafkaSettings, read_topic
+from cropchips.queue.messages import Result, decode
 from cropchips.sources.sentinel2 import BANDS
 from cropchips.processing import ProcessingOptions, TaskProcessor
 from cropchips.errors import ConfigError
-from cropchips.report import build_report
-from cropchips.storage import TMP_PREFIX, LocalStorage, ObjectStorage, UnsafePathError, open_storage, scratch_dir
+from cropchips.dataset.report import build_report
+from cropchips.output.storage import TMP_PREFIX, LocalStorage, ObjectStorage, UnsafePathError, open_storage, scratch_dir
 from helpers import SpecProcessor, WorkerProcess, final_summary, kafka_args, kill_at_random, publish_area
 
 CHIP = 64
@@ -490,7 +490,7 @@ def test_worker_with_a_missing_bucket_exits_with_a_clear_message(s3_bucket, samp
 
 @pytest.fixture(scope="module")
 def s3_area(tmp_path_factory):
-    from cropchips.sample import generate_sample
+    from cropchips.demo.sample import generate_sample
 
     # 30 small cells with 3 fields each: quick tasks, many uploads.
     return generate_sample(tmp_path_factory.mktemp("s3area"), x_cells=6, y_cells=5, grid_step=0.01,
@@ -555,7 +555,7 @@ def test_killed_workers_leave_no_partial_object_and_lose_nothing(broker, topics,
 
 
 def test_doctor_checks_an_object_store_output(s3_bucket):
-    from cropchips.admin import _check_output
+    from cropchips.queue.admin import _check_output
 
     [good] = _check_output(f"s3://{s3_bucket}/chips", expect_mount=False)
     assert good.ok and "wrote, read back and deleted" in good.detail

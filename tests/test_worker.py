@@ -9,11 +9,11 @@ import time
 import pytest
 
 from conftest import shared_data
-from cropchips.hrefs import HrefPolicy
-from cropchips.kafka_io import KafkaSettings, make_producer, read_topic
-from cropchips.messages import Cell, Result, Task, decode, encode
+from cropchips.sources.hrefs import HrefPolicy
+from cropchips.queue.kafka import KafkaSettings, make_producer, read_topic
+from cropchips.queue.messages import Cell, Result, Task, decode, encode
 from cropchips.processing import TaskProcessor, utc_now
-from cropchips.worker import Worker, WorkerOptions
+from cropchips.queue.consumer import Worker, WorkerOptions
 from cropchips.spec import DatasetSpec
 from helpers import SpecProcessor
 

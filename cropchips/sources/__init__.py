@@ -9,9 +9,9 @@ another source registers itself when its module is imported::
 
 from __future__ import annotations
 
-from ..errors import ConfigError
-from .base import SceneRadiometry, Source, remove_offset
-from .sentinel2 import Sentinel2L2A
+from cropchips.errors import ConfigError
+from cropchips.sources.base import SceneRadiometry, Source, remove_offset
+from cropchips.sources.sentinel2 import Sentinel2L2A
 
 #: Collection id -> the source that reads it.
 SOURCES: dict[str, Source] = {}

@@ -1,7 +1,7 @@
 """What a data source is: the interface every satellite collection implements.
 
 A :class:`Source` knows one family of STAC collections: how its items become
-:class:`~cropchips.messages.Scene` messages, which band assets it has and at what native
+:class:`~cropchips.queue.messages.Scene` messages, which band assets it has and at what native
 resolution, which band is its per-pixel quality (cloud) mask and what the values there mean,
 and how its digital numbers are corrected to one radiometric convention. The master finds
 scenes through it and the worker reads, masks and harmonises them through it; nothing else
@@ -19,8 +19,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..errors import InputDataError
-from ..messages import Scene
+from cropchips.errors import InputDataError
+from cropchips.queue.messages import Scene
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,10 @@ import logging
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from ..errors import InputDataError
-from ..messages import MessageError, Scene
-from ..scenes import item_datetime, item_epsg
-from .base import SceneRadiometry, Source
+from cropchips.errors import InputDataError
+from cropchips.queue.messages import MessageError, Scene
+from cropchips.sources.stac import item_datetime, item_epsg
+from cropchips.sources.base import SceneRadiometry, Source
 
 log = logging.getLogger(__name__)
 

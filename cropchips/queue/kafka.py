@@ -1,0 +1,219 @@
+"""Kafka plumbing: connection settings, waiting for the broker, topics, producers and consumers.
+
+Works against any Kafka-protocol broker (Redpanda, Apache Kafka, the embedded Tansu).
+Known broker differences are handled here, in one place (see docs in the README):
+
+* Touching an unknown topic may auto-create it with the wrong partition count, so
+  topics are created explicitly before any producer or consumer uses them, and
+  consumers never auto-create.
+* Some brokers answer "latest offset" look-ups wrongly; nothing here relies on them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import errors as kafka_errors
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+from cropchips.errors import BrokerError, ConfigError
+from cropchips.retry import BROKER, retry
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    """How to reach the broker."""
+
+    bootstrap_servers: str
+    """Comma-separated host:port list."""
+    client_id: str = "cropchips"
+    """Client id shown in broker logs."""
+    extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    """Further kafka-python client settings (security, timeouts); may hold a secret, so never shown."""
+
+    @property
+    def servers(self) -> list[str]:
+        return [s.strip() for s in self.bootstrap_servers.split(",") if s.strip()]
+
+    def client_config(self) -> dict[str, Any]:
+        return {"bootstrap_servers": self.servers, "client_id": self.client_id, **self.extra}
+
+
+#: ``retention.ms`` of the topics the pipeline creates: -1 keeps every record until it is deleted
+#: (Redpanda and Kafka otherwise drop tasks still queued after 7 days).
+DEFAULT_RETENTION_MS = -1
+
+#: Errors that fail the same way however often they are retried: a record over the size limit, a
+#: topic the client may not use, a bad configuration. Everything else from kafka-python that says
+#: ``retriable``, and every connection failure, is worth another try.
+_FINAL_ERRORS: tuple[type[BaseException], ...] = tuple(
+    getattr(kafka_errors, name) for name in (
+        "MessageSizeTooLargeError", "RecordTooLargeError", "RecordBatchTooLargeError", "InvalidTopicError",
+        "TopicAuthorizationFailedError", "ClusterAuthorizationFailedError", "GroupAuthorizationFailedError",
+        "TransactionalIdAuthorizationFailedError", "SaslAuthenticationFailedError", "AuthenticationFailedError",
+        "IllegalArgumentError", "KafkaConfigurationError", "UnsupportedVersionError", "InvalidRecordError",
+        "CorruptRecordError", "UnsupportedForMessageFormatError", "InvalidRequiredAcksError",
+    ) if hasattr(kafka_errors, name))
+_TRANSIENT_ERRORS: tuple[type[BaseException], ...] = tuple(
+    getattr(kafka_errors, name) for name in (
+        "KafkaTimeoutError", "BrokerNotAvailableError", "KafkaConnectionError", "NodeNotReadyError",
+        "RequestTimedOutError", "NotEnoughReplicasError", "NotEnoughReplicasAfterAppendError",
+    ) if hasattr(kafka_errors, name))
+
+
+def is_retriable(exc: BaseException) -> bool:
+    """True when a failed Kafka call may succeed if tried again (broker down, leader moving,
+    timeout); False for errors that never will (record too large, not authorised)."""
+    if isinstance(exc, _FINAL_ERRORS):
+        return False
+    if isinstance(exc, _TRANSIENT_ERRORS) or isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    return bool(getattr(exc, "retriable", False))
+
+
+def topic_configs(retention_ms: int = DEFAULT_RETENTION_MS) -> dict[str, str]:
+    """Topic settings the pipeline sets when it creates a topic."""
+    if retention_ms < -1 or retention_ms == 0:
+        raise ValueError(f"retention must be -1 (keep forever) or a positive number of ms, got {retention_ms}")
+    return {"retention.ms": str(retention_ms)}
+
+
+def connect(factory: Callable[..., T], settings: KafkaSettings, wait: float) -> T:
+    """Call ``factory(bootstrap_timeout_ms=...)`` until the broker answers, with logged backoff
+    (:data:`~cropchips.retry.BROKER`).
+
+    Gives up after ``wait`` seconds with a BrokerError that says what to check.
+    """
+    deadline = time.monotonic() + wait
+
+    def attempt() -> T:
+        # Each attempt is bounded so the total stays near ``wait`` (kafka-python's own default is 30 s).
+        return factory(bootstrap_timeout_ms=int(1000 * min(10.0, max(1.0, deadline - time.monotonic()))))
+
+    def transient(exc: BaseException) -> bool:
+        return isinstance(exc, (KafkaError, OSError)) and not isinstance(exc, kafka_errors.KafkaConfigurationError)
+
+    def report(exc: BaseException, attempt_number: int, delay: float) -> None:
+        log.warning("broker %s not reachable (%s); retrying in %.1f s", settings.bootstrap_servers,
+                    exc.__class__.__name__, delay)
+
+    try:
+        return retry(attempt, f"connecting to {settings.bootstrap_servers}", transient=transient, deadline=deadline,
+                     backoff=BROKER, on_retry=report)
+    except kafka_errors.KafkaConfigurationError as exc:
+        raise ConfigError(f"invalid Kafka client settings: {exc}") from None  # no wait fixes that
+    except (KafkaError, OSError) as exc:
+        raise BrokerError(
+            f"cannot reach the Kafka broker at {settings.bootstrap_servers} ({exc.__class__.__name__}); "
+            "check --bootstrap-servers, that the broker runs, and the firewall (port 9092)") from exc
+
+
+class _AdminClient(KafkaAdminClient):
+    """KafkaAdminClient that ignores the authorized-operations bit set of a description.
+
+    kafka-python 3.0.12 converts the bits into ``ACLOperation`` enums and raises
+    ``ValueError`` on a bit it does not know (Tansu sets all 32). We never use them.
+    """
+
+    def _process_acl_operations(self, obj: dict[str, Any]) -> dict[str, Any]:
+        obj.pop("authorized_operations", None)
+        return obj
+
+
+def admin_client(settings: KafkaSettings, wait: float = 60.0) -> KafkaAdminClient:
+    """An admin client, retrying with backoff until the broker answers or ``wait`` runs out."""
+    return connect(lambda **kw: _AdminClient(**settings.client_config(), request_timeout_ms=10000, **kw),
+                   settings, wait)
+
+
+def ensure_topics(settings: KafkaSettings, partitions: Mapping[str, int], wait: float = 60.0,
+                  retention_ms: int = DEFAULT_RETENTION_MS) -> list[str]:
+    """Create the topics that do not exist yet, with ``retention_ms``; return the ones created.
+
+    Existing topics are left alone (their partition count and settings are not changed).
+    """
+    configs = topic_configs(retention_ms)
+    admin = admin_client(settings, wait)
+    try:
+        existing = set(admin.list_topics())
+        missing = [NewTopic(name, num_partitions=n, replication_factor=1, topic_configs=configs)
+                   for name, n in partitions.items() if name not in existing]
+        created = []
+        for topic in missing:
+            try:
+                admin.create_topics([topic])
+                created.append(topic.name)
+                log.info("created topic %s with %d partitions", topic.name, topic.num_partitions)
+            except TopicAlreadyExistsError:
+                pass  # another process created it first: fine
+        return created
+    finally:
+        admin.close()
+
+
+def make_producer(settings: KafkaSettings, wait: float = 60.0, **overrides: Any) -> KafkaProducer:
+    """A producer that waits for all in-sync replicas (acks=all) and retries sends."""
+    return connect(lambda **kw: KafkaProducer(
+        **settings.client_config(),
+        **kw,
+        **overrides,
+        acks="all",
+        retries=5,
+        linger_ms=5,
+        # One request in flight keeps per-partition order even when a send is retried.
+        max_in_flight_requests_per_connection=1,
+    ), settings, wait)
+
+
+def make_consumer(settings: KafkaSettings, *, group_id: str | None, wait: float = 60.0,
+                  **overrides: Any) -> KafkaConsumer:
+    """A consumer with manual commits that never auto-creates topics."""
+    config: dict[str, Any] = dict(
+        **settings.client_config(),
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        allow_auto_create_topics=False,
+        # kafka-python 3 defaults to a 45 s session (first join ~23 s); 10 s detects a
+        # dead worker quickly while tolerating a stalled machine.
+        session_timeout_ms=10000,
+        heartbeat_interval_ms=1500,
+        fetch_max_wait_ms=100,
+    )
+    config.update(overrides)
+    return connect(lambda **kw: KafkaConsumer(**config, **kw), settings, wait)
+
+
+def read_topic(settings: KafkaSettings, topic: str, *, idle_s: float = 1.0, timeout_s: float = 30.0) -> list[Any]:
+    """Every record of ``topic`` from the start, until nothing new arrives for ``idle_s``.
+
+    For tests and administration; uses no consumer group and commits nothing.
+    """
+    from kafka import TopicPartition
+
+    consumer = make_consumer(settings, group_id=None)
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        records: list[Any] = []
+        deadline = time.monotonic() + timeout_s
+        last = time.monotonic()
+        while time.monotonic() < deadline and time.monotonic() - last < idle_s:
+            batch = consumer.poll(timeout_ms=200)
+            for recs in batch.values():
+                records.extend(recs)
+                last = time.monotonic()
+        return records
+    finally:
+        consumer.close()

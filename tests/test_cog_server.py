@@ -434,7 +434,7 @@ def test_url_href_and_validation(root):
 
 def test_command_line_serves_a_folder_until_terminated(root):
     path = served_file(root)
-    proc = subprocess.Popen([sys.executable, "-m", "cropchips.cog_server", str(root), "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "cropchips.testing.cog_server", str(root), "--port", "0",
                              "--latency-ms", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:

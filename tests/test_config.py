@@ -104,10 +104,7 @@ def test_the_formatter_states_a_default_once_and_only_when_it_says_something():
 # Help texts that mention some other default in passing besides stating their own: not wrong, but
 # "default" twice reads as a repetition. Owners: reword these (e.g. "the brokers' own limit is
 # 1 MiB"), then remove them here; this list may only shrink.
-KNOWN_DEFAULT_WORD_TWICE = {
-    ("--max-task-bytes", "the brokers' and clients' default limit is 1 MiB"),  # master.py
-    ("--topic-retention-ms", "brokers' default would drop tasks"),  # cropchips/cli/options.py add_kafka_options
-}
+KNOWN_DEFAULT_WORD_TWICE: set[tuple[str, str]] = set()  # none left: every help text says "default" once
 
 
 def test_no_help_text_states_its_default_twice_or_says_default_none():

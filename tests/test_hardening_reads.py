@@ -1,7 +1,7 @@
 """What a worker opens and how much it reads: GeoTIFF-only scene files, a parsed href allow-list,
 decompression bombs and absurd cells refused before reading, and --max-scenes chosen on SCL alone.
 
-Everything runs against real files and real HTTP servers (cropchips.cog_server): the VRTs, bombs
+Everything runs against real files and real HTTP servers (cropchips.testing.cog_server): the VRTs, bombs
 and redirects are crafted here, the scenes are the real S2A_29RKH COGs (downsampled 10x, see
 ../shared/data/README.md) or cut from them. The several dates of one place that --max-scenes needs
 are derived from that one real scene (its pixels offset per date, clouds painted into its SCL),

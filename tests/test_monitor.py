@@ -119,7 +119,7 @@ def test_without_progress_display_the_same_goes_to_the_log(caplog):
     out, clock = FakeTerminal(), FakeClock()
     progress = RunProgress("run-m", header=RunHeader(run_id="run-m", task_count=4, created_at="x"))
     display = ProgressDisplay("run-m", enabled=False, stream=out, interval_s=2.0, clock=clock)
-    with caplog.at_level(logging.INFO, logger="cropchips.monitor"):
+    with caplog.at_level(logging.INFO, logger="cropchips.queue.monitor"):
         for seconds in (0, 1, 2):
             clock.now = 100.0 + seconds
             display.update(progress)

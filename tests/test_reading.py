@@ -344,10 +344,10 @@ def test_a_failed_read_drops_the_kept_file_and_the_retry_reopens_it(scene, tmp_p
 
 
 def test_the_pixel_grid_geometry_needs_no_gdal():
-    """cropchips.pixel_grid is arithmetic only: importing it in a fresh interpreter loads no rasterio."""
+    """cropchips.raster.grid is arithmetic only: importing it in a fresh interpreter loads no rasterio."""
     import subprocess
     import sys
 
-    code = "import sys, cropchips.pixel_grid; print('rasterio' in sys.modules, 'osgeo' in sys.modules)"
+    code = "import sys, cropchips.raster.grid; print('rasterio' in sys.modules, 'osgeo' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]

@@ -67,7 +67,7 @@ def test_defaults_describe_the_area(sample, items):
     assert sample.collection == "sentinel-2-l2a" and sample.layer == "es_2023_sample"
     assert len(items) == len(scene_folders(sample)) == 3
     assert (sample.root / "README.txt").read_text().startswith("SYNTHETIC")
-    assert "cropchips.sample" in (sample.root / "README.txt").read_text()
+    assert "cropchips.demo.sample" in (sample.root / "README.txt").read_text()
 
 
 def test_every_band_is_an_earth_search_like_cog(sample):

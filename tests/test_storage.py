@@ -319,7 +319,7 @@ def test_the_folder_is_fsynced_after_each_rename_and_link(tmp_path):
     """A rename is durable only once its directory is synced: seen in the system calls themselves."""
     strace = strace_or_skip()
     root = (tmp_path / "out").resolve()
-    script = ("from pathlib import Path; from cropchips.storage import LocalStorage, atomic_output; "
+    script = ("from pathlib import Path; from cropchips.output.storage import LocalStorage, atomic_output; "
               "s = LocalStorage(%r); s.write_bytes('images/a.tif', b'x'); "
               "s.create_exclusive('leases/c.json', b'1'); s.delete_if_version('leases/c.json', s.read_version("
               "'leases/c.json')[1])\nwith atomic_output(Path(%r) / 'plain' / 'b.tif') as tmp: tmp.write_bytes(b'y')"

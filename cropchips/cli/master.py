@@ -27,7 +27,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> config.EnvArgumentPars
              help="local STAC ItemCollection/FeatureCollection JSON to use instead of --stac-api")
     p.option("--max-task-bytes", type=config.positive_int, default=1_000_000, group=s,
              help="refuse the run, publishing nothing, if a task message would be larger (the brokers' and "
-                  "clients' default limit is 1 MiB)")
+                  "clients' own limit is 1 MiB)")
     config.add_kafka_options(p)
     p.option("--task-partitioning", default="grid", choices=TASK_PARTITIONINGS,
              help="grid: cells ordered along a Hilbert curve, one run of it per partition, so each worker gets a "

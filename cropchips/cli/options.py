@@ -125,7 +125,7 @@ def add_kafka_options(parser: EnvArgumentParser) -> None:
                   help="partitions of the tasks topic when it has to be created (bounds the useful worker count)")
     parser.option("--topic-retention-ms", type=retention_ms, default=-1, group=group,
                   help="retention.ms of the topics when they have to be created: -1 keeps tasks, results and dead "
-                       "letters until deleted (brokers' default would drop tasks still queued after 7 days)")
+                       "letters until deleted (a broker's own 7 days would drop tasks still queued after a week)")
     parser.option("--broker-wait", type=non_negative_float, default=60.0, group=group,
                   help="seconds to wait for an unreachable broker before giving up")
     sec = parser.add_argument_group(

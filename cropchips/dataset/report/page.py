@@ -363,7 +363,7 @@ def render_page(storage: Storage, chips: Any, indexed: bool, cells: list[CellSta
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>{_e(title)}: {_e(_display_name(storage))}</title><style>{_CSS}</style></head><body>"
             f"<header><h1>{_e(title)}</h1><p>{_e(_display_location(storage))}</p></header>"
-            f"<main>{body}</main><footer>written {_e(written)} by cropchips.report</footer></body></html>\n")
+            f"<main>{body}</main><footer>written {_e(written)} by cropchips</footer></body></html>\n")
 
 
 def _display_location(storage: Storage) -> str:

@@ -339,3 +339,29 @@ def test_one_scene_gives_a_datetime_and_missing_item_hrefs_are_skipped(written):
 def _items(written) -> dict[str, pystac.Item]:
     return {d["id"]: pystac.Item.from_dict(d, href=str(written["out"] / path))
             for path, d in written["documents"].items() if d["type"] == "Feature"}
+
+
+def test_the_platform_comes_from_the_source_of_the_scenes_collection(written):
+    from cropchips.sources import SOURCES, Sentinel2L2A, register_source
+
+    record = copy.deepcopy(next(iter(written["records"].values())))
+    documents = build_catalog([record], {record["name"]: "test"})
+    item = documents[f"{ITEMS_DIR}/{record['name']}.json"]
+    assert (item["properties"]["constellation"], item["properties"]["instruments"]) == ("sentinel-2", ["msi"])
+
+    class OtherMission(Sentinel2L2A):  # a source of its own collection, registered for this test only
+        collections = ("other-l2a",)
+        constellation = "other"
+        instruments = ("imager",)
+
+    register_source(OtherMission())
+    try:
+        record["scenes"] = [dict(scene, collection="other-l2a") for scene in record["scenes"]]
+        documents = build_catalog([record], {record["name"]: "test"})
+    finally:
+        SOURCES.pop("other-l2a")
+    item = documents[f"{ITEMS_DIR}/{record['name']}.json"]
+    assert (item["properties"]["constellation"], item["properties"]["instruments"]) == ("other", ["imager"])
+    collection = next(d for d in documents.values() if d["type"] == "Collection")
+    assert collection["summaries"]["constellation"] == ["other"] and collection["summaries"]["instruments"] == ["imager"]
+    assert core_errors(item) == []

@@ -23,8 +23,11 @@ from pystac.extensions.eo import Band, EOExtension
 from pystac.extensions.projection import ProjectionExtension
 from pystac.utils import str_to_datetime
 
+from cropchips.errors import ConfigError
 from cropchips.fields.classes import CLASS_NAMES
+from cropchips.sources import source_for
 from cropchips.sources.sentinel2 import BANDS
+from cropchips.spec import DEFAULT_COLLECTION
 from cropchips.output.storage import Storage, open_storage
 from cropchips.raster.write import METADATA_DIR
 
@@ -136,6 +139,16 @@ def write_catalog(output: Storage | Path | str, documents: Mapping[str, dict[str
     return Path(storage.url(CATALOG_NAME)) if storage.is_local else storage.url(CATALOG_NAME)
 
 
+def _platform(scenes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """``constellation`` and ``instruments`` of a chip, from the source of its scenes' collection (none if no
+    registered source reads it)."""
+    try:
+        source = source_for(str(scenes[0].get("collection") or DEFAULT_COLLECTION))
+    except ConfigError:
+        return {}
+    return {"constellation": source.constellation, "instruments": list(source.instruments)}
+
+
 def eo_bands(descriptions: Sequence[str]) -> list[Band]:
     """One eo band per file band, named as the file's description (``B02`` or ``2023-05-20 B02``)."""
     bands = []
@@ -198,7 +211,7 @@ def _item(record: Mapping[str, Any], split: str, created: datetime) -> pystac.It
     footprint = _footprint(record["crs"], record["bounds"])
     properties: dict[str, Any] = {
         "split": split,
-        "constellation": "sentinel-2", "instruments": ["msi"],
+        **_platform(scenes),
         "cropchips:cell_id": record.get("cell_id", ""),
         "cropchips:method": record.get("method", ""),
         "cropchips:dataset_id": record.get("dataset_id", ""),
@@ -289,8 +302,10 @@ def _collection(collection_id: str, title: str | None, description: str | None,
                                     title="CC-BY-4.0 (EuroCrops, the source of the masks)"))
 
     collection.summaries.add("split", sorted({item.properties["split"] for item in items}))
-    collection.summaries.add("constellation", ["sentinel-2"])
-    collection.summaries.add("instruments", ["msi"])
+    collection.summaries.add("constellation", sorted({item.properties["constellation"] for item in items
+                                                      if "constellation" in item.properties}))
+    collection.summaries.add("instruments", sorted({name for item in items
+                                                    for name in item.properties.get("instruments", ())}))
     collection.summaries.add("cropchips:method", sorted({item.properties["cropchips:method"] for item in items}))
     # The dataset spec(s) the chips were made with: OUTPUT/dataset.yaml holds the folder's.
     collection.summaries.add("cropchips:dataset_id",

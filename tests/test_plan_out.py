@@ -118,7 +118,7 @@ def test_cells_outside_the_aoi_are_marked_so(sample_area, sample_master_options,
     spec = DatasetSpec(aoi=str(aoi), grid_step=step, layer=sample_area.layer, datetime=sample_area.datetime,
                        max_cloud=100, min_polygons=1)
     plan = make_plan(replace(sample_master_options, spec=spec))
-    cells = plan_map(plan, sample_master_options.gpkg)
+    cells = plan_map(plan)
     status = {(c.cell.row, c.cell.col): c.status for c in cells.cells}
     assert status == {(0, 0): "task", (0, 1): "task", (1, 0): "task", (1, 1): "outside_aoi"}
     assert cells.totals()["tasks"] == len(plan.tasks) == 3
@@ -138,7 +138,7 @@ def test_a_missing_folder_fails_cleanly_before_planning(sample_area, tmp_path):
 def test_the_file_is_replaced_whole(sample_plan, sample_master_options, tmp_path):
     path = tmp_path / "plan.geojson"
     path.write_text("old")
-    cells = plan_map(sample_plan, sample_master_options.gpkg)
+    cells = plan_map(sample_plan)
     write_plan_map(path, cells)
     assert json.loads(path.read_text()) == cells.to_geojson()
     assert [p.name for p in tmp_path.iterdir()] == ["plan.geojson"]  # no temporary left beside it

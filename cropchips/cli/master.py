@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.plan_out:
             check_plan_out(args.plan_out)  # before planning: a wrong folder fails at once
         plan = make_plan(options)
-        cells = plan_map(plan, options.gpkg) if args.plan_out or args.dry_run else None
+        cells = plan_map(plan) if args.plan_out or args.dry_run else None
         if args.plan_out:
             write_plan_map(args.plan_out, cells)
         if args.dry_run:

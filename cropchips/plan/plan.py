@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyogrio
 import shapely
 from shapely.geometry.base import BaseGeometry
@@ -83,12 +84,20 @@ class Plan:
     tasks: list[Task]
     cells_total: int
     dropped: Counter
-    polygons: int
     scenes: int
     spec: DatasetSpec
     """The spec the tasks carry (layer and GeoPackage fingerprint set)."""
     grid: Grid
     """The grid the cells belong to."""
+    counts: np.ndarray
+    """Field polygons per cell of the grid, ``(y_cells, x_cells)`` (:meth:`~cropchips.plan.grid.Grid.count`)."""
+    aoi: BaseGeometry | None = None
+    """The area of interest's polygons (EPSG:4326), when the spec gives the area as ``aoi``."""
+
+    @property
+    def polygons(self) -> int:
+        """Field polygons in the grid."""
+        return int(self.counts.sum())
 
     def header(self, params: dict[str, Any]) -> RunHeader:
         return RunHeader(run_id=self.run_id, task_count=len(self.tasks),
@@ -187,7 +196,7 @@ def make_plan(options: MasterOptions) -> Plan:
         log.info("%d tasks keep only their %d least cloudy scenes (--max-task-scenes)", capped, spec.max_task_scenes)
     check_task_sizes(tasks, options.max_task_bytes)
     return Plan(run_id=run_id, tasks=tasks, cells_total=grid.x_cells * grid.y_cells, dropped=dropped,
-                polygons=int(counts.sum()), scenes=len(scenes), spec=spec, grid=grid)
+                scenes=len(scenes), spec=spec, grid=grid, counts=counts, aoi=aoi)
 
 
 def least_cloudy(scenes: Sequence[Scene], n: int) -> list[Scene]:

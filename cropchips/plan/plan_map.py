@@ -7,8 +7,7 @@ the grid, its geometry the cell's box (:attr:`~cropchips.queue.messages.Cell.bbo
 * ``cell_id``, ``row``, ``col``;
 * ``status``: ``task`` for a published cell, else why it was dropped (``too_few_polygons``,
   ``outside_aoi``), decided as :func:`cropchips.plan.plan.make_plan` decides it;
-* ``polygons``: field polygons counted in the cell (representative points, half-open cells, as the
-  master counts them: the plan keeps only the total, so they are counted again here);
+* ``polygons``: field polygons in the cell (representative points, half-open cells: the plan's own counts);
 * ``scenes``: scenes in the cell's task (0 for a dropped cell);
 * ``est_chips``: ``min(max_chips_per_cell, polygons)`` for a task with scenes, else 0. An upper
   bound: chips too cloudy or outside the scenes' data are not written;
@@ -41,7 +40,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,8 +49,7 @@ import shapely
 from shapely.geometry.base import BaseGeometry
 
 from cropchips.errors import ConfigError
-from cropchips.fields.gpkg import open_layer, read_points
-from cropchips.plan.plan import Plan, read_aoi
+from cropchips.plan.plan import Plan
 from cropchips.queue.messages import Cell
 from cropchips.sources import source_for
 from cropchips.spec import DatasetSpec
@@ -161,7 +158,7 @@ def build_plan_map(plan: Plan, counts: np.ndarray, aoi: BaseGeometry | None = No
     """The map of ``plan``, given the polygons per cell (a ``(y_cells, x_cells)`` array, as
     :meth:`~cropchips.plan.grid.Grid.count` gives) and the aoi the plan was made with (if any).
 
-    No I/O: :func:`plan_map` reads the counts and the aoi."""
+    No I/O (:func:`plan_map` passes the plan's own)."""
     grid, spec = plan.grid, plan.spec
     if counts.shape != (grid.y_cells, grid.x_cells):
         raise ValueError(f"counts must have the grid's shape {(grid.y_cells, grid.x_cells)}, got {counts.shape}")
@@ -179,25 +176,12 @@ def build_plan_map(plan: Plan, counts: np.ndarray, aoi: BaseGeometry | None = No
         # A task without scenes reports no_scenes and writes nothing.
         chips = min(spec.max_chips_per_cell, polygons) if n else 0
         cells.append(CellPlan(cell, TASK, polygons, n, chips, estimate_fetch_bytes(cell, n, spec)))
-    dropped = Counter(c.status for c in cells if c.status != TASK)
-    if dropped != Counter(plan.dropped) or int(counts.sum()) != plan.polygons:
-        log.warning("the plan map's counts (%d polygons, dropped %s) differ from the plan's (%d, %s): did the "
-                    "GeoPackage change while the master ran?", int(counts.sum()), dict(dropped), plan.polygons,
-                    dict(plan.dropped))
     return PlanMap(run_id=plan.run_id, dataset_id=spec.dataset_id(), bbox=grid.bbox, cells=tuple(cells))
 
 
-def count_polygons(plan: Plan, gpkg: str) -> np.ndarray:
-    """Polygons per cell of the plan's grid, read from ``gpkg`` the way make_plan reads them."""
-    layer = open_layer(gpkg, plan.spec.layer)
-    lon, lat = read_points(layer, plan.grid.bbox)
-    return plan.grid.count(lon, lat)
-
-
-def plan_map(plan: Plan, gpkg: str) -> PlanMap:
-    """The map of ``plan``: its polygon counts read again from ``gpkg``, its aoi (if any) again."""
-    aoi = read_aoi(plan.spec.aoi) if plan.spec.aoi is not None else None
-    return build_plan_map(plan, count_polygons(plan, gpkg), aoi)
+def plan_map(plan: Plan) -> PlanMap:
+    """The map of ``plan``, from the polygon counts and the aoi it was made with."""
+    return build_plan_map(plan, plan.counts, plan.aoi)
 
 
 def check_plan_out(path: str | Path) -> Path:

@@ -423,9 +423,7 @@ def with_read_retries(read: Callable[[], T], band: str, href: str) -> T:
     try:
         return retry(attempt, f"read of {band} from {href}", transient=transient, attempts=READ_ATTEMPTS,
                      backoff=READS)
-    except NotAGeoTIFF:
-        raise
-    except RasterioIOError as exc:  # still failing after every attempt
+    except RasterioIOError as exc:  # still failing after every attempt (a NotAGeoTIFF passes through as it is)
         if remote and _looks_malformed(str(exc)):
             raise InputDataError(f"cannot read {band} at {href} ({READ_ATTEMPTS} tries): {exc}") from exc
         raise RetryableError(f"reading {band} from {href} failed {READ_ATTEMPTS} times: {exc}") from exc

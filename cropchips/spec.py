@@ -39,13 +39,23 @@ from cropchips.sources import source_for
 from cropchips.sources.sentinel2 import BANDS
 from cropchips.sources.stac import parse_datetime_range
 from cropchips.raster.write import FORMATS
+from cropchips.raster.temporal import time_bins
+from cropchips.fields.classes import MAX_CLASS_ID
+
+#: How chips are placed in a cell (``chip_placement``).
+CHIP_PLACEMENTS = ("fields", "lattice")
+#: The label layers a chip may have (``labels``), in file order.
+LABEL_LAYERS = ("classes", "instances", "boundaries")
+#: The compositors a time bin may use (``composite`` with ``temporal_period``).
+BINNED_COMPOSITES = ("median", "least-cloudy")
+MAX_CLOUD_BUFFER_PX = 100
 
 #: The seed's scenes: Sentinel-2 L2A on Earth Search, from mid-May to the end of June 2023.
 DEFAULT_COLLECTION = "sentinel-2-l2a"
 DEFAULT_DATETIME = "2023-05-15/2023-06-30"
 
 #: The newest spec version this code reads (and the one it writes).
-SPEC_VERSION = 1
+SPEC_VERSION = 2
 
 #: The seed's grid, used when a spec gives no area (nor bbox, nor aoi).
 DEFAULT_START_X = -5.80
@@ -158,8 +168,34 @@ class DatasetSpec:
     """Chips with a larger share of pixels outside the scenes' data are not written."""
     format: str = "gtiff"
     """``gtiff`` (tiled GeoTIFF) or ``cog`` (Cloud-Optimized GeoTIFF with overviews)."""
+    cloud_buffer_px: int = 0
+    """Cloud and cloud-shadow pixels (SCL 3, 8, 9, 10) grow by this many pixels (a square) before the clear
+    mask is taken: the hazy rim of a cloud is not counted clear."""
+    chip_placement: str = "fields"
+    """``fields``: chips centred on the cell's largest fields, shifted inward to stay inside the cell;
+    ``lattice``: chips on a fixed grid of the UTM zone (stride = chip size), the most labelled first."""
+    max_chip_overlap: float = 0.25
+    """Within a cell, no two chips share more than this share of a chip's area."""
+    min_labelled_fraction: float = 0.0
+    """Chips with a smaller share of pixels of a class (1..8) are not written."""
+
+    # ------------------------------------------------------------------ time series
+    temporal_period: str | None = None
+    """An ISO 8601 duration (P1M, P15D, P1W): cuts the datetime range into bins, each the composite
+    (median or least-cloudy) of its scenes, so that every chip has the same T x bands (None: one image)."""
+    min_valid_bins: int = 1
+    """With temporal_period: chips with fewer bins whose clear share reaches min_clear_fraction are not
+    written."""
+
+    # ------------------------------------------------------------------ labels
     class_map: str = field(default_factory=default_class_map)
     """The HCAT3 -> class CSV's content (not its path; default: the packaged hcat_classes.csv)."""
+    unmapped_label: int = 255
+    """Label of a field whose crop is none of the classes, or unknown (255: the ignore index; 0: no field,
+    as before cropchips 0.3)."""
+    labels: tuple[str, ...] = ("classes",)
+    """Label layers of each chip: ``classes`` (always), ``instances`` (uint32 field ids unique within the
+    chip, 0 = no field) and ``boundaries`` (0 background, 1 field interior, 2 field boundary)."""
 
     # ------------------------------------------------------------------ splits
     split_block_size: float = 10000.0
@@ -206,6 +242,21 @@ class DatasetSpec:
                 raise ConfigError(f"{name} (--{name.replace('_', '-')}) must lie between 0 and 1, got {value}")
         if self.format not in FORMATS:
             raise ConfigError(f"format (--format) must be one of {FORMATS}, got {self.format!r}")
+        if not 0 <= self.cloud_buffer_px <= MAX_CLOUD_BUFFER_PX:
+            raise ConfigError(f"cloud_buffer_px (--cloud-buffer-px) must be 0..{MAX_CLOUD_BUFFER_PX} pixels, "
+                              f"got {self.cloud_buffer_px}")
+        if self.chip_placement not in CHIP_PLACEMENTS:
+            raise ConfigError(f"chip_placement (--chip-placement) must be one of {CHIP_PLACEMENTS}, "
+                              f"got {self.chip_placement!r}")
+        for name in ("max_chip_overlap", "min_labelled_fraction"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{name} (--{name.replace('_', '-')}) must lie between 0 and 1, got {value}")
+        self._check_temporal()
+        if not (self.unmapped_label == 0 or MAX_CLASS_ID < self.unmapped_label <= 255):
+            raise ConfigError(f"unmapped_label (--unmapped-label) must be 0 (no field) or {MAX_CLASS_ID + 1}..255 "
+                              f"(255: the ignore index), not a class id; got {self.unmapped_label}")
+        self._check_labels()
         if not self.class_map.strip():
             raise ConfigError(f"class_map is empty; give the CSV's content, or {CLASS_MAP_FILE_KEY}: PATH")
         parse_class_map(self.class_map)
@@ -239,6 +290,33 @@ class DatasetSpec:
                 raise ConfigError("aoi is empty; give the path of a file of polygons, or use the grid or bbox")
             return
         self.grid()  # the grid's own checks: cells >= 1, inside the globe
+
+    def _check_temporal(self) -> None:
+        if self.min_valid_bins < 0:
+            raise ConfigError(f"min_valid_bins (--min-valid-bins) must be >= 0, got {self.min_valid_bins}")
+        if self.temporal_period is None:
+            return
+        if self.composite not in BINNED_COMPOSITES:
+            raise ConfigError(f"temporal_period makes a time series of {'/'.join(BINNED_COMPOSITES)} bins; "
+                              f"composite {self.composite!r} cannot be binned: use composite: median (or drop "
+                              "temporal_period for the variable-length stack)")
+        bins = time_bins(self.datetime, self.temporal_period)  # its own messages say what is wrong
+        if self.min_valid_bins > len(bins):
+            raise ConfigError(f"min_valid_bins {self.min_valid_bins} is more than the {len(bins)} bins of "
+                              f"{self.temporal_period} in {self.datetime}")
+
+    def _check_labels(self) -> None:
+        unknown = [layer for layer in self.labels if layer not in LABEL_LAYERS]
+        if unknown or "classes" not in self.labels:
+            raise ConfigError(f"labels must list classes and any of {', '.join(LABEL_LAYERS[1:])}"
+                              + (f"; {', '.join(map(repr, unknown))} is not a label layer" if unknown else ""))
+        if len(set(self.labels)) != len(self.labels):
+            raise ConfigError("labels lists a layer more than once; give each once")
+        object.__setattr__(self, "labels", tuple(layer for layer in LABEL_LAYERS if layer in self.labels))
+
+    def bins(self) -> tuple[tuple[str, str], ...]:
+        """With ``temporal_period``: the (first day, day after the last) of each time bin, YYYY-MM-DD; else ()."""
+        return time_bins(self.datetime, self.temporal_period) if self.temporal_period else ()
 
     def _check_bands(self) -> None:
         source = source_for(self.collection)

@@ -16,7 +16,7 @@ from cropchips.processing import utc_now
 from cropchips.queue.consumer import Worker, WorkerOptions
 
 DEEP = b"[" * 200_000 + b"]" * 200_000
-HUGE_INT = b'{"type": "task", "schema_version": 2, "run_id": "r", "task_id": "t", "cell": {"id": "c", "row": ' \
+HUGE_INT = b'{"type": "task", "schema_version": 3, "run_id": "r", "task_id": "t", "cell": {"id": "c", "row": ' \
     + b"9" * 5000 + b', "col": 0, "bbox": [0, 0, 1, 1]}, "scenes": []}'
 
 
@@ -36,7 +36,7 @@ def hostile_variants() -> dict[str, bytes]:
 
     return {
         "deep nesting": DEEP,
-        "deep nesting in a field": b'{"type": "task", "schema_version": 2, "cell": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        "deep nesting in a field": b'{"type": "task", "schema_version": 3, "cell": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
         "5000-digit integer": HUGE_INT,
         "huge float": variant(lambda b: b["cell"].update(bbox=[0, 0, 1e400, 1])),
         "bbox of strings": variant(lambda b: b["cell"].update(bbox=["a", "b", "c", "d"])),
@@ -46,7 +46,7 @@ def hostile_variants() -> dict[str, bytes]:
         "cell a list": variant(lambda b: b.update(cell=[1, 2])),
         "id a number": variant(lambda b: b.update(task_id=12)),
         "nul bytes": b"\x00\x01\x02",
-        "lone surrogate": b'{"type": "task", "schema_version": 2, "run_id": "\\ud800"}',
+        "lone surrogate": b'{"type": "task", "schema_version": 3, "run_id": "\\ud800"}',
         "invalid utf-8": b'{"type": "\xff\xfe"}',
         "array": b"[1, 2, 3]",
         "string": b'"task"',

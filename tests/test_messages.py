@@ -34,7 +34,7 @@ def test_task_round_trip_and_deterministic_bytes():
     raw = encode(task)
     assert decode(raw) == task
     assert encode(decode(raw)) == raw
-    assert json.loads(raw)["type"] == "task" and json.loads(raw)["schema_version"] == 2
+    assert json.loads(raw)["type"] == "task" and json.loads(raw)["schema_version"] == 3
 
 
 def test_task_id_ignores_run_but_follows_scenes():
@@ -59,8 +59,8 @@ def test_result_and_header_round_trip():
     (b"{not json", "not valid JSON"),
     (b"[1, 2]", "JSON object"),
     (json.dumps({"type": "task", "schema_version": 99}).encode(), "unsupported schema_version 99"),
-    (json.dumps({"type": "weird", "schema_version": 2}).encode(), "unknown message type"),
-    (json.dumps({"type": "result", "schema_version": 2, "run_id": "r", "task_id": "t", "cell_id": "c",
+    (json.dumps({"type": "weird", "schema_version": 3}).encode(), "unknown message type"),
+    (json.dumps({"type": "result", "schema_version": 3, "run_id": "r", "task_id": "t", "cell_id": "c",
                  "worker_id": "w", "status": "great"}).encode(), "status must be one of"),
 ])
 def test_bad_messages_are_rejected_with_a_reason(raw, needle):
@@ -119,7 +119,7 @@ def _task_body(**spec_changes):
 
 
 @pytest.mark.parametrize("changes, needle", [
-    ({"spec_version": 2}, "spec_version 2 is newer than this cropchips reads"),
+    ({"spec_version": 3}, "spec_version 3 is newer than this cropchips reads"),
     ({"class_map_file": "/etc/passwd"}, "class_map_file is not allowed here"),
     ({"chip_sise": 64}, "unknown spec key 'chip_sise': did you mean 'chip_size'"),
     ({"chip_size": "64"}, "chip_size must be an integer"),

@@ -42,7 +42,7 @@ def test_every_spec_key_is_a_master_flag_and_none_is_a_worker_flag():
     assert master_defaults["class_map"] is None and master_defaults["spec"] is None
     assert not (keys | {"class_map"}) & set(worker_defaults)  # the worker builds chips from the task's spec
     assert not keys & set(monitor_defaults)  # the index splits as the run's spec (or dataset.yaml) says
-    assert DatasetSpec().spec_version == SPEC_VERSION == 1
+    assert DatasetSpec().spec_version == SPEC_VERSION == 2
 
 
 def test_spec_defaults_are_the_seed_values():
@@ -156,8 +156,8 @@ def test_the_area_is_given_exactly_one_valid_way(kwargs, match):
     ("collection", " ", "collection is empty"),
     ("gpkg_fingerprint", "", "gpkg_fingerprint is empty"),
     ("class_map", "", "class_map is empty"),
-    ("spec_version", 0, "spec_version must be 1..1"),
-    ("spec_version", 2, "newer than this cropchips reads.*upgrade cropchips"),
+    ("spec_version", 0, "spec_version must be 1..2"),
+    ("spec_version", 3, "newer than this cropchips reads.*upgrade cropchips"),
 ])
 def test_bad_values_are_config_errors_that_say_what_to_change(name, value, match):
     with pytest.raises(ConfigError, match=match) as caught:
@@ -231,8 +231,8 @@ def test_unknown_keys_are_named_with_the_closest_valid_one(key, match):
 
 
 def test_a_newer_spec_version_asks_for_an_upgrade_before_complaining_about_its_keys():
-    with pytest.raises(ConfigError, match=r"spec_version 2 is newer than this cropchips reads \(1\).*upgrade"):
-        DatasetSpec.from_yaml("spec_version: 2\nsource: landsat-c2-l2\n")
+    with pytest.raises(ConfigError, match=r"spec_version 3 is newer than this cropchips reads \(2\).*upgrade"):
+        DatasetSpec.from_yaml("spec_version: 3\nsource: landsat-c2-l2\n")
 
 
 def test_class_map_file_is_read_into_the_content(tmp_path):
@@ -262,14 +262,16 @@ def test_class_map_file_errors_name_the_file(tmp_path):
 def _expected_dict(**changes) -> dict:
     """The default spec's dictionary, written out here rather than taken from the code under test."""
     values = {
-        "spec_version": 1, "start_x": -5.8, "start_y": 37.2, "x_cells": 10, "y_cells": 10, "bbox": None, "aoi": None,
+        "spec_version": 2, "start_x": -5.8, "start_y": 37.2, "x_cells": 10, "y_cells": 10, "bbox": None, "aoi": None,
         "grid_step": 0.05, "min_polygons": 5, "layer": None, "collection": "sentinel-2-l2a",
         "datetime": "2023-05-15/2023-06-30", "max_cloud": 10.0, "max_task_scenes": 0, "max_scenes": 0,
         "bands": ["B02", "B03", "B04", "B08", "B05", "B06", "B07", "B8A", "B11", "B12"],
         "resolution": 10.0, "chip_size": 256, "max_chips_per_cell": 5, "composite": "median",
         "harmonize": True, "clear_classes": [4, 5, 6], "min_clear_fraction": 0.9, "max_nodata_fraction": 0.0,
         "format": "gtiff", "class_map": PACKAGED_CSV, "split_block_size": 10000.0, "split_ratios": [0.8, 0.1, 0.1],
-        "gpkg_fingerprint": None,
+        "gpkg_fingerprint": None, "cloud_buffer_px": 0, "chip_placement": "fields", "max_chip_overlap": 0.25,
+        "min_labelled_fraction": 0.0, "temporal_period": None, "min_valid_bins": 1, "unmapped_label": 255,
+        "labels": ["classes"],
     }
     values.update(changes)
     return values
@@ -327,8 +329,9 @@ def test_the_dictionary_and_its_json_read_back_equal():
 DEFAULT_YAML_KEYS = [
     "spec_version", "start_x", "start_y", "x_cells", "y_cells", "grid_step", "min_polygons", "layer", "collection",
     "datetime", "max_cloud", "max_task_scenes", "max_scenes", "bands", "resolution", "chip_size", "max_chips_per_cell", "composite",
-    "harmonize", "clear_classes", "min_clear_fraction", "max_nodata_fraction", "format",
-    "split_block_size", "split_ratios", "gpkg_fingerprint", "class_map",
+    "harmonize", "clear_classes", "min_clear_fraction", "max_nodata_fraction", "format", "cloud_buffer_px",
+    "chip_placement", "max_chip_overlap", "min_labelled_fraction", "temporal_period", "min_valid_bins",
+    "unmapped_label", "labels", "split_block_size", "split_ratios", "gpkg_fingerprint", "class_map",
 ]
 
 
@@ -340,7 +343,7 @@ def test_the_default_yaml_has_one_key_per_line_and_the_class_map_as_a_block():
     text = DatasetSpec().to_yaml()
     assert _top_level_keys(text) == DEFAULT_YAML_KEYS
     lines = text.splitlines()
-    assert lines[0].startswith("#") and lines[1] == "spec_version: 1"
+    assert lines[0].startswith("#") and lines[1] == "spec_version: 2"
     assert "chip_size: 256" in lines and "composite: median" in lines and "harmonize: true" in lines
     assert "split_ratios: [0.8, 0.1, 0.1]" in lines and "layer: null" in lines
     assert "bands: [B02, B03, B04, B08, B05, B06, B07, B8A, B11, B12]" in lines

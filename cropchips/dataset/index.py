@@ -30,7 +30,7 @@ from cropchips.raster.write import IMAGES_DIR, MASKS_DIR, METADATA_DIR
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.parquet"
-SPLITS = ("train", "val", "test")
+from cropchips.queue.messages import SPLITS
 
 
 @dataclass(frozen=True)

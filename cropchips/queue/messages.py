@@ -29,7 +29,10 @@ from cropchips.errors import ConfigError, MessageError
 if TYPE_CHECKING:
     from cropchips.spec import DatasetSpec
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+
+#: The splits of a dataset, in this order.
+SPLITS = ("train", "val", "test")
 
 #: At most this many assets per scene (Sentinel-2 L2A carries 11; which ones is its source's business).
 MAX_SCENE_ASSETS = 64
@@ -153,6 +156,8 @@ class Task:
     force: bool = False
     """Redo the cell even if its outputs are complete, and replace the output folder's dataset spec
     if it differs (``master.py --force``)."""
+    split: str | None = None
+    """The split (train, val or test) the master gave the cell's block; every chip of the cell is in it."""
     schema_version: int = SCHEMA_VERSION
     """Version of this schema."""
 
@@ -164,6 +169,7 @@ class Task:
         object.__setattr__(self, "scenes", tuple(self.scenes))
         object.__setattr__(self, "spec", _spec(self.spec, "task"))
         _require(isinstance(self.force, bool), "task force must be true or false")
+        _require(self.split is None or self.split in SPLITS, f"task split must be one of {SPLITS}, got {self.split!r}")
 
     @staticmethod
     def make_id(cell: Cell, scenes: tuple[Scene, ...] | list[Scene]) -> str:
@@ -245,10 +251,21 @@ class ChipRecord:
     dataset_id: str = ""
     """:meth:`~cropchips.spec.DatasetSpec.dataset_id` of the spec the chip was made with (the folder's
     ``dataset.yaml`` holds that spec)."""
+    split: str = ""
+    """train, val or test: the split of the chip's cell (empty for chips of cropchips < 0.3)."""
+    layers: dict[str, str] = field(default_factory=dict)
+    """Label layer -> its file relative to the output directory: ``classes`` (the mask), and ``instances``
+    and ``boundaries`` when the spec asks for them."""
+    bin_dates: tuple[str, ...] = ()
+    """With a temporal_period: the first day (YYYY-MM-DD) of each time bin, in image order."""
+    bin_clear_fractions: tuple[float, ...] = ()
+    """Per bin: the share of the chip's pixels with a clear observation in it."""
+    bin_valid: tuple[bool, ...] = ()
+    """Per bin: does its clear share reach the spec's min_clear_fraction."""
 
     def __post_init__(self) -> None:
         # JSON gives lists: normalise so that a decoded record equals the one encoded.
-        for name in ("bounds", "scenes", "bands"):
+        for name in ("bounds", "scenes", "bands", "bin_dates", "bin_clear_fractions", "bin_valid"):
             _require(isinstance(getattr(self, name), (list, tuple)), f"chip {name} must be a list")
             object.__setattr__(self, name, tuple(getattr(self, name)))
         for name in ("name", "image", "mask", "crs"):
@@ -263,6 +280,15 @@ class ChipRecord:
         _require(isinstance(self.dataset_id, str), "chip dataset_id must be a string")
         _require(isinstance(self.format, str), "chip format must be a string")
         _require(_finite(self.resolution, "chip resolution") > 0, "chip resolution must be > 0")
+        _require(self.split in ("", *SPLITS), f"chip split must be one of {SPLITS}, got {self.split!r}")
+        _require(isinstance(self.layers, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                        for k, v in self.layers.items()),
+                 "chip layers must map layer names to paths")
+        _require(len(self.bin_dates) == len(self.bin_clear_fractions) == len(self.bin_valid)
+                 and all(isinstance(d, str) for d in self.bin_dates)
+                 and all(isinstance(v, bool) for v in self.bin_valid), "chip bins must be lists of equal length")
+        for value in self.bin_clear_fractions:
+            _finite(value, "chip bin clear fraction")
 
 
 def compact_chip(record: ChipRecord) -> ChipRecord:

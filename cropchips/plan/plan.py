@@ -19,6 +19,7 @@ from shapely.geometry.base import BaseGeometry
 from cropchips.errors import ConfigError, InputDataError
 from cropchips.fields.gpkg import FieldLayer, layer_fingerprint, open_layer, read_points
 from cropchips.plan.grid import Grid
+from cropchips.plan.splits import assign_splits, block_cells
 from cropchips.queue.kafka import DEFAULT_RETENTION_MS, KafkaSettings
 from cropchips.queue.messages import MAX_MESSAGE_BYTES, RunHeader, Scene, Task, encode
 from cropchips.sources.stac import DEFAULT_STAC_API, filter_items, load_items_file, scenes_for_cell, search_stac, to_scenes
@@ -181,6 +182,10 @@ def make_plan(options: MasterOptions) -> Plan:
             f"{spec.max_cloud}%. Widen --datetime, raise --max-cloud or check --collection.")
 
     run_id = options.run_id or new_run_id()
+    splits = assign_splits(kept, grid, spec.split_block_size, spec.split_ratios)
+    shares = Counter(splits.values())
+    log.info("splits of %d-cell blocks: %s cells", block_cells(spec.split_block_size, grid.step) ** 2,
+             ", ".join(f"{s} {shares.get(s, 0)}" for s in ("train", "val", "test")))
     tasks = []
     capped = 0
     for cell in kept:
@@ -191,7 +196,7 @@ def make_plan(options: MasterOptions) -> Plan:
             cell_scenes = least_cloudy(cell_scenes, spec.max_task_scenes)
             capped += 1
         tasks.append(Task(run_id=run_id, task_id=Task.make_id(cell, cell_scenes), cell=cell, scenes=tuple(cell_scenes),
-                          spec=spec, force=options.force))
+                          spec=spec, force=options.force, split=splits[cell.id]))
     if capped:
         log.info("%d tasks keep only their %d least cloudy scenes (--max-task-scenes)", capped, spec.max_task_scenes)
     check_task_sizes(tasks, options.max_task_bytes)

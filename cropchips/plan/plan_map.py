@@ -9,6 +9,7 @@ the grid, its geometry the cell's box (:attr:`~cropchips.queue.messages.Cell.bbo
   ``outside_aoi``), decided as :func:`cropchips.plan.plan.make_plan` decides it;
 * ``polygons``: field polygons in the cell (representative points, half-open cells: the plan's own counts);
 * ``scenes``: scenes in the cell's task (0 for a dropped cell);
+* ``split``: ``train``, ``val`` or ``test``, the split the master gave the cell's block (null for a dropped cell);
 * ``est_chips``: ``min(max_chips_per_cell, polygons)`` for a task with scenes, else 0. An upper
   bound: chips too cloudy or outside the scenes' data are not written;
 * ``est_fetch_bytes``: the bytes a worker fetches for the task, estimated as::
@@ -88,6 +89,8 @@ class CellPlan:
     """Chips the task may write at most (0 if dropped or without scenes)."""
     est_fetch_bytes: int
     """Estimated bytes the worker fetches for the task (see the module docstring)."""
+    split: str | None = None
+    """The split of the cell's task (None if dropped)."""
 
     def feature(self) -> dict[str, Any]:
         """The cell as a GeoJSON Feature, its box a counter-clockwise ring (RFC 7946, 3.1.6)."""
@@ -97,7 +100,8 @@ class CellPlan:
                 "geometry": {"type": "Polygon", "coordinates": [ring]},
                 "properties": {"cell_id": self.cell.id, "row": self.cell.row, "col": self.cell.col,
                                "status": self.status, "polygons": self.polygons, "scenes": self.scenes,
-                               "est_chips": self.est_chips, "est_fetch_bytes": self.est_fetch_bytes}}
+                               "split": self.split, "est_chips": self.est_chips,
+                               "est_fetch_bytes": self.est_fetch_bytes}}
 
 
 @dataclass(frozen=True)
@@ -175,7 +179,7 @@ def build_plan_map(plan: Plan, counts: np.ndarray, aoi: BaseGeometry | None = No
         n = len(task.scenes)
         # A task without scenes reports no_scenes and writes nothing.
         chips = min(spec.max_chips_per_cell, polygons) if n else 0
-        cells.append(CellPlan(cell, TASK, polygons, n, chips, estimate_fetch_bytes(cell, n, spec)))
+        cells.append(CellPlan(cell, TASK, polygons, n, chips, estimate_fetch_bytes(cell, n, spec), task.split))
     return PlanMap(run_id=plan.run_id, dataset_id=spec.dataset_id(), bbox=grid.bbox, cells=tuple(cells))
 
 

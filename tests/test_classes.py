@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cropchips.fields.classes import CLASS_NAMES, DEFAULT_CLASS_MAP_PATH, ClassMap, load_class_map
+from cropchips.fields.classes import (CLASS_NAMES, DEFAULT_CLASS_MAP_PATH, IGNORE_LABEL, LABEL_NAMES, MAX_CLASS_ID,
+                                      ClassMap, load_class_map)
 from cropchips.errors import ConfigError
 
 SHARED_EUROCROPS = Path(__file__).resolve().parents[2] / "shared" / "data" / "eurocrops"
@@ -123,6 +124,9 @@ def test_packaged_csv_is_documented() -> None:
     assert text.startswith("#")
     for class_id, name in CLASS_NAMES.items():
         assert f"{class_id} {name}" in text, f"header comment does not explain class {class_id}"
+    header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
+    for words in ("ignore", "255", "unmapped_label", LABEL_NAMES[IGNORE_LABEL]):
+        assert words in header, f"header comment does not explain {words}"
 
 
 # --- independent expectations ----------------------------------------------------------
@@ -456,7 +460,9 @@ def test_small_map_loads(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("body", "fragments"),
     [
-        (HEADER + "3303050000,olive_plantations,9\n", ["line 3", "class_id '9'", "0..8"]),
+        (HEADER + "3303050000,olive_plantations,9\n", ["line 3", "class_id '9'", "0..8", "ignore"]),
+        (HEADER + "3303050000,olive_plantations,255\n", ["line 3", "class_id '255'", "ignore"]),
+        (HEADER + "3303050000,olive_plantations,ignored\n", ["line 3", "class_id 'ignored'"]),
         (HEADER + "3303050000,olive_plantations,-1\n", ["line 3", "0..8"]),
         (HEADER + "3303050000,olive_plantations,one\n", ["line 3", "class_id 'one'"]),
         (
@@ -529,3 +535,148 @@ def test_class_names() -> None:
     assert sorted(CLASS_NAMES) == list(range(9))
     assert CLASS_NAMES[0] == "unlabelled"
     assert all(name.isidentifier() and name.islower() for name in CLASS_NAMES.values())
+    assert MAX_CLASS_ID == 8 and IGNORE_LABEL == 255
+    # Reports name every value a default mask holds: the classes and the ignore label.
+    assert sorted(LABEL_NAMES) == [*range(9), 255]
+    assert {k: v for k, v in LABEL_NAMES.items() if k != 255} == CLASS_NAMES
+    assert LABEL_NAMES[255].isidentifier() and "ignore" in LABEL_NAMES[255]
+
+
+# --- ignore rows -----------------------------------------------------------------------
+
+IGNORE_MAP = HEADER + """3301010000,cereals,5
+3301010600,grain_maize_corn_popcorn,ignore
+3301010601,grain_maize,
+3301010602,popcorn,2
+3302000000,pasture_meadow_grassland_grass,IGNORE
+3301010300,rye,0
+"""
+
+
+def test_ignore_rows_map_to_255(tmp_path: Path) -> None:
+    cmap = load_class_map(write(tmp_path, IGNORE_MAP))
+    assert cmap.class_of_code(3301010600) == 255
+    assert cmap.class_of_code(3301010699) == 255  # a descendant inherits ignore
+    assert cmap.class_of_code(3301010602) == 2  # a child rule overrides it
+    assert cmap.class_of_name("grain_maize") == 255  # a name-only row under an ignore rule
+    assert cmap.class_of_code(3302010000) == 255  # IGNORE in any case
+    assert cmap.class_of_code(3301010300) == 0  # 0 still means none of the classes
+    assert cmap.class_of_code(3301010100) == 5
+    assert cmap.class_of_code(3399000000) == 0  # no rule
+
+
+def test_classify_gives_unmapped_to_fields_of_no_class_and_255_to_ignored(tmp_path: Path) -> None:
+    cmap = load_class_map(write(tmp_path, IGNORE_MAP))
+    codes = pd.Series([3301010100, 3301010600, 3301010300, 3399000000, "garbage", None, 3301010602], dtype=object)
+    names = pd.Series([None, None, None, None, None, "grain_maize", None])
+    assert cmap.classify(codes, names).tolist() == [5, 255, 0, 0, 0, 255, 2]
+    assert cmap.classify(codes, names, unmapped=255).tolist() == [5, 255, 255, 255, 255, 255, 2]
+    assert cmap.classify(codes, names, unmapped=9).tolist() == [5, 255, 9, 9, 9, 255, 2]
+    for bad in (1, 8, 256, -1, True, 2.5):
+        with pytest.raises(ConfigError, match="unmapped"):
+            cmap.classify(codes, names, unmapped=bad)
+
+
+def test_class_map_accepts_the_ignore_label_only() -> None:
+    cmap = ClassMap(rules=(("3302", IGNORE_LABEL), ("33", 5)), names={"pasture": IGNORE_LABEL})
+    assert cmap.class_of_code(3302000000) == 255 and cmap.class_of_name("pasture") == 255
+    for bad in (9, 254, 256):
+        with pytest.raises(ConfigError, match="255"):
+            ClassMap(rules=(("3302", bad),), names={})
+
+
+# --- read_fields on the real parcels -----------------------------------------------------
+
+#: The HCAT3 codes of the 100 real Slovenian parcels, classed by hand from the header comment of
+#: hcat_classes.csv (None: none of the 8 classes).
+SI_CODE_CLASS = {
+    "3302000000": None,  # pasture_meadow_grassland_grass
+    "3301010600": None,  # grain_maize_corn_popcorn
+    "3301010401": 5,  # winter_barley
+    "3301090100": None,  # temporary_grass
+    "3301070000": 7,  # fresh_vegetables
+    "3301160000": 6,  # soy_soybeans
+    "3301010101": 5,  # winter_common_soft_wheat
+    "3301090303": None,  # clover
+    "3301090301": None,  # alfalfa_lucerne
+    "3301010102": 5,  # spring_common_soft_wheat
+    "3301011001": None,  # winter_spelt
+    "3301010801": 5,  # winter_triticale
+    "3301011501": None,  # winter_unspecified_cereals
+}
+
+
+@pytest.fixture(scope="module")
+def si_path() -> str:
+    return f"zip://{shared_data('SI_2021.zip')}"
+
+
+@pytest.fixture(scope="module")
+def si_expected(si_path: str) -> pd.DataFrame:
+    """The parcels' fid and HCAT3 code read with pyogrio here, and the class expected of the code."""
+    import pyogrio
+
+    frame = pyogrio.read_dataframe(si_path, columns=["EC_hcat_c", "EC_hcat_n"], fid_as_index=True)
+    assert set(frame["EC_hcat_c"]) == set(SI_CODE_CLASS), "the real parcels changed: update SI_CODE_CLASS"
+    frame["expected"] = frame["EC_hcat_c"].map(SI_CODE_CLASS)
+    frame.index = frame.index.astype(str)
+    return frame
+
+
+def whole_layer_bbox() -> tuple[float, float, float, float]:
+    return (15.5, 45.9, 15.8, 46.2)  # the parcels lie in 15.60..15.74 E, 45.98..46.15 N
+
+
+def test_read_fields_labels_real_parcels_of_no_class_255(si_path: str, si_expected: pd.DataFrame,
+                                                         class_map: ClassMap) -> None:
+    from cropchips.fields.gpkg import open_layer, read_fields
+
+    layer = open_layer(si_path)
+    fields = read_fields(layer, whole_layer_bbox(), class_map)
+    assert len(fields) == 100 and fields["class_id"].dtype == np.uint8
+    got = fields.set_index("field_id")["class_id"]
+    expected = si_expected["expected"].reindex(got.index)
+    assert expected.notna().sum() == 19 and expected.isna().sum() == 81  # 41 pastures, 32 maize, ...
+    assert (got[expected.isna()] == 255).all()
+    assert got[expected.notna()].tolist() == expected[expected.notna()].astype(int).tolist()
+    maize = si_expected.index[si_expected["EC_hcat_c"] == "3301010600"]
+    assert len(maize) == 32 and (got[maize] == 255).all()
+
+    # unmapped_label=0: the labels before cropchips 0.3, fields of no class drawn as background.
+    old = read_fields(layer, whole_layer_bbox(), class_map, unmapped_label=0).set_index("field_id")["class_id"]
+    assert old.tolist() == expected.reindex(old.index).fillna(0).astype(int).tolist()
+    with pytest.raises(ConfigError, match="unmapped"):
+        read_fields(layer, whole_layer_bbox(), class_map, unmapped_label=3)
+
+
+def test_read_fields_with_ignore_rows_and_broken_codes(si_path: str, si_expected: pd.DataFrame,
+                                                       tmp_path: Path) -> None:
+    """A GeoPackage copy of the real parcels where some codes are missing or garbage, read with a class
+    map that ignores pasture."""
+    import geopandas as gpd
+
+    from cropchips.fields.gpkg import open_layer, read_fields
+
+    parcels = gpd.read_file(si_path)
+    pasture = parcels.index[parcels["EC_hcat_c"] == "3302000000"]
+    barley = parcels.index[parcels["EC_hcat_c"] == "3301010401"]
+    maize = parcels.index[parcels["EC_hcat_c"] == "3301010600"]
+    parcels.loc[barley[:2], "EC_hcat_c"] = None  # its name still says winter_barley: 5
+    parcels.loc[maize[:2], "EC_hcat_c"] = "not a code"
+    parcels.loc[maize[:2], "EC_hcat_n"] = None  # nothing usable: unmapped
+    gpkg = tmp_path / "si.gpkg"
+    parcels.to_file(gpkg, layer="si", driver="GPKG", engine="pyogrio")
+    text = DEFAULT_CLASS_MAP_PATH.read_text(encoding="utf-8") + "3302000000,pasture_meadow_grassland_grass,ignore\n"
+    cmap = load_class_map(write(tmp_path, text))
+
+    layer = open_layer(gpkg, "si")
+    for unmapped in (0, 255, 200):
+        got = read_fields(layer, whole_layer_bbox(), cmap, unmapped_label=unmapped)
+        # A GeoPackage numbers features from 1, in the order written.
+        by_row = got.assign(row=got["field_id"].astype(int) - 1).set_index("row")["class_id"]
+        assert (by_row[pasture] == 255).all(), "ignore rows are 255 whatever unmapped_label is"
+        assert (by_row[barley] == 5).all()
+        assert (by_row[maize] == unmapped).all()
+        others = parcels.index.difference(pasture.union(barley).union(maize))
+        expected = parcels.loc[others, "EC_hcat_c"].map(SI_CODE_CLASS).fillna(unmapped).astype(int)
+        assert by_row[others].tolist() == expected.tolist()

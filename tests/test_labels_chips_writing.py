@@ -16,7 +16,8 @@ from cropchips.queue.messages import Cell
 from cropchips.sources.sentinel2 import BANDS
 from cropchips.raster.grid import TargetGrid
 from cropchips.output.storage import TMP_PREFIX, remove_stale_temporaries
-from cropchips.raster.write import write_chip
+from cropchips.raster.write import (BOUNDARIES_DIR, INSTANCES_DIR, LAYER_DIRS, MASKS_DIR, OUTPUT_SUBDIRS,
+                                    write_chip, write_layers)
 
 
 @pytest.fixture(scope="module")
@@ -106,9 +107,12 @@ def test_chips_outside_valid_data_or_grid_are_skipped_and_counted(parcels):
                                 reject=lambda w: None if valid[w.slices()].all() else "nodata")
     assert skipped["nodata"] > 0 and chips
     assert all(valid[c.slices()].all() for c in chips)
-    small = TargetGrid(epsg=grid.epsg, transform=grid.transform, width=40, height=40)
-    chips, skipped = plan_chips(parcels, cell, small, chip_size=32, max_chips=100)
-    assert skipped["outside_grid"] > 0
+    # A grid covering only a corner of the cell: chips are shifted onto it, and the fields they then
+    # miss are skipped as "edge" (a real task's grid always holds its cell).
+    small = TargetGrid(epsg=grid.epsg, transform=grid.transform, width=80, height=80)
+    chips, skipped = plan_chips(parcels, cell, small, chip_size=32, max_chips=100, max_overlap=1.0)
+    assert skipped["edge"] > 0
+    assert all(0 <= c.row and c.row + 32 <= 80 and 0 <= c.col and c.col + 32 <= 80 for c in chips)
 
 
 def test_write_chip_profile_and_atomicity(tmp_path):
@@ -124,6 +128,8 @@ def test_write_chip_profile_and_atomicity(tmp_path):
         assert np.array_equal(src.read(), image)
     with rasterio.open(tmp_path / mask_rel) as src:
         assert src.count == 1 and src.dtypes[0] == "uint8" and np.array_equal(src.read(1), mask)
+        # 0 is "no field", a real label: the mask declares 255 (ignore) as nodata, never 0.
+        assert src.nodata == 255 and src.descriptions == ("class",)
     assert not list(tmp_path.rglob(f"{TMP_PREFIX}*"))
     with pytest.raises(ValueError):
         write_chip(tmp_path, "bad", image[:3], mask, crs="EPSG:32630", transform=transform)
@@ -191,3 +197,96 @@ def test_transient_write_errors_are_retried(tmp_path, monkeypatch, caplog):
     with pytest.raises(PermissionError):
         write_chip(tmp_path, "c-chip01", image, np.ones((16, 16), "uint8"), crs="EPSG:32630",
                    transform=Affine(10, 0, 0, 0, -10, 0))
+
+
+def test_write_layers_writes_instances_and_boundaries_without_nodata(tmp_path):
+    rng = np.random.default_rng(1)
+    instances = rng.integers(0, 70000, (48, 48), dtype="uint32")  # ids beyond uint16
+    boundaries = rng.integers(0, 3, (48, 48), dtype="uint8")
+    transform = Affine(10, 0, 300000, 0, -10, 4100000)
+    paths = write_layers(tmp_path, "cell-chip03", {"instances": instances, "boundaries": boundaries},
+                         crs="EPSG:32630", transform=transform)
+    assert paths == {"instances": "instances/cell-chip03.tif", "boundaries": "boundaries/cell-chip03.tif"}
+    for layer, array, dtype, description in (("instances", instances, "uint32", "instance"),
+                                             ("boundaries", boundaries, "uint8", "boundary")):
+        with rasterio.open(tmp_path / paths[layer]) as src:
+            assert src.count == 1 and src.dtypes[0] == dtype and src.descriptions == (description,)
+            assert src.nodata is None  # 0 = no field / background is a value, not a gap
+            assert src.crs.to_epsg() == 32630 and src.transform == transform
+            assert np.array_equal(src.read(1), array)
+    assert not list(tmp_path.rglob(f"{TMP_PREFIX}*"))
+    assert {"instances", "boundaries"} <= set(OUTPUT_SUBDIRS) and INSTANCES_DIR in OUTPUT_SUBDIRS
+    assert LAYER_DIRS == {"classes": MASKS_DIR, "instances": INSTANCES_DIR, "boundaries": BOUNDARIES_DIR}
+    # The classes layer may be given too: it is the mask, as write_chip writes it.
+    mask = rng.integers(0, 9, (48, 48), dtype="uint8")
+    assert write_layers(tmp_path, "cell-chip04", {"classes": mask}, crs="EPSG:32630",
+                        transform=transform) == {"classes": "masks/cell-chip04.tif"}
+    with rasterio.open(tmp_path / "masks" / "cell-chip04.tif") as src:
+        assert src.nodata == 255 and np.array_equal(src.read(1), mask)
+
+
+@pytest.mark.parametrize(("layers", "match"), [
+    ({"instances": np.zeros((8, 8), "uint16")}, "uint32"),
+    ({"boundaries": np.zeros((8, 8), "uint32")}, "uint8"),
+    ({"boundaries": np.full((8, 8), 3, "uint8")}, "0 background"),
+    ({"instances": np.zeros((8, 8), "uint32"), "boundaries": np.zeros((8, 9), "uint8")}, "differ in shape"),
+    ({"parcels": np.zeros((8, 8), "uint8")}, "unknown label layer"),
+    ({"instances": np.zeros((1, 8, 8), "uint32")}, "rows, cols"),
+])
+def test_write_layers_refuses_bad_layers(tmp_path, layers, match):
+    with pytest.raises(ValueError, match=match):
+        write_layers(tmp_path, "c-chip00", layers, crs="EPSG:32630", transform=Affine(10, 0, 0, 0, -10, 0))
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+def test_cog_label_layers_have_majority_overviews(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    # Four fields in 2 x 2 pixel checks at one corner and big blocks elsewhere: averaging would invent ids.
+    instances = np.zeros((256, 256), dtype="uint32")
+    instances[:128, :128], instances[:128, 128:], instances[128:, :128] = 100001, 7, 65
+    instances[128:, 128:] = np.where((np.indices((128, 128)).sum(axis=0) // 2) % 2, 3, 900000)
+    boundaries = np.where(instances == 3, 2, 1).astype("uint8")
+    paths = write_layers(tmp_path, "c-chip00", {"instances": instances, "boundaries": boundaries},
+                         crs="EPSG:32630", transform=Affine(10, 0, 300000, 0, -10, 4100000), fmt="cog")
+    rio = [str(Path(sys.executable).parent / "rio")]
+    for layer, array in (("instances", instances), ("boundaries", boundaries)):
+        checked = subprocess.run([*rio, "cogeo", "validate", str(tmp_path / paths[layer])], capture_output=True,
+                                 text=True)
+        assert "is a valid cloud optimized GeoTIFF" in checked.stdout, checked.stdout + checked.stderr
+        with rasterio.open(tmp_path / paths[layer]) as src:
+            assert src.overviews(1) == [2] and src.nodata is None
+            overview = src.read(1, out_shape=(128, 128))
+            assert set(np.unique(overview)) <= set(np.unique(array))  # mode: no invented ids or codes
+            assert overview[10, 10] == array[10, 10] and overview[10, 100] == array[10, 200]
+
+
+def test_stale_layer_files_are_removed(tmp_path):
+    from cropchips.output.manifest import chip_files, remove_other_chips
+    from cropchips.output.storage import open_storage
+
+    storage = open_storage(tmp_path)
+    for folder in ("images", "masks", "instances", "boundaries", "metadata"):
+        (tmp_path / folder).mkdir()
+        for chip in ("c-chip00", "c-chip01", "d-chip00"):
+            (tmp_path / folder / f"{chip}.{'json' if folder == 'metadata' else 'tif'}").write_bytes(b"x")
+    # An earlier run made two chips of cell c; this one keeps chip00, with classes only.
+    assert remove_other_chips(storage, "c", keep={"c-chip00"}, layers=("classes",)) == 5 + 2
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.*"))
+    assert left == ["boundaries/d-chip00.tif", "images/c-chip00.tif", "images/d-chip00.tif",
+                    "instances/d-chip00.tif", "masks/c-chip00.tif", "masks/d-chip00.tif",
+                    "metadata/c-chip00.json", "metadata/d-chip00.json"]
+    # Without layers, a kept chip keeps every layer file; other chips lose theirs.
+    assert remove_other_chips(storage, "d", keep={"d-chip00"}) == 0
+    assert remove_other_chips(storage, "d", keep=set()) == 5
+    with pytest.raises(ValueError, match="unknown label layer"):
+        remove_other_chips(storage, "c", keep=set(), layers=("parcels",))
+    chip = {"name": "c-chip00", "image": "images/c-chip00.tif", "mask": "masks/c-chip00.tif",
+            "layers": {"classes": "masks/c-chip00.tif", "instances": "instances/c-chip00.tif",
+                       "boundaries": "boundaries/c-chip00.tif"}}
+    assert chip_files(chip) == ("images/c-chip00.tif", "masks/c-chip00.tif", "boundaries/c-chip00.tif",
+                                "instances/c-chip00.tif", "metadata/c-chip00.json")
+    assert chip_files({**chip, "layers": {}}) == ("images/c-chip00.tif", "masks/c-chip00.tif",
+                                                  "metadata/c-chip00.json")

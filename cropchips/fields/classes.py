@@ -1,4 +1,4 @@
-"""Map EuroCrops HCAT3 crop codes and names to the 8 training classes (0 = unlabelled)."""
+"""Map EuroCrops HCAT3 crop codes and names to the 8 training classes (0 = unlabelled, 255 = ignore)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,17 @@ CLASS_NAMES: dict[int, str] = {
     7: "vegetables",
     8: "fallow_bare_arable",
 }
-MAX_CLASS_ID = max(CLASS_NAMES)
+"""The training classes: 0 (none of them) and 1..8. Masks may also hold :data:`IGNORE_LABEL`."""
+#: The highest training class id (a spec's ``unmapped_label`` must be 0 or above it).
+MAX_CLASS_ID = 8
+#: The label of a field that must not be learned from: a class map row ``ignore``, and by default
+#: (``DatasetSpec.unmapped_label``) a field whose crop is none of the classes or unknown. Loss
+#: functions skip it (``ignore_index=255``); the classes mask declares it as nodata.
+IGNORE_LABEL = 255
+#: The word a class map CSV writes in ``class_id`` for :data:`IGNORE_LABEL`.
+IGNORE_WORD = "ignore"
+#: Every value a classes mask can hold by default, named for reports: the classes and 255.
+LABEL_NAMES: dict[int, str] = {**CLASS_NAMES, IGNORE_LABEL: "unmapped_ignore"}
 
 DEFAULT_CLASS_MAP_PATH: Path = Path(__file__).parent / "data" / "hcat_classes.csv"
 REQUIRED_COLUMNS: tuple[str, ...] = ("hcat3_code", "hcat3_name", "class_id")
@@ -76,7 +86,7 @@ def _normal_name(name: str) -> str:
 
 @dataclass(frozen=True)
 class ClassMap:
-    """HCAT3 code prefix rules and HCAT3 names, each mapped to a class id 0..8."""
+    """HCAT3 code prefix rules and HCAT3 names, each mapped to a class id 0..8 or 255 (ignore)."""
 
     rules: tuple[tuple[str, int], ...]
     """(code prefix, class_id); the longest prefix matching a code wins, no match is 0."""
@@ -117,7 +127,8 @@ class ClassMap:
         return _NOT_PARSED if digits is None else self._class_of_digits(digits)
 
     def class_of_code(self, code: Any) -> int:
-        """Class of an HCAT3 code (int, float or str); 0 for unknown, missing or bad codes."""
+        """Class of an HCAT3 code (int, float or str): 1..8, 255 for an ``ignore`` rule, 0 for a
+        code of none of the classes, and for unknown, missing or bad codes."""
         return max(self._parsed_class_of_code(code), 0)
 
     def class_of_name(self, name: Any) -> int:
@@ -126,12 +137,16 @@ class ClassMap:
             return 0
         return self._by_name.get(_normal_name(name), 0)
 
-    def classify(self, codes: Any, names: Any = None) -> np.ndarray:
+    def classify(self, codes: Any, names: Any = None, *, unmapped: int = 0) -> np.ndarray:
         """Classes of many records as uint8: by code, by name where the code is missing or bad.
 
         ``codes`` and ``names`` are 1-D (pandas Series, numpy arrays, lists) of equal length
         and are matched by position, not by index. Work is done once per distinct value.
+        A record of none of the classes (a rule with class_id 0, a code no rule covers, no
+        usable code nor name) gets ``unmapped``: 0 (no field) or 9..255, typically
+        :data:`IGNORE_LABEL`; ``ignore`` rows give :data:`IGNORE_LABEL` whatever ``unmapped`` is.
         """
+        check_unmapped_label(unmapped)
         code_values = _as_series(codes, "codes")
         result = _map_distinct(code_values, self._parsed_class_of_code)
         unresolved = result == _NOT_PARSED
@@ -144,13 +159,24 @@ class ClassMap:
                 )
             picked = pd.Series(name_values.to_numpy(dtype=object)[unresolved])
             result[unresolved] = _map_distinct(picked, self.class_of_name)
-        result[result == _NOT_PARSED] = 0
+        result[(result == _NOT_PARSED) | (result == 0)] = unmapped
         return result.astype(np.uint8)
 
 
+def check_unmapped_label(value: Any) -> int:
+    """``value`` if it can label fields of none of the classes (0, or 9..255), else ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not (
+            value == 0 or MAX_CLASS_ID < value <= IGNORE_LABEL):
+        raise ConfigError(f"unmapped label {value!r} is not 0 (no field) nor {MAX_CLASS_ID + 1}..{IGNORE_LABEL} "
+                          f"({IGNORE_LABEL}: the ignore index); a class id 1..{MAX_CLASS_ID} would mislabel fields")
+    return int(value)
+
+
 def _check_class_id(class_id: Any, what: str) -> None:
-    if isinstance(class_id, bool) or not isinstance(class_id, numbers.Integral) or not 0 <= class_id <= MAX_CLASS_ID:
-        raise ConfigError(f"{what} has class_id {class_id!r}; use an integer 0..{MAX_CLASS_ID} (see CLASS_NAMES)")
+    if isinstance(class_id, bool) or not isinstance(class_id, numbers.Integral) or not (
+            0 <= class_id <= MAX_CLASS_ID or class_id == IGNORE_LABEL):
+        raise ConfigError(f"{what} has class_id {class_id!r}; use an integer 0..{MAX_CLASS_ID} (see CLASS_NAMES) "
+                          f"or {IGNORE_LABEL} (IGNORE_LABEL)")
 
 
 def _as_series(values: Any, what: str) -> pd.Series:
@@ -241,14 +267,18 @@ def load_class_map(path: str | Path | None = None) -> ClassMap:
             name_only.append((lineno, code, name))
             named.append((name, code, None))
             continue
-        if not (raw_class.isascii() and raw_class.isdigit()) or int(raw_class) > MAX_CLASS_ID:
+        if raw_class.lower() == IGNORE_WORD:
+            class_id = IGNORE_LABEL
+        elif raw_class.isascii() and raw_class.isdigit() and int(raw_class) <= MAX_CLASS_ID:
+            class_id = int(raw_class)
+        else:
             raise ConfigError(
-                f"{where}: class_id {raw_class!r} is outside 0..{MAX_CLASS_ID}; use 0 (unlabelled) or "
-                f"1..{MAX_CLASS_ID} (see the header comment of {DEFAULT_CLASS_MAP_PATH.name}), "
-                "or leave it empty for a name-only row"
+                f"{where}: class_id {raw_class!r} is outside 0..{MAX_CLASS_ID}; use 0 (none of the classes), "
+                f"1..{MAX_CLASS_ID} or {IGNORE_WORD} (label {IGNORE_LABEL}, never learned; see the header comment "
+                f"of {DEFAULT_CLASS_MAP_PATH.name}), or leave it empty for a name-only row"
             )
-        rules.append((rule_prefix(code), int(raw_class)))
-        named.append((name, code, int(raw_class)))
+        rules.append((rule_prefix(code), class_id))
+        named.append((name, code, class_id))
 
     if columns is None:
         raise ConfigError(
@@ -263,7 +293,8 @@ def load_class_map(path: str | Path | None = None) -> ClassMap:
                 "rule row covers it; give it a class_id or add a rule row for one of its parents"
             )
     if not rules:
-        raise ConfigError(f"class map {source} has no rule rows; give at least one row a class_id 0..{MAX_CLASS_ID}")
+        raise ConfigError(f"class map {source} has no rule rows; give at least one row a class_id "
+                          f"0..{MAX_CLASS_ID} or {IGNORE_WORD}")
 
     names = {
         _normal_name(name): by_rules.class_of_code(code) if class_id is None else class_id

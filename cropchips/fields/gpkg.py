@@ -16,6 +16,7 @@ import shapely
 from pyproj import CRS, Transformer
 
 from cropchips.errors import InputDataError
+from cropchips.fields.classes import IGNORE_LABEL, MAX_CLASS_ID, check_unmapped_label
 
 if TYPE_CHECKING:
     from cropchips.fields.classes import ClassMap
@@ -114,9 +115,18 @@ def read_points(layer: FieldLayer, bbox_4326: tuple[float, float, float, float])
     return representative_lonlat(geoms, layer.crs)
 
 
-def read_fields(layer: FieldLayer, bbox_4326: tuple[float, float, float, float], class_map: ClassMap) -> gpd.GeoDataFrame:
-    """Polygons intersecting the box with ``field_id``, ``class_id`` (0..8), ``lon``/``lat`` of the
-    representative point, and ``geometry`` in the layer CRS."""
+def read_fields(layer: FieldLayer, bbox_4326: tuple[float, float, float, float], class_map: ClassMap,
+                unmapped_label: int = IGNORE_LABEL) -> gpd.GeoDataFrame:
+    """Polygons intersecting the box with ``field_id``, ``class_id``, ``lon``/``lat`` of the
+    representative point, and ``geometry`` in the layer CRS.
+
+    ``class_id`` is 1..8 for a field of a class, 255 (:data:`~cropchips.fields.classes.IGNORE_LABEL`)
+    for a field the class map marks ``ignore``, and ``unmapped_label`` for a field of none of the
+    classes: its code maps to 0, no rule covers it, or neither its code nor its name can be used.
+    ``unmapped_label`` is 255 (ignore, the default) or 0 (draw such fields as background, the
+    behaviour before cropchips 0.3), or another value 9..254.
+    """
+    check_unmapped_label(unmapped_label)
     frame = pyogrio.read_dataframe(layer.path, layer=layer.layer, columns=list(layer.columns),
                                    bbox=bbox_in_crs(bbox_4326, layer.crs), fid_as_index=True)
     frame = frame[~frame.geometry.is_empty & frame.geometry.notna()]
@@ -124,8 +134,12 @@ def read_fields(layer: FieldLayer, bbox_4326: tuple[float, float, float, float],
     names = frame[NAME_COLUMN] if NAME_COLUMN in frame else None
     if codes is None:
         codes = np.full(len(frame), None, dtype=object)
-    class_id = class_map.classify(codes, names) if len(frame) else np.empty(0, dtype="uint8")
+    class_id = (class_map.classify(codes, names, unmapped=unmapped_label) if len(frame)
+                else np.empty(0, dtype="uint8"))
     lon, lat = representative_lonlat(frame.geometry.values, layer.crs) if len(frame) else (np.empty(0), np.empty(0))
+    of_a_class = int(((class_id >= 1) & (class_id <= MAX_CLASS_ID)).sum())
+    log.debug("%d fields read, %d of a class, the others labelled %d (unmapped) or %d (ignore)",
+              len(frame), of_a_class, unmapped_label, IGNORE_LABEL)
     out = gpd.GeoDataFrame(
         {"field_id": [str(i) for i in frame.index], "class_id": np.asarray(class_id, dtype="uint8"),
          "lon": lon, "lat": lat},

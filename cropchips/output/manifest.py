@@ -10,11 +10,12 @@ are removed. Only the holder of the cell's lease (:mod:`cropchips.output.leases`
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from typing import Any
 
 from cropchips.queue.messages import ChipRecord, check_safe_id
 from cropchips.output.storage import Storage
-from cropchips.raster.write import IMAGES_DIR, MANIFESTS_DIR, MASKS_DIR, METADATA_DIR
+from cropchips.raster.write import IMAGES_DIR, LAYER_DIRS, MANIFESTS_DIR, METADATA_DIR
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,11 @@ def manifest_path(cell_id: str) -> str:
 
 
 def chip_files(chip: dict[str, Any]) -> tuple[str, ...]:
-    """The files of one chip: image, mask and provenance sidecar."""
-    return (chip["image"], chip["mask"], f"{METADATA_DIR}/{chip['name']}.json")
+    """The files of one chip: image, mask, its other label layers (instances, boundaries) if it has
+    any, and provenance sidecar."""
+    layers = chip.get("layers") or {}
+    extra = tuple(rel for _, rel in sorted(layers.items()) if rel not in (chip["image"], chip["mask"]))
+    return (chip["image"], chip["mask"], *extra, f"{METADATA_DIR}/{chip['name']}.json")
 
 
 def write_manifest(storage: Storage, cell_id: str, body: dict[str, Any]) -> None:
@@ -83,12 +87,22 @@ def chips_from_manifest(body: dict[str, Any]) -> tuple[ChipRecord, ...]:
     return tuple(ChipRecord(**c) for c in body.get("chips", []))
 
 
-def remove_other_chips(storage: Storage, cell_id: str, keep: set[str]) -> int:
-    """Delete this cell's chip files that are not in ``keep`` (left by an earlier, different run)."""
+def remove_other_chips(storage: Storage, cell_id: str, keep: set[str], layers: Collection[str] | None = None) -> int:
+    """Delete this cell's chip files that are not in ``keep`` (left by an earlier, different run): images,
+    label layers (masks, instances, boundaries) and sidecars.
+
+    ``layers`` names the label layers this run writes (``DatasetSpec.labels``; None: keep every layer of
+    a kept chip): a kept chip's file of another layer, left by a run that made that layer, goes too."""
+    if layers is not None:
+        unknown = sorted(set(layers) - set(LAYER_DIRS))
+        if unknown:
+            raise ValueError(f"unknown label layer(s) {unknown}; the layers are {', '.join(LAYER_DIRS)}")
     removed = 0
-    for sub in (IMAGES_DIR, MASKS_DIR, METADATA_DIR):
+    folders = [(IMAGES_DIR, True), *((folder, layers is None or layer in layers or layer == "classes")
+                                     for layer, folder in LAYER_DIRS.items()), (METADATA_DIR, True)]
+    for sub, kept_layer in folders:
         for rel in storage.list(sub, f"{cell_id}-chip"):
-            if rel.rsplit("/", 1)[-1].rsplit(".", 1)[0] not in keep:
+            if not kept_layer or rel.rsplit("/", 1)[-1].rsplit(".", 1)[0] not in keep:
                 storage.delete(rel)
                 removed += 1
     if removed:

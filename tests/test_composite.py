@@ -42,6 +42,18 @@ def test_median_of_real_scenes_matches_reference(austria):
     assert (out[:, ~clear.any(axis=0)] == 0).all()
 
 
+@pytest.mark.parametrize("n_scenes", [1, 2, 5, 16, 17])
+def test_median_of_few_or_many_scenes_matches_reference(austria, n_scenes):
+    # 1 scene (a masked copy), 2..16 (a sorting network) and 17 (a full sort): the same medians.
+    rng = np.random.default_rng(n_scenes)
+    data = np.stack([np.roll(austria[k % 2], 3 * k, axis=-1) for k in range(n_scenes)])
+    clear = rng.random((n_scenes, *data.shape[2:])) < 0.6
+    out = median_composite(data, clear)
+    assert np.array_equal(out, reference_median(data, clear))
+    if n_scenes == 1:
+        assert np.array_equal(out[:, clear[0]], data[0][:, clear[0]]) and not out[:, ~clear[0]].any()
+
+
 def test_median_uses_scl_clear_classes_and_skips_empty_scenes(austria):
     data = np.concatenate([austria, np.zeros_like(austria[:1])], axis=0)  # an all-nodata third scene
     scl = np.full((3, *data.shape[2:]), 4, dtype="uint8")

@@ -2,18 +2,28 @@
 
 A spec's ``temporal_period`` (``P1M``, ``P15D``, ``P1W``, ``P1Y2M``...) cuts its ``datetime`` range
 into consecutive bins of whole days from the range's first day; the last bin ends with the range
-(and may be shorter). Every chip of the run has one image per bin, so every chip has the same T.
+(and may be shorter). Every chip of the run has one image per bin, so every chip has the same T:
+:func:`compose_bins` merges the scenes of one day (neighbouring tiles, overlapping orbits) into one
+observation, then composites each bin's days with a registered compositor; a bin without a scene
+is nodata.
 """
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import date, timedelta
 
+import numpy as np
 from dateutil.relativedelta import relativedelta
 
-from cropchips.errors import ConfigError
+from cropchips.errors import ConfigError, InputDataError
+from cropchips.raster.composite import COMPOSITORS, has_data
 from cropchips.sources.stac import parse_datetime_range
+
+log = logging.getLogger(__name__)
 
 #: At most this many bins (a daily series of a year and a bit): bounds the image and the messages.
 MAX_BINS = 400
@@ -62,3 +72,157 @@ def bin_index(bins: tuple[tuple[str, str], ...], day: str | date) -> int:
         if lo <= text < hi:
             return i
     return -1
+
+
+@dataclass(frozen=True)
+class Binned:
+    """A cell's stack as a fixed-shape time series: one composite per time bin (:func:`compose_bins`)."""
+
+    image: np.ndarray
+    """(bins x bands, rows, cols) uint16, bin-major (bin 0's bands, then bin 1's, ...); 0 = nodata."""
+    bin_clear: np.ndarray
+    """(bins, rows, cols) bool: the bin's image is a clear observation there (False in an empty bin)."""
+    clear_fraction: np.ndarray
+    """(rows, cols) float32: per pixel, the share of the bins with a clear observation."""
+    used: tuple[int, ...]
+    """Positions (into the stack given) of the scenes that contributed a pixel, ascending."""
+    bins: tuple[tuple[str, str], ...]
+    """The bins (first day, day after the last), as :func:`time_bins` gave them."""
+    bin_used: tuple[tuple[int, ...], ...]
+    """Per bin, the positions of the scenes that contributed to it, ascending (empty: an empty bin)."""
+
+    def descriptions(self, bands: Sequence[str]) -> tuple[str, ...]:
+        """Band descriptions of :attr:`image`: ``"<bin's first day> <band>"``, bin by bin."""
+        return tuple(f"{lo} {band}" for lo, _ in self.bins for band in bands)
+
+    def clear_bins(self, rows: slice, cols: slice, min_clear_fraction: float) -> int:
+        """How many bins are clear over at least ``min_clear_fraction`` of the window ``rows, cols``
+        (for the spec's ``min_valid_bins``)."""
+        window = self.bin_clear[:, rows, cols]
+        if window.shape[1] == 0 or window.shape[2] == 0:
+            return 0
+        return int((window.reshape(len(window), -1).mean(axis=1) >= min_clear_fraction).sum())
+
+
+def bin_methods() -> tuple[str, ...]:
+    """The registered compositors that make one image of a bin's days (``median``, ``least-cloudy``)."""
+    return tuple(name for name, method in COMPOSITORS.items() if not method.per_scene)
+
+
+def merge_day(data: np.ndarray, clear: np.ndarray,
+              valid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Merge the scenes of one day into one observation.
+
+    ``data`` (scenes, bands, rows, cols), ``clear`` and ``valid`` (scenes, rows, cols), in stack
+    order. Per pixel the first scene clear there is taken, else the first valid there (else nodata,
+    0). Returns the merged (bands, rows, cols) data, its clear (any clear) and valid (any valid)
+    masks, and ``pick`` (rows, cols): the scene taken per pixel, -1 where none is valid."""
+    merged = np.empty(data.shape[1:], dtype=data.dtype)
+    merged_clear = np.empty(clear.shape[1:], dtype=bool)
+    pick = _merge_into(merged, merged_clear, data, clear, valid, range(len(data)))
+    return merged, merged_clear, valid.any(axis=0), pick
+
+
+def _merge_into(out: np.ndarray, out_clear: np.ndarray, data: np.ndarray, clear: np.ndarray, valid: np.ndarray,
+                positions: Sequence[int]) -> np.ndarray:
+    """:func:`merge_day` of the scenes at ``positions`` of the stack, written into ``out`` (bands, rows,
+    cols) and ``out_clear`` (rows, cols) without copying those scenes first; returns ``pick``, the
+    index into ``positions`` taken per pixel (-1: none)."""
+    pick = np.full(clear.shape[1:], -1, dtype=np.int32)
+    for mask in (clear, valid):
+        for i, p in enumerate(positions):
+            pick[(pick < 0) & mask[p]] = i
+    out[...] = 0
+    for i, p in enumerate(positions):
+        np.copyto(out, data[p], where=pick == i)
+    out_clear[...] = False
+    for p in positions:
+        out_clear |= clear[p]
+    return pick
+
+
+def compose_bins(data: np.ndarray, clear: np.ndarray, valid: np.ndarray, dates: Sequence[str],
+                 bins: tuple[tuple[str, str], ...], method: str) -> Binned:
+    """Composite a stack into one image per time bin, so that every chip of a run has T = len(bins).
+
+    ``data`` is (scenes, bands, rows, cols) uint16 (0 = nodata) in date order, ``clear`` and
+    ``valid`` (scenes, rows, cols) bool, ``dates`` each scene's UTC date (YYYY-MM-DD; longer ISO
+    datetimes are cut to their date), ``bins`` from :func:`time_bins`, ``method`` a registered
+    compositor of one image (``median`` or ``least-cloudy``).
+
+    Scenes of one day are first merged (:func:`merge_day`); each bin is then ``method`` over its
+    days; a bin without a scene is all 0 and never clear. Scenes without any valid pixel and scenes
+    dated outside every bin take no part. Only days with several scenes are merged into new arrays,
+    and a bin's days are copied into one array only when they are not already a slice of ``data``.
+    """
+    chosen = COMPOSITORS.get(method)
+    if chosen is None or chosen.per_scene:
+        raise ConfigError(f"composite {method!r} cannot make a time bin's image; with temporal_period use "
+                          f"one of {bin_methods()}")
+    if data.ndim != 4:
+        raise InputDataError(f"the stack must be (scenes, bands, rows, cols), got shape {data.shape}")
+    n_scenes, n_bands = data.shape[:2]
+    shape = (n_scenes, *data.shape[2:])
+    if clear.shape != shape or valid.shape != shape:
+        raise InputDataError(f"clear {clear.shape} and valid {valid.shape} masks must be (scenes, rows, cols) "
+                             f"= {shape}, like the stack {data.shape}")
+    if len(dates) != n_scenes:
+        raise InputDataError(f"{len(dates)} dates for {n_scenes} scenes: give one date per scene of the stack")
+    if not bins:
+        raise ConfigError("no time bins: the datetime range and temporal_period give none")
+
+    # Bin -> day -> the positions of its scenes, in stack order.
+    days: list[dict[str, list[int]]] = [{} for _ in bins]
+    usable = has_data(data, valid) if n_scenes else np.zeros(0, dtype=bool)
+    for p in range(n_scenes):
+        day = str(dates[p])[:10]
+        t = bin_index(bins, day)
+        if t < 0:
+            log.debug("scene at position %d (%s) is outside the bins %s..%s: not used", p, day, bins[0][0],
+                      bins[-1][1])
+        elif not usable[p]:
+            log.debug("scene at position %d (%s) holds no valid pixel: not used", p, day)
+        else:
+            days[t].setdefault(day, []).append(p)
+
+    rows, cols = data.shape[2:]
+    image = np.zeros((len(bins) * n_bands, rows, cols), dtype="uint16")
+    bin_clear = np.zeros((len(bins), rows, cols), dtype=bool)
+    bin_used: list[tuple[int, ...]] = []
+    for t, by_day in enumerate(days):
+        if not by_day:
+            bin_used.append(())
+            continue
+        ordered = [by_day[day] for day in sorted(by_day)]
+        obs_data, obs_clear, contributors = _observations(data, clear, valid, ordered)
+        made = chosen.compose(obs_data, obs_clear)
+        image[t * n_bands:(t + 1) * n_bands] = made.image
+        bin_clear[t] = made.clear_fraction > 0
+        bin_used.append(tuple(sorted(p for d in made.used for p in contributors[d])))
+        log.debug("bin %s: %d days, %d scenes, %d used", bins[t][0], len(ordered),
+                  sum(len(d) for d in ordered), len(bin_used[-1]))
+    used = tuple(sorted(p for ps in bin_used for p in ps))
+    return Binned(image=image, bin_clear=bin_clear, clear_fraction=bin_clear.mean(axis=0, dtype="float32"),
+                  used=used, bins=tuple(bins), bin_used=tuple(bin_used))
+
+
+def _observations(data: np.ndarray, clear: np.ndarray, valid: np.ndarray,
+                  days: list[list[int]]) -> tuple[np.ndarray, np.ndarray, list[tuple[int, ...]]]:
+    """One bin's days as a (days, bands, rows, cols) stack and (days, rows, cols) clear mask, and per
+    day the positions of the scenes that gave it a pixel. A run of single-scene days that are next to
+    each other in the stack is a slice of it (no copy)."""
+    positions = [ps[0] for ps in days]
+    if all(len(ps) == 1 for ps in days) and positions == list(range(positions[0], positions[0] + len(days))):
+        window = slice(positions[0], positions[0] + len(days))
+        return data[window], clear[window], [(p,) for p in positions]
+    obs_data = np.empty((len(days), *data.shape[1:]), dtype=data.dtype)
+    obs_clear = np.empty((len(days), *clear.shape[1:]), dtype=bool)
+    contributors: list[tuple[int, ...]] = []
+    for d, ps in enumerate(days):
+        if len(ps) == 1:
+            obs_data[d], obs_clear[d] = data[ps[0]], clear[ps[0]]
+            contributors.append((ps[0],))
+            continue
+        pick = _merge_into(obs_data[d], obs_clear[d], data, clear, valid, ps)
+        contributors.append(tuple(p for i, p in enumerate(ps) if (pick == i).any()))
+    return obs_data, obs_clear, contributors

@@ -55,6 +55,9 @@ class Source(ABC):
     quality_classes: ClassVar[range]
     #: The quality values counted as clear by default.
     default_clear_classes: ClassVar[tuple[int, ...]]
+    #: The quality values that are cloud or cloud shadow (grown by the spec's ``cloud_buffer_px``); none
+    #: by default, so a source that does not name them gets no buffer (see :meth:`cloud_mask`).
+    cloud_classes: ClassVar[tuple[int, ...]] = ()
     #: The finest band: its pixel lattice anchors every cell's grid, so no band is shifted.
     origin_band: ClassVar[str]
     #: STAC ``constellation`` and ``instruments`` of the chips (for the catalog).
@@ -83,6 +86,17 @@ class Source(ABC):
     def clear_mask(self, quality: np.ndarray, clear_classes: Sequence[int]) -> np.ndarray:
         """True where the quality band says the observation is clear (a class of ``clear_classes``)."""
         return np.isin(quality, np.asarray(clear_classes, dtype=quality.dtype))
+
+    def cloud_mask(self, quality: np.ndarray) -> np.ndarray:
+        """True where the quality band says cloud or cloud shadow (a class of :attr:`cloud_classes`).
+
+        These pixels are grown by the spec's ``cloud_buffer_px`` before the clear mask is taken
+        (:func:`cropchips.raster.composite.buffer_clear`). A source without :attr:`cloud_classes`
+        (the default) knows no cloud classes: all False, no pixel is buffered. A source whose
+        quality band is bit flags overrides this method."""
+        if not self.cloud_classes:
+            return np.zeros(np.shape(quality), dtype=bool)
+        return np.isin(quality, np.asarray(self.cloud_classes, dtype=quality.dtype))
 
     def valid_mask(self, quality: np.ndarray) -> np.ndarray:
         """True inside the scene's data (quality value 0 means no data)."""

@@ -135,6 +135,8 @@ class Sentinel2L2A(Source):
     quality_band = SCL
     quality_classes = range(12)
     default_clear_classes = (4, 5, 6)
+    #: SCL 3 cloud shadow, 8 cloud medium probability, 9 cloud high probability, 10 thin cirrus.
+    cloud_classes = (3, 8, 9, 10)
     origin_band = "B02"
     constellation = "sentinel-2"
     instruments = ("msi",)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from dataclasses import replace
 from importlib.resources import files
 from pathlib import Path
 
@@ -21,39 +22,49 @@ from pystac.extensions.classification import ClassificationExtension
 from pystac.extensions.eo import EOExtension
 from pystac.extensions.label import LabelExtension, LabelType
 from pystac.extensions.projection import ProjectionExtension
+from pystac.extensions.raster import RasterExtension
 from referencing import Registry, Resource
 
 import cropchips.dataset.catalog as catalog_module
 from cropchips.dataset.catalog import CATALOG_NAME, COLLECTION_PATH, ITEMS_DIR, build_catalog, write_catalog
-from cropchips.fields.classes import CLASS_NAMES
+from cropchips.fields.classes import CLASS_NAMES, LABEL_NAMES
 from cropchips.dataset.index import SplitPolicy, finalize, records_from_metadata
+from cropchips.dataset.stats import STATS_NAME
+from cropchips.plan.plan import make_plan
 from cropchips.sources.hrefs import HrefPolicy
 from cropchips.sources.sentinel2 import EARTH_SEARCH_KEYS
 from cropchips.output.storage import TMP_PREFIX, LocalStorage
 from helpers import SpecProcessor
 
 CHIP = 64
-# Small blocks split the sample area three ways and drop chips that overlap another split.
+# Records without a split of their own (cropchips < 0.3) are split by these blocks.
 POLICY = SplitPolicy(block_size_m=400, ratios=(0.5, 0.25, 0.25))
+ALL_LAYERS = ("classes", "instances", "boundaries")
 
 
-@pytest.fixture(scope="module", params=[("median", "gtiff"), ("stack", "cog")], ids=["median-gtiff", "stack-cog"])
-def written(request, sample_area, sample_plan, tmp_path_factory):
-    """A processed sample dataset with its index and its catalog written beside it."""
-    temporal, fmt = request.param
+# The stack of the sample's partly covering scenes leaves few chips of 64 px, none in the train cells:
+# 48 px chips give every split one.
+@pytest.fixture(scope="module", params=[("median", "gtiff", ("classes",), CHIP), ("stack", "cog", ALL_LAYERS, 48)],
+                ids=["median-gtiff", "stack-cog"])
+def written(request, sample_area, sample_master_options, tmp_path_factory):
+    """A processed sample dataset with its index, stats and catalog written beside it. The master plans
+    one split block per cell (~2 km), so its four cells get train, val and test."""
+    temporal, fmt, labels, chip = request.param
     out = tmp_path_factory.mktemp(f"catalog-{temporal}")
+    plan = make_plan(replace(sample_master_options, spec=replace(sample_master_options.spec, split_block_size=2000.0)))
     processor = SpecProcessor("c@test", output_dir=out, gpkg=str(sample_area.gpkg), layer=sample_area.layer,
-                              chip_size=CHIP, max_chips_per_cell=8, composite=temporal, format=fmt,
+                              chip_size=chip, max_chips_per_cell=8, composite=temporal, format=fmt, labels=labels,
                               hrefs=HrefPolicy(local_dirs=(sample_area.root.resolve(),)))
-    assert all(processor.process(task).status == "ok" for task in sample_plan.tasks)
+    assert all(processor.process(task).status == "ok" for task in plan.tasks)
     finalize(out, policy=POLICY)
     index = gpd.read_parquet(out / "index.parquet")
     records = records_from_metadata(out)
-    documents = build_catalog(records, dict(zip(index["name"], index["split"])), title="Sample chips")
+    stats = json.loads((out / STATS_NAME).read_text())
+    documents = build_catalog(records, dict(zip(index["name"], index["split"])), title="Sample chips", stats=stats)
     path = write_catalog(out, documents)
     return {"out": out, "index": index, "records": {r["name"]: r for r in records}, "documents": documents,
-            "path": path, "format": fmt, "temporal": temporal,
-            "dataset_id": processor.task(sample_plan.tasks[0]).spec.dataset_id()}
+            "path": path, "format": fmt, "temporal": temporal, "labels": labels, "stats": stats, "chip": chip,
+            "dataset_id": processor.task(plan.tasks[0]).spec.dataset_id()}
 
 
 # --- STAC core schemas, offline ------------------------------------------------------------------
@@ -119,17 +130,29 @@ def test_written_catalog_round_trips_to_the_chips_of_the_index(written):
     collections = list(root.get_collections())
     assert len(collections) == 1 and collections[0].id == "cropchips"
     items = {item.id: item for item in root.get_items(recursive=True)}
-    # One item per chip the index keeps, and only those.
-    assert sorted(items) == sorted(index["name"])
-    assert set(written["records"]) > set(items)  # the index dropped chips overlapping another split
+    # One item per chip the index keeps, and only those: every chip here (the master's splits are of
+    # whole cells, so no chip overlaps one of another split).
+    assert sorted(items) == sorted(index["name"]) == sorted(written["records"])
     split_of = dict(zip(index["name"], index["split"]))
     for name, item in items.items():
-        assert item.properties["split"] == split_of[name]
+        assert item.properties["split"] == split_of[name] == written["records"][name]["split"]
         assert item.collection_id == "cropchips" and item.get_parent().id == "cropchips"
         for key, asset in item.assets.items():
             assert Path(asset.get_absolute_href()).is_file(), (name, key)
         assert Path(item.assets["image"].get_absolute_href()) == (out / written["records"][name]["image"]).resolve()
         assert Path(item.assets["mask"].get_absolute_href()) == (out / written["records"][name]["mask"]).resolve()
+        # One asset per label layer of the chip, at the layer's file.
+        layers = written["records"][name]["layers"]
+        assert item.properties["cropchips:label_layers"] == list(written["labels"])
+        assert sorted(layers, key=ALL_LAYERS.index) == list(written["labels"])
+        for layer, key in (("classes", "mask"), ("instances", "instances"), ("boundaries", "boundaries")):
+            assert (key in item.assets) == (layer in layers)
+            if layer in layers:
+                assert Path(item.assets[key].get_absolute_href()) == (out / layers[layer]).resolve()
+                assert item.assets[key].roles == ["labels", "labels-raster"]
+    # The collection links the train split's statistics.
+    stats_asset = collections[0].assets["stats"]
+    assert Path(stats_asset.get_absolute_href()) == (out / STATS_NAME).resolve() and "metadata" in stats_asset.roles
     # Every link and asset href is relative: the folder can be moved or uploaded as a whole.
     for document in written["documents"].values():
         hierarchy = [link for link in document["links"] if link["rel"] in ("root", "parent", "child", "item",
@@ -150,7 +173,8 @@ def test_items_carry_the_chips_provenance(written):
         assert props["cropchips:nodata_fraction"] == record["nodata_fraction"]
         assert record["software"] in props["cropchips:software"] and props["created"]
         pixels = {int(k): v for k, v in props["cropchips:class_pixels"].items()}
-        assert pixels == {int(k): v for k, v in record["class_pixels"].items()} and sum(pixels.values()) == CHIP * CHIP
+        assert pixels == {int(k): v for k, v in record["class_pixels"].items()}
+        assert sum(pixels.values()) == written["chip"] ** 2
         # derived_from: exactly the source scenes' STAC items.
         assert [link.href for link in item.links if link.rel == "derived_from"] == [
             s["item_href"] for s in record["scenes"] if s.get("item_href")]
@@ -193,9 +217,13 @@ def test_collection_summarises_the_items(written):
     assert "CC-BY-4.0" in collection.description and "Copernicus" in collection.description
     assert {p.name for p in collection.providers} >= {"EuroCrops", "cropchips"}
     label_summary = collection.summaries.get_list("label:classes")
-    assert sorted(label_summary[0]["classes"]) == sorted(CLASS_NAMES)
-    assert {c["value"]: c["name"] for c in collection.summaries.get_list("classification:classes")} == CLASS_NAMES
-    assert set(collection.item_assets) >= {"image", "mask"}
+    assert label_summary[0]["classes"] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 255]
+    summary_classes = collection.summaries.get_list("classification:classes")
+    assert {c["value"]: c["name"] for c in summary_classes} == {**CLASS_NAMES, 255: LABEL_NAMES[255]}
+    assert [c["value"] for c in summary_classes if c.get("nodata")] == [255]
+    layer_keys = {"classes": "mask", "instances": "instances", "boundaries": "boundaries"}
+    assert set(collection.item_assets) == {"image", "provenance", *(layer_keys[k] for k in written["labels"])}
+    assert collection.summaries.get_list("cropchips:label_layers") == list(written["labels"])
     assert "labels" in collection.item_assets["mask"].roles
 
 
@@ -219,17 +247,31 @@ def test_extension_fields_match_the_geotiffs(written):
         assert len(EOExtension.ext(image).bands) == (30 if written["temporal"] == "stack" else 10)
         with rasterio.open(out / written["records"][name]["mask"]) as src:
             values, counts = np.unique(src.read(1), return_counts=True)
+            nodata = src.nodata
             assert src.crs.to_string() == proj.code and list(src.transform)[:6] == proj.transform
         label = LabelExtension.ext(item)
         assert label.label_type == LabelType.RASTER and label.label_properties is None
         [classes] = label.label_classes
-        assert classes.name is None and sorted(classes.classes) == sorted(CLASS_NAMES)
+        assert classes.name is None and classes.classes == [*sorted(CLASS_NAMES), 255]
         assert set(values.tolist()) <= set(classes.classes)
         assert set(label.label_tasks) == {"segmentation", "classification"}
         mask_classes = ClassificationExtension.ext(mask).classes
-        assert {c.value: c.name for c in mask_classes} == CLASS_NAMES
+        assert {c.value: c.name for c in mask_classes} == {**CLASS_NAMES, 255: LABEL_NAMES[255]}
         assert {c.value: c.count for c in mask_classes if c.count} == dict(zip(values.tolist(), counts.tolist()))
+        # 255 (ignore) is the nodata-like value, as the mask GeoTIFF declares it; 0 (no field) is a class.
+        assert [c.value for c in mask_classes if c.nodata] == [255] == [int(nodata)]
         assert "labels" in mask.roles and "data" in image.roles
+        if "boundaries" in item.assets:
+            with rasterio.open(out / written["records"][name]["layers"]["boundaries"]) as src:
+                assert src.dtypes[0] == "uint8" and list(src.transform)[:6] == proj.transform
+                drawn = set(np.unique(src.read(1)).tolist())
+            boundary_classes = ClassificationExtension.ext(item.assets["boundaries"]).classes
+            assert {c.value: c.name for c in boundary_classes} == {0: "background", 1: "interior", 2: "boundary"}
+            assert drawn <= {0, 1, 2} and 2 in drawn
+        if "instances" in item.assets:
+            with rasterio.open(out / written["records"][name]["layers"]["instances"]) as src:
+                assert src.dtypes[0] == "uint32" and tuple(src.shape) == tuple(proj.shape)
+            assert "uint32" in item.assets["instances"].description
 
 
 def test_band_metadata_agrees_with_earth_search():
@@ -365,3 +407,41 @@ def test_the_platform_comes_from_the_source_of_the_scenes_collection(written):
     collection = next(d for d in documents.values() if d["type"] == "Collection")
     assert collection["summaries"]["constellation"] == ["other"] and collection["summaries"]["instruments"] == ["imager"]
     assert core_errors(item) == []
+
+
+def test_the_collection_carries_the_train_statistics(written):
+    documents = written["documents"]
+    collection = pystac.Collection.from_dict(documents[COLLECTION_PATH], href=str(written["out"] / COLLECTION_PATH))
+    assert documents[COLLECTION_PATH]["assets"]["stats"]["href"] == "../stats.json"
+    assert documents[COLLECTION_PATH]["assets"]["stats"]["type"] == "application/json"
+    assert core_errors(documents[COLLECTION_PATH]) == []
+    # Every image has the bands stats.json describes, in its order: the image definition carries them.
+    image_def = collection.item_assets["image"]
+    bands = RasterExtension.ext(image_def).bands
+    entries = written["stats"]["bands"]
+    assert [b.name for b in EOExtension.ext(image_def).bands] == [e["description"] for e in entries]
+    assert len(bands) == len(entries) == (30 if written["temporal"] == "stack" else 10)
+    for band, entry in zip(bands, entries):
+        assert band.nodata == 0 and band.data_type == "uint16"
+        if entry["count"]:
+            assert (band.statistics.mean, band.statistics.stddev) == (entry["mean"], entry["std"])
+            assert (band.statistics.minimum, band.statistics.maximum) == (entry["min"], entry["max"])
+        else:  # a date no train chip has: no statistics rather than made-up ones
+            assert band.statistics is None
+    assert RasterExtension.get_schema_uri() in documents[COLLECTION_PATH]["stac_extensions"]
+    # Without statistics: no stats asset, no raster bands.
+    records = list(written["records"].values())
+    bare = build_catalog(records, dict(zip(written["index"]["name"], written["index"]["split"])))[COLLECTION_PATH]
+    assert "stats" not in bare.get("assets", {}) and "raster:bands" not in bare["item_assets"]["image"]
+
+
+def test_label_layers_of_old_and_unknown_records(written):
+    record = copy.deepcopy(next(iter(written["records"].values())))
+    record.pop("layers")  # a record of cropchips < 0.3: its mask is its only layer
+    item = build_catalog([record], {record["name"]: "train"})[f"{ITEMS_DIR}/{record['name']}.json"]
+    assert item["properties"]["cropchips:label_layers"] == ["classes"]
+    assert set(item["assets"]) == {"image", "mask", "provenance"}
+    assert item["assets"]["mask"]["href"] == f"../../{record['mask']}"
+    record["layers"] = {"classes": record["mask"], "heights": "heights/x.tif"}
+    with pytest.raises(ValueError, match="unknown label layer.*heights"):
+        build_catalog([record], {record["name"]: "train"})

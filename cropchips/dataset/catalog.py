@@ -1,5 +1,11 @@
 """A self-contained STAC catalog of the dataset: one collection, one label item per chip.
 
+Each item has the image, one asset per label layer of the chip (``mask`` for the classes, and
+``instances`` and ``boundaries`` when the spec made them; ``cropchips:label_layers`` lists them)
+and the provenance sidecar. Given the train split's statistics (``stats.json``), the collection
+links them as its ``stats`` asset and carries them as ``raster:bands`` statistics of its image
+asset definition.
+
 :func:`build_catalog` is pure: it returns the JSON documents (relative path -> dict), so the
 caller decides where they go (a local folder with :func:`write_catalog`, or object storage).
 All links and asset hrefs are relative, so the catalog can be moved or copied as a whole.
@@ -21,15 +27,17 @@ from pyproj import Transformer
 from pystac.extensions.classification import Classification, ClassificationExtension
 from pystac.extensions.eo import Band, EOExtension
 from pystac.extensions.projection import ProjectionExtension
+from pystac.extensions.raster import DataType, RasterBand, RasterExtension, Statistics
 from pystac.utils import str_to_datetime
 
 from cropchips.errors import ConfigError
-from cropchips.fields.classes import CLASS_NAMES
+from cropchips.fields.classes import CLASS_NAMES, IGNORE_LABEL, LABEL_NAMES
 from cropchips.sources import source_for
 from cropchips.sources.sentinel2 import BANDS
-from cropchips.spec import DEFAULT_COLLECTION
+from cropchips.spec import DEFAULT_COLLECTION, LABEL_LAYERS
 from cropchips.output.storage import Storage, open_storage
 from cropchips.raster.write import METADATA_DIR
+from cropchips.dataset.stats import STATS_NAME
 
 with warnings.catch_warnings():
     # pystac flags the label extension as unmaintained ("pilot"); it is still the one STAC
@@ -69,7 +77,24 @@ EUROCROPS_URL = "https://github.com/maja601/EuroCrops"
 
 LABEL_DESCRIPTION = (
     "Crop class per pixel, rasterised from EuroCrops field polygons (HCAT3 codes mapped to 8 classes); "
-    "0 marks pixels outside any mapped field. Meant for training semantic segmentation models.")
+    "0 marks pixels outside any field, 255 pixels to ignore (a field whose crop is none of the classes, "
+    "or no image data). Meant for training semantic segmentation models; the instances and boundaries "
+    "layers, where present, serve field delineation.")
+#: What the classes mask's 255 means (a loss function's ignore_index).
+IGNORE_DESCRIPTION = "ignore: a field whose crop is none of the classes, or no image data"
+MASK_DESCRIPTION = ("uint8 class per pixel: 0 = no field, 1..8 = crop classes, "
+                    f"{IGNORE_LABEL} = ignore (a field whose crop is none of the classes, or no image data)")
+INSTANCES_DESCRIPTION = "uint32 field id per pixel, unique within the chip; 0 = no field"
+BOUNDARIES_DESCRIPTION = "uint8 per pixel: 0 = background, 1 = field interior, 2 = field boundary"
+#: Values of the boundaries layer.
+BOUNDARY_CLASSES: dict[int, str] = {0: "background", 1: "interior", 2: "boundary"}
+#: Asset key of each label layer (the classes layer keeps the key it always had).
+LAYER_ASSETS: dict[str, str] = {"classes": "mask", "instances": "instances", "boundaries": "boundaries"}
+#: Title and description of each label layer's asset.
+LAYER_TEXTS: dict[str, tuple[str, str]] = {"classes": ("Crop class mask", MASK_DESCRIPTION),
+                                           "instances": ("Field instances", INSTANCES_DESCRIPTION),
+                                           "boundaries": ("Field boundaries", BOUNDARIES_DESCRIPTION)}
+STATS_TITLE = "Per-band pixel statistics of the train split"
 LICENSE_NOTE = (
     "Images contain modified Copernicus Sentinel data (Sentinel data terms and conditions); "
     "masks are derived from EuroCrops, licensed CC-BY-4.0.")
@@ -77,12 +102,14 @@ LICENSE_NOTE = (
 
 def build_catalog(records: Sequence[dict[str, Any]], splits: Mapping[str, str], *,
                   collection_id: str = "cropchips", title: str | None = None, description: str | None = None,
-                  created: datetime | None = None) -> dict[str, dict[str, Any]]:
+                  created: datetime | None = None, stats: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """The catalog's documents: relative POSIX path (from the output folder) -> JSON dict.
 
     ``records`` are chip provenance records (``metadata/*.json`` or the results topic), ``splits``
     maps chip name -> split for the chips the index keeps; other records are left out.
-    ``created`` stamps the items (default: now, UTC).
+    ``created`` stamps the items (default: now, UTC). ``stats`` (what
+    :func:`cropchips.dataset.stats.write_stats` wrote to ``stats.json``) adds the collection's
+    ``stats`` asset and the image bands' statistics.
     """
     created = created or datetime.now(timezone.utc)
     chosen: dict[str, dict[str, Any]] = {}
@@ -100,7 +127,7 @@ def build_catalog(records: Sequence[dict[str, Any]], splits: Mapping[str, str], 
                           description=description or f"STAC catalog of the {collection_id} crop-type chip dataset.",
                           catalog_type=pystac.CatalogType.SELF_CONTAINED)
     items = [_item(chosen[name], splits[name], created) for name in sorted(chosen)]
-    collection = _collection(collection_id, title, description, items)
+    collection = _collection(collection_id, title, description, items, stats)
     root.add_child(collection)
     collection.add_items(items)
 
@@ -164,15 +191,52 @@ def eo_bands(descriptions: Sequence[str]) -> list[Band]:
 
 
 def _classifications(counts: Mapping[str, int] | None = None) -> list[Classification]:
-    return [Classification.create(value=value, name=name, title=name.replace("_", " ").capitalize(),
-                                  nodata=True if value == 0 else None,
-                                  count=None if counts is None else int(counts.get(str(value), 0)))
-            for value, name in sorted(CLASS_NAMES.items())]
+    """The classes mask's values: 0 (no field), the crop classes, and 255, which is nodata-like
+    (the ignore index: nothing to learn there)."""
+    classes = [Classification.create(value=value, name=name, title=name.replace("_", " ").capitalize(),
+                                     description="no field" if value == 0 else None,
+                                     count=None if counts is None else int(counts.get(str(value), 0)))
+               for value, name in sorted(CLASS_NAMES.items())]
+    classes.append(Classification.create(value=IGNORE_LABEL, name=LABEL_NAMES[IGNORE_LABEL], title="Ignore",
+                                         description=IGNORE_DESCRIPTION, nodata=True,
+                                         count=None if counts is None else int(counts.get(str(IGNORE_LABEL), 0))))
+    return classes
+
+
+def _boundary_classes() -> list[Classification]:
+    return [Classification.create(value=value, name=name, title=name.capitalize())
+            for value, name in BOUNDARY_CLASSES.items()]
 
 
 def _label_classes() -> list[LabelClasses]:
     # Raster labels: no feature property holds the class, so "name" is null (label extension).
-    return [LabelClasses.create(classes=sorted(CLASS_NAMES), name=None)]
+    # Every value the classes mask holds is listed, 255 (ignore) too; classification:classes marks it nodata.
+    return [LabelClasses.create(classes=[*sorted(CLASS_NAMES), IGNORE_LABEL], name=None)]
+
+
+def label_layers(record: Mapping[str, Any]) -> dict[str, str]:
+    """Label layer -> file (relative to the output folder) of a chip, in LABEL_LAYERS order; a record
+    of cropchips < 0.3 has only its mask, the classes layer."""
+    layers = dict(record.get("layers") or {})
+    layers.setdefault("classes", record["mask"])
+    unknown = sorted(set(layers) - set(LABEL_LAYERS))
+    if unknown:
+        raise ValueError(f"chip {record['name']}: unknown label layer(s) {unknown} in its record; "
+                         f"a chip's layers are {', '.join(LABEL_LAYERS)} (a newer cropchips wrote it?)")
+    return {layer: layers[layer] for layer in LABEL_LAYERS if layer in layers}
+
+
+def _add_label_asset(item: pystac.Item, layer: str, href: str, media_type: str,
+                     counts: Mapping[str, int] | None) -> None:
+    """The layer's asset on ``item`` (key LAYER_ASSETS[layer]), with its classes where it has some."""
+    title, text = LAYER_TEXTS[layer]
+    asset = pystac.Asset(href=href, title=title, media_type=media_type, roles=["labels", "labels-raster"],
+                         description=text)
+    item.add_asset(LAYER_ASSETS[layer], asset)  # before the extension: it is declared on the asset's owner
+    if layer == "classes":
+        ClassificationExtension.ext(asset, add_if_missing=True).classes = _classifications(counts or {})
+    elif layer == "boundaries":
+        ClassificationExtension.ext(asset, add_if_missing=True).classes = _boundary_classes()
 
 
 def _media_type(record: Mapping[str, Any]) -> str:
@@ -242,11 +306,10 @@ def _item(record: Mapping[str, Any], split: str, created: datetime) -> pystac.It
     item.add_asset("image", image)
     EOExtension.ext(image, add_if_missing=True).bands = eo_bands(record.get("bands") or BANDS)
 
-    mask = pystac.Asset(href=f"{_VIRTUAL_ROOT}/{record['mask']}", title="Crop class mask",
-                        media_type=_media_type(record), roles=["labels", "labels-raster"],
-                        description="uint8 class per pixel, 0 = unlabelled")
-    item.add_asset("mask", mask)
-    ClassificationExtension.ext(mask, add_if_missing=True).classes = _classifications(record.get("class_pixels", {}))
+    layers = label_layers(record)
+    item.properties["cropchips:label_layers"] = list(layers)
+    for layer, rel in layers.items():
+        _add_label_asset(item, layer, f"{_VIRTUAL_ROOT}/{rel}", _media_type(record), record.get("class_pixels", {}))
 
     item.add_asset("provenance", pystac.Asset(
         href=f"{_VIRTUAL_ROOT}/{METADATA_DIR}/{name}.json", title="Provenance record written by the worker",
@@ -265,7 +328,7 @@ def _item(record: Mapping[str, Any], split: str, created: datetime) -> pystac.It
 
 
 def _collection(collection_id: str, title: str | None, description: str | None,
-                items: Sequence[pystac.Item]) -> pystac.Collection:
+                items: Sequence[pystac.Item], stats: Mapping[str, Any] | None = None) -> pystac.Collection:
     if items:
         boxes = [item.bbox for item in items]
         bbox = [min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes)]
@@ -278,7 +341,8 @@ def _collection(collection_id: str, title: str | None, description: str | None,
     collection = pystac.Collection(
         id=collection_id, title=title or "Crop-type chips from Sentinel-2 and EuroCrops",
         description=(description or "Sentinel-2 L2A image chips (10 bands) with per-pixel crop class masks "
-                     "(0 unlabelled + 8 crop classes) from EuroCrops, split spatially into train/val/test.")
+                     "(0 no field, 8 crop classes, 255 ignore) from EuroCrops, split spatially into "
+                     "train/val/test.")
         + " " + LICENSE_NOTE,
         extent=pystac.Extent(pystac.SpatialExtent([bbox]), pystac.TemporalExtent([interval])),
         license="other",
@@ -307,6 +371,9 @@ def _collection(collection_id: str, title: str | None, description: str | None,
     collection.summaries.add("instruments", sorted({name for item in items
                                                     for name in item.properties.get("instruments", ())}))
     collection.summaries.add("cropchips:method", sorted({item.properties["cropchips:method"] for item in items}))
+    collection.summaries.add("cropchips:label_layers",
+                             [layer for layer in LABEL_LAYERS
+                              if any(layer in item.properties["cropchips:label_layers"] for item in items)])
     # The dataset spec(s) the chips were made with: OUTPUT/dataset.yaml holds the folder's.
     collection.summaries.add("cropchips:dataset_id",
                              sorted({item.properties["cropchips:dataset_id"] for item in items}))
@@ -328,16 +395,60 @@ def _collection(collection_id: str, title: str | None, description: str | None,
         title="Sentinel-2 L2A surface reflectance", description="uint16 DN, 0 = no data",
         media_type=image_types.pop() if len(image_types) == 1 else None, roles=["data"])
     image_def.set_owner(collection)
-    if len(band_lists) == 1:
-        EOExtension.ext(image_def, add_if_missing=True).bands = eo_bands(band_lists.pop())
+    band_names = band_lists.pop() if len(band_lists) == 1 else None
+    if band_names is not None:
+        EOExtension.ext(image_def, add_if_missing=True).bands = eo_bands(band_names)
+    if stats:
+        _add_stats(collection, image_def, stats, band_names)
     mask_def = pystac.ItemAssetDefinition.create(
-        title="Crop class mask", description="uint8 class per pixel, 0 = unlabelled",
+        title=LAYER_TEXTS["classes"][0], description=LAYER_TEXTS["classes"][1],
         media_type=mask_types.pop() if len(mask_types) == 1 else None,
         roles=["labels", "labels-raster"])
     mask_def.set_owner(collection)
     ClassificationExtension.ext(mask_def, add_if_missing=True).classes = _classifications()
-    collection.item_assets = {"image": image_def, "mask": mask_def,
-                              "provenance": pystac.ItemAssetDefinition.create(
-                                  title="Provenance record written by the worker", description=None,
-                                  media_type=str(pystac.MediaType.JSON), roles=["metadata"])}
+    definitions = {"image": image_def, "mask": mask_def}
+    for layer in ("instances", "boundaries"):
+        title, text = LAYER_TEXTS[layer]
+        with_layer = [item for item in items if LAYER_ASSETS[layer] in item.assets]
+        if not with_layer:
+            continue
+        types = {item.assets[LAYER_ASSETS[layer]].media_type for item in with_layer}
+        definition = pystac.ItemAssetDefinition.create(title=title, description=text,
+                                                       media_type=types.pop() if len(types) == 1 else None,
+                                                       roles=["labels", "labels-raster"])
+        definition.set_owner(collection)
+        if layer == "boundaries":
+            ClassificationExtension.ext(definition, add_if_missing=True).classes = _boundary_classes()
+        definitions[LAYER_ASSETS[layer]] = definition
+    definitions["provenance"] = pystac.ItemAssetDefinition.create(
+        title="Provenance record written by the worker", description=None,
+        media_type=str(pystac.MediaType.JSON), roles=["metadata"])
+    collection.item_assets = definitions
     return collection
+
+
+def _add_stats(collection: pystac.Collection, image_def: pystac.ItemAssetDefinition, stats: Mapping[str, Any],
+               band_names: tuple[str, ...] | None) -> None:
+    """Link ``stats.json`` from the collection; where every item's image has the bands the statistics
+    describe, in that order, give the image definition one ``raster:bands`` entry per band with them."""
+    split, chips = stats.get("split", "train"), stats.get("chips")
+    collection.add_asset("stats", pystac.Asset(
+        href=f"{_VIRTUAL_ROOT}/{STATS_NAME}", title=STATS_TITLE, media_type=str(pystac.MediaType.JSON),
+        roles=["metadata"],
+        description=f"Count, mean, std, 2nd and 98th percentiles of the valid pixels of each image band (per "
+                    f"date for a time series), over the {chips} chips of the {split} split: the normalisation "
+                    "of a model's inputs."))
+    entries = {entry["description"]: entry for entry in stats.get("bands", ())}
+    if band_names is None or list(band_names) != list(entries):
+        log.info("the images' bands differ between chips or from the statistics' bands; stats.json is linked "
+                 "but the image definition carries no per-band statistics")
+        return
+    bands = []
+    for name in band_names:
+        entry = entries[name]
+        statistics = None
+        if entry.get("count"):
+            statistics = Statistics.create(minimum=entry["min"], maximum=entry["max"], mean=entry["mean"],
+                                           stddev=entry["std"])
+        bands.append(RasterBand.create(nodata=0, data_type=DataType.UINT16, statistics=statistics))
+    RasterExtension.ext(image_def, add_if_missing=True).bands = bands

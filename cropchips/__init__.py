@@ -1,3 +1,3 @@
 """cropchips: Sentinel-2 + EuroCrops crop-classification chips, distributed over Kafka."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

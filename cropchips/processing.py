@@ -19,13 +19,16 @@ from pyproj import Transformer
 
 from cropchips import __version__
 from cropchips.raster.chips import ChipWindow, plan_chips
-from cropchips.raster.composite import has_data
+from cropchips.raster.composite import buffer_clear, has_data
 from cropchips.raster.composite import compositor as composite_method
 from cropchips.errors import ConfigError, CropChipsError, InputDataError, RetryableError, is_transient
 from cropchips.fields.gpkg import FieldLayer, layer_fingerprint, open_layer, read_fields
 from cropchips.plan.grid import cell_contains
 from cropchips.sources.hrefs import HrefPolicy
-from cropchips.raster.labels import rasterize_classes
+from cropchips.fields.classes import IGNORE_LABEL
+from cropchips.raster.labels import (chip_instances, classes_of_instances, field_boundaries, mask_nodata,
+                                     rasterize_classes, rasterize_instances)
+from cropchips.raster.temporal import compose_bins
 from cropchips.output.leases import LEASES_DIR, CellLeases, Lease, Starts, read_starts, write_starts
 from cropchips.output.manifest import chips_from_manifest, read_complete_manifest, remove_other_chips, write_manifest
 from cropchips.queue.messages import Cell, ChipRecord, Result, Task, compact_chip
@@ -35,7 +38,7 @@ from cropchips.raster.read import CogReader, SceneReader, SceneStack, task_memor
 from cropchips.spec import DatasetSpec
 from cropchips.output.spec_file import check_folder_spec
 from cropchips.output.storage import open_storage
-from cropchips.raster.write import METADATA_DIR, OUTPUT_SUBDIRS, write_chip
+from cropchips.raster.write import METADATA_DIR, OUTPUT_SUBDIRS, write_chip, write_layers
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +135,10 @@ class TaskProcessor:
                 "mount the master's copy at --gpkg, or re-run the master on the file the workers read")
         return layer
 
-    def manifest_key(self, spec: DatasetSpec) -> dict[str, str]:
-        """What a manifest must match besides the task id to count as done: the spec's dataset and the
-        software that made it."""
-        return {"dataset_digest": spec.dataset_digest(), "software": __version__}
+    def manifest_key(self, spec: DatasetSpec, split: str | None = None) -> dict[str, str]:
+        """What a manifest must match besides the task id to count as done: the spec's dataset, the split
+        the master gave the cell and the software that made it."""
+        return {"dataset_digest": spec.dataset_digest(), "split": split or "", "software": __version__}
 
     def close(self) -> None:
         """Close the band files kept open across tasks."""
@@ -213,7 +216,7 @@ class TaskProcessor:
             if first:
                 starts.deliveries += 1
             if not task.force:
-                done = read_complete_manifest(self.storage, cell.id, task.task_id, self.manifest_key(spec))
+                done = read_complete_manifest(self.storage, cell.id, task.task_id, self.manifest_key(spec, task.split))
                 if done is not None:
                     log.info("task %s already complete (%d chips): re-reporting it", task.task_id, len(done["chips"]))
                     self._ended(task, starts)
@@ -282,11 +285,13 @@ class TaskProcessor:
             return self._result(task, "no_scenes", watch,
                                 error=f"all {len(task.scenes)} scenes are empty (nodata) over the cell")
         with watch.stage("rasterize"):
-            mask = rasterize_classes(fields, grid)
-        windows, skipped = plan_chips(fields, cell, grid, chip_size=spec.chip_size,
-                                      max_chips=spec.max_chips_per_cell, reject=made.rejecter(spec))
+            labels = cell_labels(fields, grid, made.covered, spec)
+        windows, skipped = plan_chips(fields, cell, grid, chip_size=spec.chip_size, max_chips=spec.max_chips_per_cell,
+                                      placement=spec.chip_placement, max_overlap=spec.max_chip_overlap,
+                                      labels=labels["classes"], min_labelled_fraction=spec.min_labelled_fraction,
+                                      reject=made.rejecter(spec))
         with watch.stage("write"):
-            records = self._write(task, grid, made, mask, windows, skipped)
+            records = self._write(task, grid, made, labels, windows, skipped)
         scene_ids = tuple(task.scenes[i].id for i in made.used)
         log.info("task %s: %d chips from %d scenes (%s)", task.task_id, len(records), len(scene_ids),
                  ", ".join(f"{k} skipped: {v}" for k, v in skipped.items()) or "none skipped")
@@ -305,7 +310,8 @@ class TaskProcessor:
         """The field polygons over the grid, labelled by the spec's class map; None if none lies in the cell."""
         to_lonlat = Transformer.from_crs(grid.crs, "EPSG:4326", always_xy=True)
         grid_bbox = to_lonlat.transform_bounds(*grid.bounds, densify_pts=21)
-        fields = read_fields(self.layer(task.spec), grid_bbox, task.spec.classes())
+        fields = read_fields(self.layer(task.spec), grid_bbox, task.spec.classes(),
+                             unmapped_label=task.spec.unmapped_label)
         if not len(fields) or not cell_contains(task.cell, fields["lon"].to_numpy(), fields["lat"].to_numpy()).any():
             return None
         return fields
@@ -324,20 +330,26 @@ class TaskProcessor:
 
         return within_budget
 
-    def _write(self, task: Task, grid: TargetGrid, made: CellImage, mask: np.ndarray,
+    def _write(self, task: Task, grid: TargetGrid, made: CellImage, labels: Mapping[str, np.ndarray],
                windows: list[ChipWindow], skipped: dict[str, int]) -> list[ChipRecord]:
-        """Write each chip (image, mask, provenance sidecar), then, if the cell is still ours, remove the
-        cell's chips this run no longer makes and write the manifest."""
+        """Write each chip (image, label layers, provenance sidecar), then, if the cell is still ours, remove
+        the cell's chips this run no longer makes and write the manifest."""
         spec, cell = task.spec, task.cell
+        source = source_for(spec.collection)
         records = []
         for k, window in enumerate(windows):
             rows, cols = window.slices()
             name = f"{cell.id}-chip{k:02d}"
-            chip_mask = mask[rows, cols]
+            chip_mask = labels["classes"][rows, cols]
             transform = grid.transform * Affine.translation(window.col, window.row)
             image_rel, mask_rel = write_chip(self.storage, name, made.image[:, rows, cols], chip_mask,
                                              crs=grid.crs, transform=transform, descriptions=made.descriptions,
                                              fmt=spec.format)
+            extra = {layer: labels[layer][rows, cols] for layer in spec.labels if layer != "classes"}
+            if "instances" in extra:
+                extra["instances"] = chip_instances(extra["instances"])  # ids unique within the chip
+            layers = {"classes": mask_rel, **write_layers(self.storage, name, extra, crs=grid.crs,
+                                                          transform=transform, fmt=spec.format)}
             classes, counts = np.unique(chip_mask, return_counts=True)
             left, top = transform.c, transform.f
             size = window.size * grid.resolution
@@ -349,16 +361,20 @@ class TaskProcessor:
                 clear_fraction=round(float(made.clear_fraction[rows, cols].mean()), 4),
                 nodata_fraction=round(float(1.0 - made.covered[rows, cols].mean()), 4),
                 resolution=grid.resolution, format=spec.format, software=__version__,
-                dataset_id=spec.dataset_id())
+                dataset_id=spec.dataset_id(), split=task.split or "", layers=layers, **made.bin_record(window, spec))
             # The provenance sidecar sits beside the chip for tools that never see Kafka.
             self.storage.write_json(f"{METADATA_DIR}/{name}.json",
                                     {"task_id": task.task_id, "run_id": task.run_id, "worker_id": self.worker_id,
-                                     **asdict(record)})
+                                     **asdict(record),
+                                     "masking": {"quality_band": source.quality_band,
+                                                 "clear_classes": list(spec.clear_classes),
+                                                 "cloud_buffer_px": spec.cloud_buffer_px,
+                                                 "unmapped_label": spec.unmapped_label}})
             records.append(record)
         self._check_lease()  # another writer must not have taken the cell meanwhile
-        remove_other_chips(self.storage, cell.id, keep={r.name for r in records})
+        remove_other_chips(self.storage, cell.id, keep={r.name for r in records}, layers=spec.labels)
         write_manifest(self.storage, cell.id, {
-            "task_id": task.task_id, "run_id": task.run_id, "cell_id": cell.id, "settings": self.manifest_key(spec),
+            "task_id": task.task_id, "run_id": task.run_id, "cell_id": cell.id, "settings": self.manifest_key(spec, task.split),
             "chips": [asdict(r) for r in records], "scenes_used": [task.scenes[i].id for i in made.used],
             "chips_skipped": dict(skipped), "worker_id": self.worker_id, "written_at": utc_now()})
         return records
@@ -380,13 +396,35 @@ class CellImage:
     """Indices (into the task's scenes) of the scenes in the image, date order."""
     radiometry: Mapping[int, SceneRadiometry]
     """Task scene index -> what its DNs meant and what was subtracted."""
+    bins: tuple[tuple[str, str], ...] = ()
+    """With a temporal_period: the time bins of the image, (first day, day after the last)."""
+    bin_clear: np.ndarray | None = None
+    """With a temporal_period: (bins, rows, cols) True where the bin holds a clear observation."""
+
+    def bin_clear_fractions(self, window: ChipWindow) -> np.ndarray:
+        """Per bin, the share of the window's pixels with a clear observation in it."""
+        rows, cols = window.slices()
+        return self.bin_clear[:, rows, cols].mean(axis=(1, 2))
+
+    def bin_record(self, window: ChipWindow, spec: DatasetSpec) -> dict[str, tuple]:
+        """The chip record's bin fields (empty without a temporal_period)."""
+        if self.bin_clear is None:
+            return {}
+        fractions = self.bin_clear_fractions(window)
+        return {"bin_dates": tuple(first for first, _ in self.bins),
+                "bin_clear_fractions": tuple(round(float(f), 4) for f in fractions),
+                "bin_valid": tuple(bool(f >= spec.min_clear_fraction) for f in fractions)}
 
     def rejecter(self, spec: DatasetSpec) -> Callable[[ChipWindow], str | None]:
-        """Why a chip window is not written (``nodata``, ``too_cloudy``), or None."""
+        """Why a chip window is not written (``nodata``, ``too_cloudy``, ``too_few_valid_bins``), or None.
+        A time series is judged bin by bin: a bin is valid where its clear share reaches min_clear_fraction."""
         def reject(window: ChipWindow) -> str | None:
             rows, cols = window.slices()
             if 1.0 - self.covered[rows, cols].mean() > spec.max_nodata_fraction:
                 return "nodata"
+            if self.bin_clear is not None:
+                valid = int((self.bin_clear_fractions(window) >= spec.min_clear_fraction).sum())
+                return "too_few_valid_bins" if valid < spec.min_valid_bins else None
             if self.clear_fraction[rows, cols].mean() < spec.min_clear_fraction:
                 return "too_cloudy"
             return None
@@ -412,11 +450,22 @@ def composite_cell(task: Task, source: Source, chosen: Sequence[int], stack: Sce
     if not positions:
         return None
     clear = source.clear_mask(stack.quality, spec.clear_classes)
+    if spec.cloud_buffer_px:
+        clear = buffer_clear(clear, source.cloud_mask(stack.quality), spec.cloud_buffer_px)
     radio = {chosen[p]: source.radiometry(task.scenes[chosen[p]], spec.harmonize) for p in positions}
     for p in positions:
         remove_offset(stack.data[p], radio[chosen[p]].applied_dn)
     # The stack goes in whole when every scene is usable (the usual case): no copy.
     every = len(positions) == len(chosen)
+    if spec.temporal_period:
+        # Whole: compose_bins leaves the scenes without data out itself, without a copy of the stack.
+        dates = [task.scenes[i].datetime[:10] for i in chosen]
+        binned = compose_bins(stack.data, clear, valid, dates, spec.bins(), spec.composite)
+        used_positions = list(binned.used)
+        return CellImage(image=binned.image, clear_fraction=binned.clear_fraction,
+                         descriptions=binned.descriptions(spec.bands), covered=valid[positions].any(axis=0),
+                         used=tuple(chosen[p] for p in used_positions), radiometry=radio, bins=spec.bins(),
+                         bin_clear=binned.bin_clear)
     compositor = composite_method(spec.composite)
     made = compositor.compose(stack.data if every else stack.data[positions], clear if every else clear[positions])
     used_positions = [positions[i] for i in made.used]
@@ -424,6 +473,22 @@ def composite_cell(task: Task, source: Source, chosen: Sequence[int], stack: Sce
     return CellImage(image=made.image, clear_fraction=made.clear_fraction,
                      descriptions=compositor.descriptions(spec.bands, [task.scenes[i].datetime[:10] for i in used]),
                      covered=valid[used_positions].any(axis=0), used=used, radiometry=radio)
+
+
+def cell_labels(fields: gpd.GeoDataFrame, grid: TargetGrid, covered: np.ndarray,
+                spec: DatasetSpec) -> dict[str, np.ndarray]:
+    """The cell's label layers on ``grid``: ``classes`` (255 where no scene has data), and ``instances`` and
+    ``boundaries`` when the spec asks for them (boundaries are found on the whole cell, so that a chip's
+    edge is no boundary)."""
+    if "instances" not in spec.labels and "boundaries" not in spec.labels:
+        return {"classes": mask_nodata(rasterize_classes(fields, grid), covered, IGNORE_LABEL)}
+    instances = rasterize_instances(fields, grid)  # once: the classes follow the same owner of each pixel
+    labels = {"classes": mask_nodata(classes_of_instances(fields, instances), covered, IGNORE_LABEL)}
+    if "instances" in spec.labels:
+        labels["instances"] = instances
+    if "boundaries" in spec.labels:
+        labels["boundaries"] = field_boundaries(instances)
+    return labels
 
 
 def default_worker_id(number: str) -> str:

@@ -13,6 +13,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 IN_CI = os.environ.get("CI", "").lower() == "true"
+#: Chips stay inside their cells: the sample's 0.02 degree cells (1.8 x 2.2 km) hold 128 px chips, not 256 px.
+SAMPLE_CHIP_SIZE = 128
 
 
 def shared_data(*parts: str) -> Path:
@@ -126,7 +128,7 @@ def sample_master_options(sample_area):
 
     spec = DatasetSpec(start_x=sample_area.start_x, start_y=sample_area.start_y, grid_step=sample_area.grid_step,
                        x_cells=sample_area.x_cells, y_cells=sample_area.y_cells, layer=sample_area.layer,
-                       datetime=sample_area.datetime, max_cloud=100)
+                       datetime=sample_area.datetime, max_cloud=100, chip_size=SAMPLE_CHIP_SIZE)
     return MasterOptions(gpkg=str(sample_area.gpkg), spec=spec, stac_items=str(sample_area.items), run_id="run-sample")
 
 

@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 
-from conftest import REPO, run_script
+from conftest import REPO, SAMPLE_CHIP_SIZE, run_script
 
 
 def kafka_args(bootstrap, topics):
@@ -22,7 +22,7 @@ def publish_area(sample, bootstrap, topics, *extra):
                         "--grid-step", str(sample.grid_step), "--x-cells", str(sample.x_cells),
                         "--y-cells", str(sample.y_cells), "--stac-items", str(sample.items),
                         "--datetime", sample.datetime, "--max-cloud", "100", "--min-polygons", "1",
-                        *kafka_args(bootstrap, topics), *extra)
+                        "--chip-size", str(SAMPLE_CHIP_SIZE), *kafka_args(bootstrap, topics), *extra)
     assert result.returncode == 0, result.stderr
     return result
 

@@ -22,10 +22,18 @@ CHIP = 64
 
 
 @pytest.fixture(scope="module")
-def dataset(sample_area, sample_plan, tmp_path_factory):
+def plan(sample_master_options):
+    """The sample area's plan with split blocks of one cell: its 4 cells go 2 / 1 / 1 to train, val, test."""
+    from cropchips.plan.plan import make_plan
+
+    return make_plan(replace(sample_master_options,
+                             spec=replace(sample_master_options.spec, split_block_size=2000.0, chip_size=CHIP)))
+
+
+@pytest.fixture(scope="module")
+def dataset(sample_area, plan, tmp_path_factory):
     """The sample area processed task by task into a dataset folder (no Kafka needed here)."""
     out = tmp_path_factory.mktemp("dataset")
-    plan = sample_plan
     processor = SpecProcessor("d@test", output_dir=out, gpkg=str(sample_area.gpkg), layer=sample_area.layer,
                               chip_size=CHIP, max_chips_per_cell=8,
                               hrefs=HrefPolicy(local_dirs=(sample_area.root.resolve(),)))
@@ -47,19 +55,25 @@ def test_split_policy_is_deterministic_and_follows_the_ratios():
         SplitPolicy(ratios=(0.8, 0.1, 0.2))
 
 
-def test_index_rows_match_the_chips(dataset):
+def test_index_rows_match_the_chips(dataset, plan):
     out, results = dataset
     summary = finalize(out)
     index = gpd.read_parquet(out / "index.parquet")
     chips = {c.name: c for r in results for c in r.chips}
     used = {c.name: r.scenes_used for r in results for c in r.chips}  # results list the scene ids once
-    assert summary["chips"] == len(index) == len(chips)  # one 10 km block: a single split, nothing dropped
-    assert index.crs.to_epsg() == 4326 and set(index["split"]) <= {"train", "val", "test"}
+    split_of_cell = {task.cell.id: task.split for task in plan.tasks}
+    assert sorted(split_of_cell.values()) == ["test", "train", "train", "val"]
+    # Every chip is indexed, in its cell's split: none is dropped for overlapping another split.
+    assert summary["chips"] == len(index) == len(chips) and sum(summary["dropped_for_overlap"].values()) == 0
+    assert index.crs.to_epsg() == 4326 and set(index["split"]) == {"train", "val", "test"}
+    assert summary["splits"] == dict(Counter(split_of_cell[chips[n].cell_id] for n in index["name"]))
     for row in index.itertuples():
         chip = chips[row.name]
+        assert row.split == split_of_cell[chip.cell_id] == chip.split
         assert (out / row.image).exists() and (out / row.mask).exists()
         assert (row.left, row.bottom, row.right, row.top) == tuple(chip.bounds) and row.crs == chip.crs
-        assert sum(getattr(row, f"class_{k}_pixels") for k in range(9)) == CHIP * CHIP
+        assert sum(getattr(row, f"class_{k}_pixels") for k in (*range(9), 255)) == CHIP * CHIP
+        assert list(row.label_layers) == ["classes"] and row.instances == "" and list(row.bin_dates) == []
         assert list(row.scene_ids) == list(used[row.name])
         # The footprint in lon/lat contains the chip's centre.
         centre = gpd.GeoSeries([shapely.Point((row.left + row.right) / 2, (row.bottom + row.top) / 2)], crs=row.crs)
@@ -68,9 +82,23 @@ def test_index_rows_match_the_chips(dataset):
         assert row.dataset_id == chip.dataset_id and len(row.dataset_id) == 12
 
 
-def test_small_blocks_split_the_area_and_no_chip_overlaps_another_split(dataset):
+def test_no_chip_of_one_split_overlaps_a_chip_of_another(dataset):
     out, _ = dataset
-    records = records_from_metadata(out)
+    index, dropped = build_index(records_from_metadata(out))
+    assert not dropped and set(index["split"]) == {"train", "val", "test"}
+    boxes = shapely.box(index["left"], index["bottom"], index["right"], index["top"])
+    splits = index["split"].to_numpy()
+    for i in range(len(index)):
+        for j in range(i + 1, len(index)):
+            if splits[i] != splits[j]:
+                assert boxes[i].intersection(boxes[j]).area == 0, (index["name"].iat[i], index["name"].iat[j])
+
+
+def test_records_of_older_versions_are_split_by_block_and_cross_split_overlaps_dropped(dataset):
+    """Chips of cropchips < 0.3 carry no split and may cross their cell's edge: the index splits them by
+    their block and drops one of each pair of overlapping chips of different splits."""
+    out, _ = dataset
+    records = [{k: v for k, v in r.items() if k != "split"} for r in records_from_metadata(out)]
     index, dropped = build_index(records, SplitPolicy(block_size_m=400, ratios=(0.5, 0.25, 0.25)))
     assert set(index["split"]) == {"train", "val", "test"}
     assert sum(dropped.values()) > 0 and len(index) + sum(dropped.values()) == len(records)
@@ -87,18 +115,24 @@ def test_rebuild_index_from_the_files_alone_with_the_folders_splits(dataset, tmp
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     (copy / "index.parquet").unlink(missing_ok=True)
-    one_block = run_script("monitor.py", "--rebuild-index", "--output-dir", str(copy))
-    assert one_block.returncode == 0, one_block.stderr
-    assert sum(1 for n in json.loads(one_block.stdout)["splits"].values() if n) == 1  # 10 km blocks: one split
-    # The splits are the dataset's: dataset.yaml says 400 m blocks, and the rebuilt index follows it.
-    spec = DatasetSpec.from_yaml(copy / "dataset.yaml")
-    (copy / "dataset.yaml").write_text(replace(spec, split_block_size=400.0).to_yaml())
+    original = gpd.read_parquet(out / "index.parquet") if (out / "index.parquet").exists() else None
     done = run_script("monitor.py", "--rebuild-index", "--output-dir", str(copy))
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     index = gpd.read_parquet(copy / "index.parquet")
     assert summary["chips"] == len(index) > 0 and sum(summary["splits"].values()) == len(index)
-    assert len(set(index["split"])) > 1
+    # The splits are the chips' own (their sidecars say what the master gave their cells).
+    sidecars = {r["name"]: r["split"] for r in records_from_metadata(copy)}
+    assert dict(zip(index["name"], index["split"])) == sidecars and len(set(sidecars.values())) == 3
+    if original is not None:
+        assert dict(zip(original["name"], original["split"])) == sidecars
+    # Chips of another dataset than dataset.yaml's (a --force run elsewhere) are left out, with a warning.
+    spec = DatasetSpec.from_yaml(copy / "dataset.yaml")
+    (copy / "dataset.yaml").write_text(replace(spec, chip_size=32).to_yaml())
+    other = run_script("monitor.py", "--rebuild-index", "--output-dir", str(copy))
+    assert other.returncode == 0 and json.loads(other.stdout)["chips"] == 0
+    assert "belong to another dataset" in other.stderr
+    (copy / "dataset.yaml").write_text(spec.to_yaml())
     moved = run_script("monitor.py", "--rebuild-index", "--output-dir", str(copy), "--split-block-size", "400")
     assert moved.returncode == 1 and "part of the run's dataset spec now" in moved.stderr
     assert np.array_equal(np.sort(index["name"].to_numpy()), np.sort(index["name"].unique()))

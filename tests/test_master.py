@@ -139,7 +139,7 @@ def test_publishes_deterministic_tasks_and_a_run_header(broker, topics, sample_a
             "--start-y", str(sample_area.start_y), "--grid-step", str(sample_area.grid_step),
             "--x-cells", str(sample_area.x_cells), "--y-cells", str(sample_area.y_cells),
             "--stac-items", str(sample_area.items), "--datetime", sample_area.datetime, "--max-cloud", "100",
-            "--run-id", "run-a", *kafka_args(broker, topics)]
+            "--chip-size", "128", "--run-id", "run-a", *kafka_args(broker, topics)]
     first = run_script("master.py", *args)
     assert first.returncode == 0, first.stderr
     second = run_script("master.py", *args)
@@ -231,3 +231,17 @@ def test_publish_puts_each_cell_in_its_partition(broker, topics, sample_master_o
             assert record.partition == (murmur2(record.key) & 0x7FFFFFFF) % 10  # Kafka's default partitioner
     if partitioning == "grid":
         assert len({r.partition for r in records}) == len(sample_plan.tasks)  # 4 cells, 4 partitions
+
+
+@pytest.mark.parametrize("placement, chip_size", [("fields", 256), ("lattice", 128)])
+def test_cells_smaller_than_a_chip_are_refused_before_publishing(broker, topics, sample_area, placement, chip_size):
+    """Chips stay inside their cells: 0.02 degree cells (1.7 x 2.2 km) hold no 256 px chip, and no lattice chip
+    of 128 px wherever the lattice falls (that needs twice a chip)."""
+    args = ["--gpkg", str(sample_area.gpkg), "--layer", sample_area.layer, "--start-x", str(sample_area.start_x),
+            "--start-y", str(sample_area.start_y), "--grid-step", str(sample_area.grid_step),
+            "--x-cells", str(sample_area.x_cells), "--y-cells", str(sample_area.y_cells),
+            "--stac-items", str(sample_area.items), "--datetime", sample_area.datetime, "--max-cloud", "100",
+            "--chip-size", str(chip_size), "--chip-placement", placement, *kafka_args(broker, topics)]
+    result = run_script("master.py", *args)
+    assert_clean_failure(result, "chips stay inside their cells", broker, topics)
+    assert "larger --grid-step" in result.stderr and f"{chip_size} px x 10 m" in result.stderr

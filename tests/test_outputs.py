@@ -21,9 +21,23 @@ def process(sample_area, sample_task, out, **over):
                          hrefs=HrefPolicy(local_dirs=(sample_area.root.resolve(),)), **over).process(sample_task)
 
 
+def whole_sample_task(sample_area, sample_task):
+    """One task over the whole sample area (2 x 2 cells of 0.02 degrees: 3.5 x 4.4 km), which holds the
+    default 256 px chips that a single cell does not."""
+    from dataclasses import replace
+
+    from cropchips.queue.messages import Cell
+
+    x0, y0, step = sample_area.start_x, sample_area.start_y, sample_area.grid_step
+    cell = Cell(id="whole-sample", row=0, col=0,
+                bbox=(x0, y0, x0 + step * sample_area.x_cells, y0 + step * sample_area.y_cells))
+    return replace(sample_task, cell=cell, task_id="whole-sample-t")
+
+
 def test_cog_chips_are_valid_cogs_with_the_same_pixels(sample_area, sample_task, tmp_path):
-    cog = process(sample_area, sample_task, tmp_path / "cog", format="cog")
-    plain = process(sample_area, sample_task, tmp_path / "plain")
+    task = whole_sample_task(sample_area, sample_task)
+    cog = process(sample_area, task, tmp_path / "cog", format="cog", chip_size=256)
+    plain = process(sample_area, task, tmp_path / "plain", chip_size=256)
     assert cog.status == plain.status == "ok" and len(cog.chips) == len(plain.chips) > 0
     rio = [str(Path(sys.executable).parent / "rio")]  # the venv's rio, with the rio-cogeo plugin
     for a, b in zip(cog.chips, plain.chips):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import shapely
 
-from conftest import run_script
+from conftest import SAMPLE_CHIP_SIZE, run_script
 from cropchips.errors import ConfigError
 from cropchips.plan.plan import make_plan
 from cropchips.queue.messages import Cell
@@ -22,7 +22,7 @@ def master_args(sample, plan_out, *extra):
     return ["--dry-run", "--plan-out", str(plan_out), "--gpkg", str(sample.gpkg), "--layer", sample.layer,
             "--start-x", str(sample.start_x), "--start-y", str(sample.start_y), "--grid-step", str(sample.grid_step),
             "--x-cells", str(sample.x_cells), "--y-cells", str(sample.y_cells), "--stac-items", str(sample.items),
-            "--datetime", sample.datetime, "--max-cloud", "100", *extra]
+            "--datetime", sample.datetime, "--max-cloud", "100", "--chip-size", str(SAMPLE_CHIP_SIZE), *extra]
 
 
 def polygons_per_cell(sample, boxes: dict[str, tuple[float, float, float, float]]) -> dict[str, int]:
@@ -116,7 +116,7 @@ def test_cells_outside_the_aoi_are_marked_so(sample_area, sample_master_options,
     gpd.GeoDataFrame(geometry=[shapely.Polygon([(x0, y0), (x2, y0), (x2, y1 - d), (x1 - d, y1 - d), (x1 - d, y2),
                                                 (x0, y2)])], crs="EPSG:4326").to_file(aoi)
     spec = DatasetSpec(aoi=str(aoi), grid_step=step, layer=sample_area.layer, datetime=sample_area.datetime,
-                       max_cloud=100, min_polygons=1)
+                       max_cloud=100, min_polygons=1, chip_size=SAMPLE_CHIP_SIZE)
     plan = make_plan(replace(sample_master_options, spec=spec))
     cells = plan_map(plan)
     status = {(c.cell.row, c.cell.col): c.status for c in cells.cells}

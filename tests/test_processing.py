@@ -144,3 +144,56 @@ def test_the_processor_reads_through_an_injected_reader_and_asks_for_the_specs_b
     result = processor.process(replace(task, spec=spec))
     assert result.status == "ok" and reader.calls == [(len(task.scenes), ("B04", "B08"), 2)]
     processor.close()
+
+
+def test_a_monthly_series_has_the_same_bins_in_every_chip_and_skips_chips_with_too_few_valid_bins(
+        sample_area, task, tmp_path):
+    spec = DatasetSpec(datetime=sample_area.datetime, temporal_period="P1M")
+    bins = spec.bins()
+    series = processor(sample_area, tmp_path / "series", temporal_period="P1M", max_chips_per_cell=6).process(task)
+    assert series.status == "ok" and series.chips
+    for chip in series.chips:
+        sidecar = json.loads((tmp_path / "series" / "metadata" / f"{chip.name}.json").read_text())
+        assert tuple(sidecar["bin_dates"]) == tuple(first for first, _ in bins) == chip.bin_dates
+        assert chip.bands == tuple(f"{first} {band}" for first, _ in bins for band in BANDS)
+        with rasterio.open(tmp_path / "series" / chip.image) as src:
+            assert src.count == len(bins) * len(BANDS) and src.descriptions == chip.bands
+        # A bin is valid where its clear share reaches min_clear_fraction (0.9).
+        assert chip.bin_valid == tuple(f >= 0.9 for f in chip.bin_clear_fractions) and any(chip.bin_valid)
+    # Asking for more valid bins than the cloudy sample gives everywhere skips chips, and says why.
+    strict = processor(sample_area, tmp_path / "strict", temporal_period="P1M", max_chips_per_cell=6,
+                       min_valid_bins=len(bins)).process(task)
+    assert all(all(c.bin_valid) for c in strict.chips)
+    assert strict.chips_skipped.get("too_few_valid_bins", 0) >= sum(not all(c.bin_valid) for c in series.chips) > 0
+
+
+def test_a_cloud_buffer_only_lowers_clear_fractions_and_is_recorded(sample_area, task, tmp_path):
+    task = replace(task, scenes=tuple(s for s in task.scenes if "_20230530_" in s.id))  # the cloudy date alone
+    plain = processor(sample_area, tmp_path / "plain", min_clear_fraction=0.0).process(task)
+    buffered = processor(sample_area, tmp_path / "buffered", min_clear_fraction=0.0, cloud_buffer_px=5).process(task)
+    pairs = list(zip(plain.chips, buffered.chips))
+    assert pairs and all(a.bounds == b.bounds for a, b in pairs)
+    assert all(b.clear_fraction <= a.clear_fraction for a, b in pairs)
+    assert any(b.clear_fraction < a.clear_fraction for a, b in pairs)  # the sample's cloudy date has clouds
+    sidecar = json.loads((tmp_path / "buffered" / "metadata" / f"{buffered.chips[0].name}.json").read_text())
+    assert sidecar["masking"] == {"quality_band": "SCL", "clear_classes": [4, 5, 6], "cloud_buffer_px": 5,
+                                  "unmapped_label": 255}
+
+
+def test_label_layers_are_written_and_fields_of_no_class_are_255(sample_area, sample_plan, tmp_path):
+    worker = processor(sample_area, tmp_path, chip_size=64, labels=("classes", "instances", "boundaries"),
+                       max_chips_per_cell=12)
+    chips = [chip for task in sample_plan.tasks for chip in worker.process(task).chips]
+    assert chips
+    seen = set()
+    for chip in chips:
+        assert set(chip.layers) == {"classes", "instances", "boundaries"}
+        with rasterio.open(tmp_path / chip.mask) as m, rasterio.open(tmp_path / chip.layers["instances"]) as i, \
+                rasterio.open(tmp_path / chip.layers["boundaries"]) as b:
+            mask, instances, boundaries = m.read(1), i.read(1), b.read(1)
+        assert (mask > 0).tolist() == (instances > 0).tolist() == (boundaries > 0).tolist()
+        ids = sorted(set(instances[instances > 0].tolist()))
+        assert ids == list(range(1, len(ids) + 1))  # unique within the chip, numbered from 1
+        seen |= set(mask.ravel().tolist())
+        assert chip.class_pixels == {str(k): int((mask == k).sum()) for k in set(mask.ravel().tolist())}
+    assert 255 in seen  # the sample's maize and pasture fields

@@ -151,10 +151,11 @@ def sample_processor(sample_area, out, **over):
 def test_cloudy_chips_are_skipped_and_counted(sample_area, sample_task, tmp_path):
     cloudy = [s for s in sample_task.scenes if "_20230530_" in s.id]  # the sample's cloudy date
     task = replace(sample_task, scenes=tuple(cloudy), task_id=sample_task.task_id + "c")
+    # Overlapping chips allowed: a chip skipped as too cloudy then frees no room for another.
     strict = sample_processor(sample_area, tmp_path / "strict", min_clear_fraction=0.99,
-                                              max_chips_per_cell=12).process(task)
+                              max_chips_per_cell=12, max_chip_overlap=1.0).process(task)
     loose = sample_processor(sample_area, tmp_path / "loose", min_clear_fraction=0.0,
-                             max_chips_per_cell=12).process(task)
+                             max_chips_per_cell=12, max_chip_overlap=1.0).process(task)
     assert strict.chips_skipped.get("too_cloudy", 0) > 0
     assert len(strict.chips) + strict.chips_skipped["too_cloudy"] <= len(loose.chips)
     assert all(c.clear_fraction >= 0.99 for c in strict.chips)

@@ -2,6 +2,10 @@
 
 The index is built from the chips' provenance (the results topic or the ``metadata/``
 sidecars, which hold the same records), so it can always be rebuilt from the files alone.
+Each chip's split is the one the master gave its cell (:mod:`cropchips.plan.splits`); chips
+stay inside their cells, so chips of different splits never overlap and none is dropped.
+Records of older versions carry no split: they are split here by their spatial block
+(:class:`SplitPolicy`), and a chip that would overlap a chip of another split is dropped.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from cropchips.spec import DatasetSpec
 from cropchips.output.spec_file import SPEC_FILE, read_folder_spec
 from cropchips.output.storage import Storage, open_storage
 from cropchips.raster.write import IMAGES_DIR, MASKS_DIR, METADATA_DIR
+from cropchips.fields.classes import IGNORE_LABEL
+from cropchips.spec import LABEL_LAYERS
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +111,12 @@ def records_from_metadata(output: Storage | Path | str, names: Iterable[str] | N
 
 
 def build_index(records: Iterable[dict[str, Any]], policy: SplitPolicy = SplitPolicy()) -> tuple[gpd.GeoDataFrame, Counter]:
-    """One row per chip with its footprint (EPSG:4326) and split; chips that would overlap a chip
-    of another split are dropped (the counter says how many, per split)."""
+    """One row per chip with its footprint (EPSG:4326) and split (the record's, else ``policy``'s); chips
+    that would overlap a chip of another split are dropped (the counter says how many, per split: never
+    one for chips that carry their cell's split)."""
     rows = []
     for r in records:
+        layers = r.get("layers") or {"classes": r["mask"]}
         left, bottom, right, top = r["bounds"]
         cx, cy = (left + right) / 2, (bottom + top) / 2
         to_lonlat = Transformer.from_crs(r["crs"], "EPSG:4326", always_xy=True)
@@ -121,8 +129,13 @@ def build_index(records: Iterable[dict[str, Any]], policy: SplitPolicy = SplitPo
             "method": r.get("method", ""), "dataset_id": r.get("dataset_id", ""),
             "clear_fraction": r.get("clear_fraction"),
             "nodata_fraction": r.get("nodata_fraction"),
-            **{f"class_{k}_pixels": int(r.get("class_pixels", {}).get(str(k), 0)) for k in range(9)},
-            "split": policy.split_of(r["crs"], cx, cy), "worker_id": r.get("worker_id", ""),
+            **{f"class_{k}_pixels": int(r.get("class_pixels", {}).get(str(k), 0)) for k in (*range(9), IGNORE_LABEL)},
+            "label_layers": sorted(layers, key=LABEL_LAYERS.index),
+            "instances": layers.get("instances", ""), "boundaries": layers.get("boundaries", ""),
+            "bands": list(r.get("bands", ())), "bin_dates": list(r.get("bin_dates", ())),
+            "bin_clear_fractions": [float(f) for f in r.get("bin_clear_fractions", ())],
+            "bin_valid": [bool(v) for v in r.get("bin_valid", ())],
+            "split": r.get("split") or policy.split_of(r["crs"], cx, cy), "worker_id": r.get("worker_id", ""),
             "run_id": r.get("run_id", ""), "task_id": r.get("task_id", ""), "geometry": footprint})
     frame = gpd.GeoDataFrame(rows, geometry="geometry", crs="EPSG:4326") if rows else gpd.GeoDataFrame(
         {"name": [], "split": []}, geometry=[], crs="EPSG:4326")
@@ -161,6 +174,21 @@ def drop_cross_split_overlaps(frame: gpd.GeoDataFrame) -> tuple[gpd.GeoDataFrame
     return frame[keep], dropped
 
 
+def of_folder_dataset(storage: Storage, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of the dataset the folder's ``dataset.yaml`` names: chips that another spec left behind
+    (a run with ``--force`` over fewer cells) are left out of the index, with a warning."""
+    spec = read_folder_spec(storage)
+    if spec is None:
+        return records
+    wanted = spec.dataset_id()
+    kept = [r for r in records if r.get("dataset_id", wanted) in ("", wanted)]
+    if len(kept) < len(records):
+        log.warning("%d chips in %s belong to another dataset than its %s (%s) and are left out of the index; "
+                    "delete them or run the master with --force over their cells", len(records) - len(kept),
+                    storage, SPEC_FILE, wanted)
+    return kept
+
+
 def write_index(output: Storage | Path | str, frame: gpd.GeoDataFrame) -> str:
     """Publish ``index.parquet`` whole; return where it is."""
     storage = open_storage(output)
@@ -173,15 +201,18 @@ def finalize(output: Storage | Path | str, records: Sequence[dict[str, Any]] | N
     """Build and write the index and the STAC catalog from ``records`` (or from the sidecars);
     return a summary."""
     storage = open_storage(output)
-    records = list(records) if records is not None else records_from_metadata(storage)
+    records = list(records) if records is not None else of_folder_dataset(storage, records_from_metadata(storage))
     frame, dropped = build_index(records, policy)
     path = write_index(storage, frame)
     from cropchips.dataset.catalog import build_catalog, write_catalog  # pystac: only when a dataset is finalised
+    from cropchips.dataset.stats import STATS_NAME, write_stats
 
-    catalog = write_catalog(storage, build_catalog(records, dict(zip(frame["name"], frame["split"]))))
+    stats = write_stats(storage, frame)
+    catalog = write_catalog(storage, build_catalog(records, dict(zip(frame["name"], frame["split"])), stats=stats))
     counts = frame["split"].value_counts().to_dict() if len(frame) else {}
     summary = {"index": str(path), "catalog": str(catalog), "chips": int(len(frame)),
                "splits": {s: int(counts.get(s, 0)) for s in SPLITS},
-               "dropped_for_overlap": {s: int(dropped.get(s, 0)) for s in SPLITS}}
+               "dropped_for_overlap": {s: int(dropped.get(s, 0)) for s in SPLITS},
+               "stats": storage.url(STATS_NAME) if stats else None}
     log.info("index %s: %d chips, %s", path, len(frame), summary["splits"])
     return summary

@@ -21,7 +21,9 @@ from cropchips.fields.gpkg import FieldLayer, layer_fingerprint, open_layer, rea
 from cropchips.plan.grid import Grid
 from cropchips.plan.splits import assign_splits, block_cells
 from cropchips.queue.kafka import DEFAULT_RETENTION_MS, KafkaSettings
-from cropchips.queue.messages import MAX_MESSAGE_BYTES, RunHeader, Scene, Task, encode
+from cropchips.queue.messages import MAX_MESSAGE_BYTES, Cell, RunHeader, Scene, Task, encode
+from cropchips.raster.chips import chip_fits, inner_box
+from cropchips.raster.grid import utm_epsg
 from cropchips.sources.stac import DEFAULT_STAC_API, filter_items, load_items_file, scenes_for_cell, search_stac, to_scenes
 from cropchips.sources import source_for
 from cropchips.spec import DatasetSpec
@@ -162,6 +164,7 @@ def make_plan(options: MasterOptions) -> Plan:
             f"polygons (most in one cell: {int(counts.max())}, total {int(counts.sum())}). Check the area "
             "(--start-x/--start-y, the south-west corner in degrees, and --grid-step; or --bbox, or --aoi) and that "
             "the GeoPackage covers it, or lower --min-polygons.")
+    check_chips_fit(kept, spec)
     log.info("kept %d of %d cells; dropped %s", len(kept), grid.x_cells * grid.y_cells,
              ", ".join(f"{n} {reason}" for reason, n in dropped.items()) or "none")
 
@@ -202,6 +205,22 @@ def make_plan(options: MasterOptions) -> Plan:
     check_task_sizes(tasks, options.max_task_bytes)
     return Plan(run_id=run_id, tasks=tasks, cells_total=grid.x_cells * grid.y_cells, dropped=dropped,
                 scenes=len(scenes), spec=spec, grid=grid, counts=counts, aoi=aoi)
+
+
+def check_chips_fit(cells: Sequence[Cell], spec: DatasetSpec) -> None:
+    """Refuse a grid whose cells cannot hold a chip: chips stay inside their cells (in the cell's UTM zone)."""
+    for cell in cells:
+        minx, miny, maxx, maxy = cell.bbox
+        crs = f"EPSG:{utm_epsg((minx + maxx) / 2, (miny + maxy) / 2)}"
+        if chip_fits(cell, crs, spec.chip_size, spec.resolution, placement=spec.chip_placement):
+            continue
+        left, bottom, right, top = inner_box(cell, crs)
+        chip_m = spec.chip_size * spec.resolution
+        need = "twice a chip (a lattice chip must fall whole inside)" if spec.chip_placement == "lattice" else "a chip"
+        raise ConfigError(
+            f"cell {cell.id} is about {right - left:.0f} x {top - bottom:.0f} m, smaller than {need} of "
+            f"{spec.chip_size} px x {spec.resolution:g} m = {chip_m:.0f} m: chips stay inside their cells. Use a "
+            f"larger --grid-step (now {spec.grid_step}) or a smaller --chip-size")
 
 
 def least_cloudy(scenes: Sequence[Scene], n: int) -> list[Scene]:

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test venv clean
+.PHONY: demo demo-timeseries test venv clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "Python 3.10+ is needed: install it or run make PYTHON=python3.11")'
@@ -23,8 +23,11 @@ venv: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(BIN)/python -m cropchips.demo --output demo-output
 
+demo-timeseries: $(VENV)/.installed
+	$(BIN)/python -m cropchips.demo --output demo-output-timeseries --timeseries
+
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf demo-output .pytest_cache
+	rm -rf demo-output demo-output-timeseries .pytest_cache

@@ -23,9 +23,18 @@ from cropchips.demo.sample import generate_sample
 
 log = logging.getLogger(__name__)
 
-#: The sample area is a few km across: 1 km split blocks give it train, val and test chips
-#: (the production default, 10 km, would put every chip in one block).
-DEMO_SPLIT_BLOCK_M = 1000
+#: The sample area: 4 x 3 cells of 0.02 degrees (about 1.8 x 2.2 km each) near Seville.
+DEMO_X_CELLS, DEMO_Y_CELLS = 4, 3
+#: Split blocks of one cell (the production default, 10 km, would put the whole area in two blocks):
+#: twelve blocks give train 10 cells, val 1 and test 1.
+DEMO_SPLIT_BLOCK_M = 2000
+#: Chips of 128 px (1.28 km) fit inside the demo's cells, which the default 256 px (2.56 km) would not.
+DEMO_CHIP_SIZE = 128
+#: Every label layer, so that the demo shows them all.
+DEMO_LABELS = "classes,instances,boundaries"
+#: The time-series variant (``--timeseries``): monthly median bins of five dates.
+DEMO_PERIOD = "P1M"
+DEMO_TIMESERIES_DATES = 5
 
 
 def command(python: str, name: str) -> list[str]:
@@ -33,11 +42,13 @@ def command(python: str, name: str) -> list[str]:
     return [python, "-m", "cropchips", name]
 
 
-def run_demo(output: Path, *, workers: int = 2, chip_size: int | None = None, python: str = sys.executable,
-             timeout_s: float = 600.0) -> dict:
-    """Run the pipeline end to end; return the monitor's final summary."""
+def run_demo(output: Path, *, workers: int = 2, chip_size: int = DEMO_CHIP_SIZE, timeseries: bool = False,
+             python: str = sys.executable, timeout_s: float = 600.0) -> dict:
+    """Run the pipeline end to end; return the monitor's final summary. ``timeseries``: monthly bins
+    (a T x bands image per chip) instead of one median image."""
     output = output.resolve()
-    sample = generate_sample(output / "sample")
+    sample = generate_sample(output / "sample", x_cells=DEMO_X_CELLS, y_cells=DEMO_Y_CELLS,
+                             dates=DEMO_TIMESERIES_DATES if timeseries else 3)
     dataset = output / "dataset"
     dataset.mkdir(parents=True, exist_ok=True)
     log.info("sample area generated under %s", sample.root)
@@ -51,8 +62,9 @@ def run_demo(output: Path, *, workers: int = 2, chip_size: int | None = None, py
              "--start-x", str(sample.start_x), "--start-y", str(sample.start_y), "--grid-step", str(sample.grid_step),
              "--x-cells", str(sample.x_cells), "--y-cells", str(sample.y_cells), "--stac-items", str(sample.items),
              "--collection", sample.collection, "--datetime", sample.datetime, "--max-cloud", "60",
-             "--run-id", run_id, "--split-block-size", str(DEMO_SPLIT_BLOCK_M),
-             *(["--chip-size", str(chip_size)] if chip_size else []), *common], check=False)
+             "--run-id", run_id, "--split-block-size", str(DEMO_SPLIT_BLOCK_M), "--chip-size", str(chip_size),
+             "--labels", DEMO_LABELS, *(["--temporal-period", DEMO_PERIOD] if timeseries else []), *common],
+            check=False)
         if master.returncode != 0:
             raise CropChipsError(f"master.py exited with {master.returncode}")
         procs = [subprocess.Popen(
@@ -85,12 +97,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cropchips demo", description=__doc__)
     parser.add_argument("--output", default="demo-output", help="folder for the sample data and the dataset")
     parser.add_argument("--workers", type=int, default=2, help="worker processes to start")
-    parser.add_argument("--chip-size", type=int, default=None, help="chip size in pixels (default: the spec's, 256)")
+    parser.add_argument("--chip-size", type=int, default=DEMO_CHIP_SIZE,
+                        help=f"chip size in pixels (default {DEMO_CHIP_SIZE}: the demo's cells are 1.8 km wide)")
+    parser.add_argument("--timeseries", action="store_true",
+                        help=f"make a fixed-shape time series ({DEMO_PERIOD} median bins) instead of one image")
     args = parser.parse_args(argv)
     setup_logging("INFO")
 
     def body() -> int:
-        summary = run_demo(Path(args.output), workers=args.workers, chip_size=args.chip_size)
+        summary = run_demo(Path(args.output), workers=args.workers, chip_size=args.chip_size,
+                           timeseries=args.timeseries)
         print(json.dumps(summary, indent=2, sort_keys=True))
         out = summary["output_dir"]
         print(f"\nDataset written to {out}/images and {out}/masks, indexed in {out}/index.parquet and "

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import warnings
 from collections import Counter
+from dataclasses import replace
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from rasterio.io import MemoryFile
 from cropchips.dataset.index import SplitPolicy, finalize
 from cropchips.plan.grid import Grid
 from cropchips.sources.hrefs import HrefPolicy
-from cropchips.plan.plan import record_params
+from cropchips.plan.plan import make_plan, record_params
 from cropchips.sources.sentinel2 import BANDS
 from cropchips.dataset.report import (
     OVERLAY_ALPHA,
@@ -47,17 +48,24 @@ from cropchips.raster.write import write_chip
 from helpers import SpecProcessor
 
 CHIP = 64
+#: The neutral grey of label 255 (ignore), written out here rather than read from the palette.
+IGNORE_GREY = "#9e9e9e"
 GALLERY = 5
+LAYERS = ("classes", "instances", "boundaries")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def dataset(sample_area, sample_master_options, sample_plan, tmp_path_factory):
-    """The sample area processed task by task (no Kafka), indexed with small blocks: all three splits."""
+def dataset(sample_area, sample_master_options, tmp_path_factory):
+    """The sample area processed task by task (no Kafka) with all three label layers. The master splits
+    blocks of one cell (2 km), so the four cells get train, val and test."""
     out = tmp_path_factory.mktemp("report")
-    options, plan, grid = sample_master_options, sample_plan, sample_plan.grid
+    options = replace(sample_master_options, spec=replace(sample_master_options.spec, split_block_size=2000.0,
+                                                          split_ratios=(0.5, 0.25, 0.25), chip_size=CHIP))
+    plan = make_plan(options)
+    grid = plan.grid
     processor = SpecProcessor("r@test", output_dir=out, gpkg=str(sample_area.gpkg), layer=sample_area.layer,
-                              chip_size=CHIP, max_chips_per_cell=8,
+                              chip_size=CHIP, max_chips_per_cell=8, labels=LAYERS,
                               hrefs=HrefPolicy(local_dirs=(sample_area.root.resolve(),)))
     results = [processor.process(task) for task in plan.tasks]
     assert all(r.status == "ok" for r in results)
@@ -103,13 +111,46 @@ def decode_png(data: bytes) -> np.ndarray:
             return src.read()
 
 
-def expected_class_pixels(out: Path, index: gpd.GeoDataFrame) -> Counter:
+def expected_class_pixels(out: Path, index: gpd.GeoDataFrame | None = None) -> Counter:
+    """Pixels per mask value, counted from the mask files (of the index, else every mask in the folder)."""
     totals: Counter = Counter()
-    for rel in index["mask"]:
-        with rasterio.open(out / rel) as src:
+    paths = [out / rel for rel in index["mask"]] if index is not None else sorted((out / "masks").glob("*.tif"))
+    for path in paths:
+        with rasterio.open(path) as src:
             classes, counts = np.unique(src.read(1), return_counts=True)
         totals.update({int(c): int(n) for c, n in zip(classes, counts)})
     return totals
+
+
+def section(text: str, section_id: str) -> str:
+    """The HTML of one ``<section id=...>`` of the page."""
+    match = re.search(rf'<section id="{section_id}"[^>]*>(.*?)</section>', text, re.S)
+    assert match, section_id
+    return match.group(1)
+
+
+def plain(fragment: str) -> str:
+    """The text of an HTML fragment: tags as spaces (none before , ; or a closing parenthesis), blanks
+    (narrow no-break spaces too) collapsed."""
+    text = " ".join(re.sub(r"<[^>]+>", " ", fragment).replace("\u202f", " ").split())
+    return re.sub(r" ([,;)])", r"\1", text)
+
+
+def class_rows(fragment: str) -> dict[int, str]:
+    """The text of each ``<tr data-class=K>`` row of a table, by K."""
+    return {int(k): plain(row) for k, row in re.findall(r'<tr[^>]*data-class="(\d+)"[^>]*>(.*?)</tr>', fragment, re.S)}
+
+
+def summary_line(text: str, key: str) -> str | None:
+    """The text of the summary's ``data-summary=KEY`` line, None when the summary has none."""
+    match = re.search(rf'<p class="summary-line" data-summary="{key}">(.*?)</p>', section(text, "summary"), re.S)
+    return plain(match.group(1)) if match else None
+
+
+def copy_dataset(out: Path, to: Path, *also_ignored: str) -> Path:
+    """A copy of the dataset folder without its report and quicklooks (and ``also_ignored``)."""
+    shutil.copytree(out, to, ignore=shutil.ignore_patterns("report.html", QUICKLOOKS_DIR, *also_ignored))
+    return to
 
 
 def test_report_is_self_contained_and_true_to_the_masks(dataset):
@@ -157,6 +198,40 @@ def test_report_is_self_contained_and_true_to_the_masks(dataset):
     # The legend uses the same colours.
     for k in bars:
         assert f'<tr data-class="{k}"><td><span class="swatch" style="background:{PALETTE[k]}">' in text
+
+    # 255 (ignore) is counted, drawn and named like the classes, in its grey; 0 reads "no field".
+    assert expected[255] > 0 and expected[0] > 0  # the sample has fields of no class, pixels without data
+    assert bars[255]["fill"] == IGNORE_GREY and PALETTE[255] == IGNORE_GREY
+    assert len(set(PALETTE.values())) == len(PALETTE)  # 0 (no field) and 255 (ignore) differ in colour
+    balance = section(text, "class-balance")
+    assert f'<tr data-class="255"><td><span class="swatch" style="background:{IGNORE_GREY}">' in balance
+    rows = class_rows(balance)
+    assert sorted(rows) == [*range(9), 255]
+    whole = sum(expected.values())
+    assert rows[255] == f"255 ignore: no class / no data {expected[255]:,} {100 * expected[255] / whole:.1f} %".replace(
+        ",", " ")
+    assert rows[0].startswith("0 no field ") and rows[5].startswith("5 cereals ")
+    assert "unlabelled" not in text
+
+    # Each split's class mix has its 255 row, the share of the split's mask pixels.
+    mix = class_rows(section(text, "split-counts").split('id="split-classes"', 1)[1])
+    assert 255 in mix and mix[255].startswith("255 ignore: no class / no data ")
+    columns = [f"class_{k}_pixels" for k in (*range(9), 255)]
+    shares = [f"{100 * part[columns[-1]].sum() / part[columns].to_numpy().sum():.1f} %"
+              for part in (index[index["split"] == split] for split in ("train", "val", "test"))]
+    assert mix[255] == "255 ignore: no class / no data " + " ".join(shares)
+
+    # The gallery legend names 255 in its grey; 0 is never drawn, so it has no key there.
+    gallery = section(text, "gallery")
+    assert (f'<span class="key" data-class="255"><span class="swatch" style="background:{IGNORE_GREY}"></span>'
+            '255 ignore: no class / no data</span>') in gallery
+    assert 'data-class="0"' not in gallery and "255, ignore, in grey" in gallery
+
+    # The summary names the label layers, each with the number of chips that have it; no time bins here.
+    n = len(index)
+    assert summary_line(text, "label-layers") == (f"Label layers: classes ({n} chips), instances ({n} chips), "
+                                                  f"boundaries ({n} chips)")
+    assert summary_line(text, "time-bins") is None
 
     # Chips per split, as in the index.
     split_rows = {a["data-split"] for a in page.find("tr") if "data-split" in a}
@@ -255,10 +330,68 @@ def test_report_without_an_index_or_chips(tmp_path, dataset):
     shutil.copytree(out, copy, ignore=shutil.ignore_patterns("index.parquet", "report.html", QUICKLOOKS_DIR))
     text = build_report(copy, max_gallery=2).read_text()
     assert '<tr data-split="unindexed">' in text and len(Elements(text).find("img", "quicklook")) == 2
+    # The sidecars' pixel counts, 255 among them, and label layers stand in for the index's.
+    expected = expected_class_pixels(copy)
+    assert expected[255] > 0
+    bars = {int(a["data-class"]): int(a["data-pixels"]) for a in Elements(text).find("rect", "bar")}
+    assert bars == {k: n for k, n in expected.items() if n}
+    n = len(list((copy / "metadata").glob("*.json")))
+    assert n == len(list((copy / "masks").glob("*.tif"))) > 0
+    assert summary_line(text, "label-layers") == (f"Label layers: classes ({n} chips), instances ({n} chips), "
+                                                  f"boundaries ({n} chips)")
     empty = tmp_path / "empty"
     (empty / "metadata").mkdir(parents=True)
     page = Elements(build_report(empty).read_text())
     assert not page.find("img", "quicklook") and not page.find("rect", "bar") and not page.find("rect", "cell")
+
+
+def test_report_of_an_older_index_without_the_ignore_label(dataset, tmp_path):
+    """An index written before 255 and the label layers (no class_255_pixels, label_layers, instances,
+    boundaries nor bin_dates) still renders: 255 listed with 0 pixels, every chip with its classes mask."""
+    out = dataset[0]
+    copy = copy_dataset(out, tmp_path / "older")
+    index = gpd.read_parquet(copy / "index.parquet")
+    older = index.drop(columns=["class_255_pixels", "label_layers", "instances", "boundaries", "bin_dates"])
+    older.to_parquet(copy / "index.parquet", index=False)
+    text = build_report(copy, max_gallery=1).read_text()
+    page = Elements(text)
+    bars = {int(a["data-class"]): int(a["data-pixels"]) for a in page.find("rect", "bar")}
+    assert 255 not in bars and bars == {k: int(index[f"class_{k}_pixels"].sum()) for k in range(9)
+                                        if index[f"class_{k}_pixels"].sum() > 0}
+    balance = section(text, "class-balance")
+    assert '<tr class="absent" data-class="255">' in balance
+    assert class_rows(balance)[255] == "255 ignore: no class / no data 0 0.0 %"
+    assert 255 not in class_rows(section(text, "split-counts"))
+    assert 'data-class="255"' in section(text, "gallery") and len(page.find("img", "quicklook")) == 1
+    assert summary_line(text, "label-layers") == f"Label layers: classes ({len(index)} chips)"
+    assert summary_line(text, "time-bins") is None
+
+
+def test_report_lists_the_label_layers_and_time_bins_of_the_index(dataset, tmp_path):
+    """Chips with fewer layers are counted per layer; a time series' bins (first days) are listed."""
+    out = dataset[0]
+    copy = copy_dataset(out, tmp_path / "bins")
+    index = gpd.read_parquet(copy / "index.parquet").sort_values("name").reset_index(drop=True)
+    n = len(index)
+    assert n > 4
+    layers = [["classes"]] * 3 + [["classes", "instances"]] + [list(v) for v in index["label_layers"][4:]]
+    index["label_layers"] = layers
+    index["bin_dates"] = [["2023-05-15", "2023-06-15"]] * n
+    index.to_parquet(copy / "index.parquet", index=False)
+    text = build_report(copy, max_gallery=0).read_text()
+    assert summary_line(text, "label-layers") == (f"Label layers: classes ({n} chips), instances ({n - 3} chips), "
+                                                  f"boundaries ({n - 4} chips)")
+    assert summary_line(text, "time-bins") == "2 time bins: 2023-05-15, 2023-06-15"
+
+    # Chips without bins, and with other bins, are said to be so.
+    index["bin_dates"] = [[]] + [["2023-05-15"]] + [["2023-05-15", "2023-06-15"]] * (n - 2)
+    index.to_parquet(copy / "index.parquet", index=False)
+    text = build_report(copy, max_gallery=0).read_text()
+    assert summary_line(text, "time-bins") == (f"2 time bins: 2023-05-15, 2023-06-15 (the chips have 2 different "
+                                               f"sets of bins; {n - 1} of {n} chips are binned)")
+    index["bin_dates"] = [["2023-07-01"]] * n
+    index.to_parquet(copy / "index.parquet", index=False)
+    assert summary_line(build_report(copy, max_gallery=0).read_text(), "time-bins") == "1 time bin: 2023-07-01"
 
 
 def test_png_encoder_stretch_and_overlay(tmp_path):
@@ -284,6 +417,11 @@ def test_png_encoder_stretch_and_overlay(tmp_path):
     colour = np.array([int(PALETTE[5][i:i + 2], 16) for i in (1, 3, 5)])
     assert np.array_equal(over[2, 3], np.round((1 - OVERLAY_ALPHA) * stretched[2, 3] + OVERLAY_ALPHA * colour))
     assert np.array_equal(np.delete(over.reshape(-1, 3), 23, axis=0), np.delete(stretched.reshape(-1, 3), 23, axis=0))
+    # 255 (ignore) is drawn in its neutral grey (0x9e each channel), 0 (no field) left clear.
+    mask[7, 1] = 255
+    over = overlay_classes(stretched, mask)
+    assert np.array_equal(over[7, 1], np.round((1 - OVERLAY_ALPHA) * stretched[7, 1] + OVERLAY_ALPHA * 0x9E))
+    assert np.array_equal(over[0, 0], stretched[0, 0]) and np.array_equal(over[4, 4], stretched[4, 4])
 
     # Gallery images of big chips are subsampled, both halves alike, the white gap kept.
     big = np.zeros((600, 2 * 600 + QUICKLOOK_GAP, 3), dtype=np.uint8)

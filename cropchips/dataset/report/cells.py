@@ -13,12 +13,13 @@ import geopandas as gpd
 import shapely
 from pyproj import Transformer
 
-from cropchips.fields.classes import CLASS_NAMES
 from cropchips.dataset.index import INDEX_NAME, records_from_metadata
 from cropchips.plan.grid import Grid
 from cropchips.queue.messages import STATUSES, Result, RunHeader
 from cropchips.output.storage import Storage, open_storage
 from cropchips.raster.write import METADATA_DIR
+from cropchips.spec import LABEL_LAYERS
+from cropchips.dataset.report.labels import pixels_column, record_label_ids
 
 log = logging.getLogger(__name__)
 
@@ -48,27 +49,39 @@ CellLike = CellStatus | Sequence[Any] | Mapping[str, Any]
 
 def load_chips(output: Storage | Path | str) -> tuple[Any, bool]:
     """The chips to report: ``index.parquet`` (and True), or, without one, every chip's sidecar
-    with split ``unindexed`` (and False)."""
+    with split ``unindexed`` (and False): its pixels per label (0, 1..8, 255 and any other its
+    ``class_pixels`` count), its label layers and its time bins, as the index would hold them."""
     storage = open_storage(output)
     if storage.exists(INDEX_NAME):
         return gpd.read_parquet(storage.source(INDEX_NAME)), True
     log.warning("%s has no %s: reporting the chips of %s/ without splits (run monitor.py --rebuild-index)",
                 storage, INDEX_NAME, METADATA_DIR)
+    records = records_from_metadata(storage)
+    labels = record_label_ids(records)
     rows = []
-    for r in records_from_metadata(storage):
+    for r in records:
         to_lonlat = Transformer.from_crs(r["crs"], "EPSG:4326", always_xy=True)
+        pixels = r.get("class_pixels") or {}
+        layers = r.get("layers") or {"classes": r["mask"]}
         rows.append({
             "name": r["name"], "image": r["image"], "mask": r["mask"], "cell_id": r.get("cell_id", ""),
             "split": "unindexed", "clear_fraction": r.get("clear_fraction"), "run_id": r.get("run_id", ""),
             "scene_ids": [s["id"] for s in r.get("scenes", ())],
             "scene_dates": [s["datetime"][:10] for s in r.get("scenes", ())],
-            **{f"class_{k}_pixels": int(r.get("class_pixels", {}).get(str(k), 0)) for k in CLASS_NAMES},
+            **{pixels_column(k): int(pixels.get(str(k), 0)) for k in labels},
+            "label_layers": sorted(layers, key=_layer_order),
+            "bin_dates": [str(d) for d in r.get("bin_dates", ())],
             "geometry": shapely.box(*to_lonlat.transform_bounds(*r["bounds"], densify_pts=5))})
     columns = ["name", "image", "mask", "cell_id", "split", "clear_fraction", "run_id", "scene_ids", "scene_dates",
-               *[f"class_{k}_pixels" for k in CLASS_NAMES]]
+               *[pixels_column(k) for k in labels], "label_layers", "bin_dates"]
     if not rows:
         return gpd.GeoDataFrame({c: [] for c in columns}, geometry=[], crs="EPSG:4326"), False
     return gpd.GeoDataFrame(rows, geometry="geometry", crs="EPSG:4326"), False
+
+
+def _layer_order(layer: str) -> tuple[int, str]:
+    """The known label layers in file order (classes, instances, boundaries), any other after them."""
+    return (LABEL_LAYERS.index(layer), "") if layer in LABEL_LAYERS else (len(LABEL_LAYERS), layer)
 
 
 def _as_cell(cell: CellLike) -> CellStatus:

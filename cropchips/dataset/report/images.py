@@ -13,7 +13,7 @@ import numpy as np
 import rasterio
 
 from cropchips.sources.sentinel2 import BANDS
-from cropchips.dataset.report.colours import PALETTE
+from cropchips.dataset.report.labels import label_colour
 
 #: White pixels between the true-colour and the overlay halves of a quicklook.
 QUICKLOOK_GAP = 4
@@ -65,8 +65,9 @@ def stretch_rgb(bands: np.ndarray, percentiles: tuple[float, float] = STRETCH_PE
 
 
 def overlay_classes(rgb: np.ndarray, mask: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
-    """The class colours of ``mask`` (class 0 left clear) blended over ``rgb`` with ``alpha``."""
-    colours = np.array([_hex_rgb(PALETTE.get(k, "#000000")) for k in range(256)], dtype="float64")
+    """The label colours of ``mask`` blended over ``rgb`` with ``alpha``: the classes 1..8 in their
+    colours, 255 (ignore: no class or no image data) in its grey; 0 (no field) is left clear."""
+    colours = np.array([_hex_rgb(label_colour(k)) for k in range(256)], dtype="float64")
     labelled = (mask > 0)[..., None]
     blended = (1.0 - alpha) * rgb.astype("float64") + alpha * colours[mask]
     return np.where(labelled, np.round(blended), rgb).astype(np.uint8)

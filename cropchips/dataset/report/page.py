@@ -10,18 +10,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from cropchips.fields.classes import CLASS_NAMES
+from cropchips.fields.classes import IGNORE_LABEL
 from cropchips.dataset.index import SPLITS
 from cropchips.queue.messages import STATUSES
 from cropchips.output.storage import Storage
 from cropchips.raster.write import METADATA_DIR
+from cropchips.spec import LABEL_LAYERS
 from cropchips.dataset.report.cells import _CELL_ROW_COL, CellStatus
-from cropchips.dataset.report.colours import OTHER_SPLIT_COLOUR, OTHER_STATUS_COLOUR, PALETTE, SPLIT_COLOURS, STATUS_COLOURS
+from cropchips.dataset.report.colours import OTHER_SPLIT_COLOUR, OTHER_STATUS_COLOUR, SPLIT_COLOURS, STATUS_COLOURS
+from cropchips.dataset.report.labels import label_colour, label_ids, label_text, pixels_column
 from cropchips.dataset.report.images import OVERLAY_ALPHA, STRETCH_PERCENTILES
 
 #: A gallery figure: chip name, split, clear fraction, quicklook PNG, (width, height) in pixels.
 GalleryItem = tuple[str, str, float | None, bytes, tuple[int, int]]
-
+#: At most this many time bins are listed by date in the summary.
+MAX_LISTED_BINS = 48
 
 
 def _e(value: Any) -> str:
@@ -37,11 +40,17 @@ def _pct(part: float, whole: float) -> str:
 
 
 def _class_totals(chips: Any) -> dict[int, int]:
-    return {k: int(chips[f"class_{k}_pixels"].sum()) if f"class_{k}_pixels" in chips else 0 for k in CLASS_NAMES}
+    """Mask pixels per label over ``chips``: every label of the report, 0 where the index has no column
+    for it (an index older than the 255 ignore label has no ``class_255_pixels``)."""
+    totals = {}
+    for k in label_ids(getattr(chips, "columns", ())):
+        column = pixels_column(k)
+        totals[k] = int(chips[column].fillna(0).sum()) if column in chips else 0
+    return totals
 
 
 def _class_label(k: int) -> str:
-    return CLASS_NAMES.get(k, str(k)).replace("_", " ")
+    return label_text(k)
 
 
 def _class_balance(totals: dict[int, int]) -> str:
@@ -63,7 +72,7 @@ def _class_balance(totals: dict[int, int]) -> str:
         y = top + chart_h - h
         parts.append(
             f'<rect class="bar" data-class="{k}" data-pixels="{totals[k]}" x="{x}" y="{y:.3f}" width="{bar_w}" '
-            f'height="{h:.3f}" fill="{PALETTE[k]}" rx="2"><title>{k} {_e(_class_label(k))}: '
+            f'height="{h:.3f}" fill="{label_colour(k)}" rx="2"><title>{k} {_e(_class_label(k))}: '
             f'{_fmt_int(totals[k])} px ({_pct(totals[k], whole)})</title></rect>')
         parts.append(f'<text x="{x + bar_w / 2}" y="{y - 6:.1f}" text-anchor="middle" class="bar-value">'
                      f'{_pct(totals[k], whole)}</text>')
@@ -71,14 +80,16 @@ def _class_balance(totals: dict[int, int]) -> str:
                      f'{k}</text>')
     parts.append("</svg>")
     rows = []
-    for k in sorted(CLASS_NAMES):
+    for k in sorted(totals):
         absent = "" if totals.get(k, 0) else ' class="absent"'
-        rows.append(f'<tr{absent} data-class="{k}"><td><span class="swatch" style="background:{PALETTE[k]}"></span>'
+        rows.append(f'<tr{absent} data-class="{k}"><td><span class="swatch" '
+                    f'style="background:{label_colour(k)}"></span>'
                     f'{k}</td><td>{_e(_class_label(k))}</td><td class="num">{_fmt_int(totals.get(k, 0))}</td>'
                     f'<td class="num">{_pct(totals.get(k, 0), whole)}</td></tr>')
     return ('<section id="class-balance" class="card"><h2>Class balance</h2>'
-            f'<p class="muted">mask pixels per class over all {_fmt_int(whole)} pixels; bar heights are '
-            'proportional to the counts</p>'
+            f'<p class="muted">mask pixels per label over all {_fmt_int(whole)} pixels; bar heights are '
+            f'proportional to the counts. {IGNORE_LABEL} (ignore) is a field whose crop is none of the classes '
+            'or unknown, or a pixel without image data: never learned from</p>'
             f'<div class="chart-wrap">{"".join(parts)}</div>'
             '<table class="legend-table"><thead><tr><th>id</th><th>class</th><th class="num">pixels</th>'
             f'<th class="num">share</th></tr></thead><tbody>{"".join(rows)}</tbody></table></section>')
@@ -93,7 +104,7 @@ def _stacked_bar(counts: dict[int, int], width: int = 170, height: int = 14) -> 
         if not counts[k] or not whole:
             continue
         w = width * counts[k] / whole
-        parts.append(f'<rect x="{x:.2f}" width="{w:.2f}" height="{height}" fill="{PALETTE.get(k, "#000")}">'
+        parts.append(f'<rect x="{x:.2f}" width="{w:.2f}" height="{height}" fill="{label_colour(k)}">'
                      f'<title>{k} {_e(_class_label(k))}: {_pct(counts[k], whole)}</title></rect>')
         x += w
     parts.append("</svg>")
@@ -115,10 +126,10 @@ def _split_counts(chips: Any) -> str:
         rows.append(f'<tr data-split="{_e(split)}"><td><span class="swatch" style="background:{colour}"></span>'
                     f'{_e(split)}</td><td class="num count">{counts[split]}</td><td class="num">'
                     f'{_pct(counts[split], total)}</td><td>{bar}</td><td>{_stacked_bar(mixes[split])}</td></tr>')
-    present = [k for k in sorted(CLASS_NAMES) if any(m[k] for m in mixes.values())]
+    present = [k for k in label_ids(getattr(chips, "columns", ())) if any(m.get(k) for m in mixes.values())]
     mix_head = "".join(f'<th class="num">{_e(split)}</th>' for split in names)
     mix_rows = "".join(
-        f'<tr data-class="{k}"><td><span class="swatch" style="background:{PALETTE[k]}"></span>{k} '
+        f'<tr data-class="{k}"><td><span class="swatch" style="background:{label_colour(k)}"></span>{k} '
         f'{_e(_class_label(k))}</td>'
         + "".join(f'<td class="num">{_pct(mixes[split][k], sum(mixes[split].values()))}</td>' for split in names)
         + "</tr>" for k in present)
@@ -268,13 +279,73 @@ def _summary(storage: Storage, chips: Any, indexed: bool, cells: list[CellStatus
     html_cards = "".join(f'<div class="stat" data-stat="{key}"><div class="label">{label}</div>'
                          f'<div class="value">{value}</div><div class="note">{note}</div></div>'
                          for label, value, note, key in cards)
-    return (f'<section id="summary"><div class="stats">{html_cards}</div>'
+    summary_lines = (("label-layers", _label_layers_line(chips)), ("time-bins", _time_bins_line(chips)))
+    lines = "".join(f'<p class="summary-line" data-summary="{key}">{line}</p>' for key, line in summary_lines if line)
+    return (f'<section id="summary"><div class="stats">{html_cards}</div>{lines}'
             f'<p class="muted">written {_e(written)}</p></section>')
 
 
-def _gallery(items: list[GalleryItem], total: int) -> str:
-    legend = "".join(f'<span class="key"><span class="swatch" style="background:{PALETTE[k]}"></span>'
-                     f'{k} {_e(_class_label(k))}</span>' for k in sorted(CLASS_NAMES) if k)
+def _as_list(value: Any) -> list[Any]:
+    """A list cell of the index (a numpy array once read from Parquet, a list, or None) as a list."""
+    if isinstance(value, str):
+        return [value]
+    try:
+        return list(value)
+    except TypeError:  # None, NaN, pd.NA: a chip without the column's value
+        return []
+
+
+def _chip_layers(chips: Any) -> list[list[str]]:
+    """Each chip's label layers: the index's ``label_layers``; an older index (without that column)
+    has the classes mask of every chip, and instances or boundaries where those columns name a file."""
+    if "label_layers" in chips:
+        return [[str(layer) for layer in _as_list(v)] or ["classes"] for v in chips["label_layers"]]
+    layers = [["classes"] for _ in range(len(chips))]
+    for name in ("instances", "boundaries"):
+        if name in chips:
+            for row, rel in zip(layers, chips[name]):
+                if isinstance(rel, str) and rel:
+                    row.append(name)
+    return layers
+
+
+def _label_layers_line(chips: Any) -> str:
+    """``Label layers: classes (12 chips), instances (12 chips), boundaries (5 chips)``; empty without chips."""
+    if not len(chips):
+        return ""
+    counts = Counter(layer for row in _chip_layers(chips) for layer in set(row))
+    order = [layer for layer in LABEL_LAYERS if layer in counts] + sorted(set(counts) - set(LABEL_LAYERS))
+    parts = ", ".join(f'<span class="layer" data-layer="{_e(layer)}" data-chips="{counts[layer]}">{_e(layer)} '
+                      f'({_fmt_int(counts[layer])} {"chip" if counts[layer] == 1 else "chips"})</span>'
+                      for layer in order)
+    return f"Label layers: {parts}"
+
+
+def _time_bins_line(chips: Any) -> str:
+    """``2 time bins: 2023-05-15, 2023-06-15`` (the bins' first days) for a time series; empty otherwise."""
+    if not len(chips) or "bin_dates" not in chips:
+        return ""
+    per_chip = [tuple(str(d) for d in _as_list(v)) for v in chips["bin_dates"]]
+    with_bins = [bins for bins in per_chip if bins]
+    if not with_bins:
+        return ""
+    dates = sorted({d for bins in with_bins for d in bins})
+    listed = ", ".join(f'<span class="nowrap">{_e(d)}</span>' for d in dates[:MAX_LISTED_BINS])
+    if len(dates) > MAX_LISTED_BINS:
+        listed += f" … and {len(dates) - MAX_LISTED_BINS} more"
+    line = f'{len(dates)} time {"bin" if len(dates) == 1 else "bins"}: {listed}'
+    notes = []
+    if len(set(with_bins)) > 1:
+        notes.append(f"the chips have {len(set(with_bins))} different sets of bins")
+    if len(with_bins) < len(per_chip):
+        notes.append(f"{_fmt_int(len(with_bins))} of {_fmt_int(len(per_chip))} chips are binned")
+    return line + (f' <span class="muted">({"; ".join(notes)})</span>' if notes else "")
+
+
+def _gallery(items: list[GalleryItem], total: int, labels: list[int] | None = None) -> str:
+    """The quicklooks, with a legend of the labels drawn over them (all but 0, no field, which is left clear)."""
+    legend = "".join(f'<span class="key" data-class="{k}"><span class="swatch" style="background:{label_colour(k)}">'
+                     f'</span>{k} {_e(_class_label(k))}</span>' for k in (labels or label_ids()) if k)
     figures = []
     for name, split, clear, png, (w, h) in items:
         colour = SPLIT_COLOURS.get(split, OTHER_SPLIT_COLOUR)
@@ -288,7 +359,8 @@ def _gallery(items: list[GalleryItem], total: int) -> str:
     return ('<section id="gallery" class="card"><h2>Quicklooks</h2>'
             f'<p class="muted">{shown}, every cell before any cell twice. Left: true colour (B04 B03 B02, '
             f'{STRETCH_PERCENTILES[0]:g}–{STRETCH_PERCENTILES[1]:g} percentile stretch per band and chip, nodata '
-            f'black); right: the class mask over it at {OVERLAY_ALPHA:.0%} opacity (unlabelled left clear).</p>'
+            f'black); right: the class mask over it at {OVERLAY_ALPHA:.0%} opacity (0, no field, left clear; '
+            f'{IGNORE_LABEL}, ignore, in grey).</p>'
             f'<div class="legend">{legend}</div><div class="grid">{"".join(figures)}</div></section>')
 
 
@@ -355,7 +427,7 @@ def render_page(storage: Storage, chips: Any, indexed: bool, cells: list[CellSta
         _split_counts(chips),
         _cell_map(cells, chips),
         _problems(cells, run_summary),
-        _gallery(gallery, len(chips)),
+        _gallery(gallery, len(chips), label_ids(getattr(chips, "columns", ()))),
     ])
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "

@@ -533,7 +533,7 @@ def test_class_map_validates_itself() -> None:
 
 def test_class_names() -> None:
     assert sorted(CLASS_NAMES) == list(range(9))
-    assert CLASS_NAMES[0] == "unlabelled"
+    assert CLASS_NAMES[0] == "no_field"
     assert all(name.isidentifier() and name.islower() for name in CLASS_NAMES.values())
     assert MAX_CLASS_ID == 8 and IGNORE_LABEL == 255
     # Reports name every value a default mask holds: the classes and the ignore label.

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import REPO, run_script
+from conftest import REPO, SAMPLE_CHIP_SIZE, run_script
 from cropchips.testing.cog_server import CogServer
 from cropchips.queue.kafka import KafkaSettings, make_producer, read_topic
 from cropchips.spec import DatasetSpec
@@ -27,7 +27,7 @@ def master_args(sample, items):
     return ["--gpkg", str(sample.gpkg), "--layer", sample.layer, "--start-x", str(sample.start_x),
             "--start-y", str(sample.start_y), "--grid-step", str(sample.grid_step), "--x-cells", str(sample.x_cells),
             "--y-cells", str(sample.y_cells), "--stac-items", str(items), "--datetime", sample.datetime,
-            "--max-cloud", "100", "--min-polygons", "1"]
+            "--max-cloud", "100", "--min-polygons", "1", "--chip-size", str(SAMPLE_CHIP_SIZE)]
 
 
 def results_of(kafka, topic):

@@ -190,7 +190,7 @@ def test_two_masters_on_one_area_leave_every_reported_chip_in_place(sample_area,
             assert (tmp_path / chip.image).exists() and (tmp_path / chip.mask).exists()
     for task in tasks_a:
         worker = processor(sample_area, tmp_path)
-        done = read_complete_manifest(storage, task.cell.id, task.task_id, worker.manifest_key(worker.task(task).spec))
+        done = read_complete_manifest(storage, task.cell.id, task.task_id, worker.manifest_key(worker.task(task).spec, task.split))
         assert done is not None  # every file as recorded (sizes and sha256)
     # The same cell and scenes make the same task id: the later of the two re-reported it.
     assert sum(r.reused for r in results["a"] + results["b"]) == len(tasks_a)

@@ -58,7 +58,7 @@ def test_kill_9_chaos_loses_nothing_and_doubles_nothing(broker, topics, big_area
 
 def test_sigterm_finishes_the_current_task_commits_and_exits_0(broker, topics, sample_area, tmp_path):
     bootstrap = broker.bootstrap_servers
-    publish_area(sample_area, bootstrap, topics, "--run-id", "run-term", "--chip-size", "256")
+    publish_area(sample_area, bootstrap, topics, "--run-id", "run-term")
     first = WorkerProcess(1, sample_area, tmp_path, bootstrap, topics)
     first.wait_for(") started", timeout=60)  # "task ... (cell ..., N scenes) started": mid-task
     first.proc.send_signal(signal.SIGTERM)

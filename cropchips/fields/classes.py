@@ -17,7 +17,7 @@ import pandas as pd
 from cropchips.errors import ConfigError
 
 CLASS_NAMES: dict[int, str] = {
-    0: "unlabelled",
+    0: "no_field",
     1: "olive_plantations",
     2: "vineyards",
     3: "fruit",

@@ -33,7 +33,7 @@ from cropchips.output.leases import LEASES_DIR, CellLeases, Lease, Starts, read_
 from cropchips.output.manifest import chips_from_manifest, read_complete_manifest, remove_other_chips, write_manifest
 from cropchips.queue.messages import Cell, ChipRecord, Result, Task, compact_chip
 from cropchips.sources import SceneRadiometry, Source, remove_offset, source_for
-from cropchips.raster.grid import TargetGrid, cell_grid, choose_epsg
+from cropchips.raster.grid import GRID_MARGIN_PX, TargetGrid, cell_grid, choose_epsg
 from cropchips.raster.read import CogReader, SceneReader, SceneStack, task_memory_bytes
 from cropchips.spec import DatasetSpec
 from cropchips.output.spec_file import check_folder_spec
@@ -299,12 +299,12 @@ class TaskProcessor:
                             chips_skipped=dict(skipped))
 
     def _grid(self, task: Task, source: Source) -> TargetGrid:
-        """The cell's pixel grid: in its UTM zone, on the lattice of the source's finest band, with a margin
-        of half a chip (a field near an edge still gets a whole chip)."""
+        """The cell's pixel grid: in its UTM zone, on the lattice of the source's finest band, the cell's box
+        and :data:`GRID_MARGIN_PX` more. Chips lie inside the cell, so nothing beyond is read or composited."""
         epsg = choose_epsg(task.cell, task.scenes)
         in_zone = [s for s in task.scenes if s.epsg == epsg]
         origin = self.reader.origin(in_zone[0].assets[source.origin_band], source.origin_band)
-        return cell_grid(task.cell, epsg, origin, task.spec.resolution, task.spec.chip_size // 2 + 1)
+        return cell_grid(task.cell, epsg, origin, task.spec.resolution, GRID_MARGIN_PX)
 
     def _fields(self, task: Task, grid: TargetGrid) -> gpd.GeoDataFrame | None:
         """The field polygons over the grid, labelled by the spec's class map; None if none lies in the cell."""

@@ -147,7 +147,7 @@ def test_the_file_is_replaced_whole(sample_plan, sample_master_options, tmp_path
 def test_the_fetch_estimate_follows_the_documented_formula():
     spec = DatasetSpec(chip_size=64, resolution=10.0)
     cell = Cell(id="c", row=0, col=0, bbox=(0.0, 0.0, 0.05, 0.05))  # at the equator: ~5566 m a side
-    side = math.radians(0.05) * 6_371_008.8 + 2 * 33 * 10.0  # + half a chip (32 + 1 px) each side
+    side = math.radians(0.05) * 6_371_008.8 + 2 * 1 * 10.0  # + the one-pixel margin each side (chips stay inside)
     per_scene = (4 * math.ceil(side / 10) ** 2 * 2 + 6 * math.ceil(side / 20) ** 2 * 2
                  + math.ceil(side / 20) ** 2 * 1) * COMPRESSION_FACTOR
     assert estimate_fetch_bytes(cell, 3, spec) == round(3 * per_scene)

@@ -19,8 +19,8 @@ the grid, its geometry the cell's box (:attr:`~cropchips.queue.messages.Cell.bbo
 
   where ``W`` x ``H`` is the cell's size in metres (on a sphere: ``step`` in radians times
   :data:`EARTH_RADIUS_M`, times the cosine of the cell's middle latitude east-west), ``M`` the
-  worker's margin of half a chip (``(chip_size // 2 + 1) * resolution`` metres: a chip may reach past
-  the cell's edge), ``r`` the band's native resolution (the source's ``resolutions``: for Sentinel-2
+  worker's margin (``GRID_MARGIN_PX * resolution`` metres, one pixel: chips lie inside the cell),
+  ``r`` the band's native resolution (the source's ``resolutions``: for Sentinel-2
   10 m for B02, B03, B04, B08; 20 m for B05, B06, B07, B8A, B11, B12 and SCL), ``bytes_per_pixel`` 2
   (uint16 reflectance) or 1 (the quality band is uint8), and :data:`COMPRESSION_FACTOR` the share of
   those raw bytes a deflate'd COG takes. The worker fetches only the spec's ``bands``. With
@@ -52,6 +52,7 @@ from shapely.geometry.base import BaseGeometry
 from cropchips.errors import ConfigError
 from cropchips.plan.plan import Plan
 from cropchips.queue.messages import Cell
+from cropchips.raster.grid import GRID_MARGIN_PX
 from cropchips.sources import source_for
 from cropchips.spec import DatasetSpec
 from cropchips.output.storage import atomic_output
@@ -144,7 +145,7 @@ def estimate_fetch_bytes(cell: Cell, n_scenes: int, spec: DatasetSpec) -> int:
     if n_scenes <= 0:
         return 0
     width, height = cell_size_m(cell.bbox)
-    margin = (spec.chip_size // 2 + 1) * spec.resolution  # the worker's margin (processing.py)
+    margin = GRID_MARGIN_PX * spec.resolution  # the worker's margin (raster/grid.py)
     band_scenes = min(n_scenes, spec.max_scenes) if spec.max_scenes else n_scenes
     source = source_for(spec.collection)
     total = 0.0

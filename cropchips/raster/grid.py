@@ -66,6 +66,13 @@ def choose_epsg(cell: Cell, scenes: Sequence[Scene]) -> int:
     return max(sorted(set(epsgs)), key=epsgs.count)
 
 
+#: Pixels the cell's grid reaches beyond the cell: chips lie inside the cell (``cropchips.raster.chips``),
+#: so one pixel is enough, for the neighbours that tell a field boundary at the cell's edge. (Before 0.3 a
+#: chip could reach half a chip past the edge, and the grid had that margin: 2.3x the pixels of a 0.05 degree
+#: cell for 256 px chips.) A chip's pixels do not depend on it: resampling reads its own neighbours.
+GRID_MARGIN_PX = 1
+
+
 def cell_grid(cell: Cell, epsg: int, origin: tuple[float, float], resolution: float, margin_px: int) -> TargetGrid:
     """The cell's box in ``epsg``, grown by ``margin_px`` pixels and snapped outwards onto the
     lattice of ``resolution`` anchored at ``origin`` (the scenes' own grid: nothing is shifted)."""

@@ -302,3 +302,17 @@ def test_the_example_exits_non_zero_without_index_or_train_chips(chips, tmp_path
     index[index["split"] != "train"].to_parquet(tmp_path / "index.parquet")
     with pytest.raises(InputDataError, match="no chip in its train split"):
         _example().main(["--root", str(tmp_path)])
+
+
+def test_the_readmes_ten_lines_from_dataset_to_training_loop_run(chips):
+    """The README's training snippet, as printed there, on a dataset the pipeline wrote."""
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    (code,) = [block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "cropchips.torch" in block]
+    root, index = chips
+    assert '"demo-output/dataset"' in code and "ignore_index=255" in code
+    namespace: dict = {}
+    exec(compile(code.replace('"demo-output/dataset"', repr(str(root))), "README.md", "exec"), namespace)
+    assert len(namespace["train"]) == int((index["split"] == "train").sum())
+    assert namespace["sample"]["image"].shape == (10, CHIP, CHIP) and namespace["loss"].item() > 0

@@ -82,16 +82,21 @@ def test_index_rows_match_the_chips(dataset, plan):
         assert row.dataset_id == chip.dataset_id and len(row.dataset_id) == 12
 
 
-def test_no_chip_of_one_split_overlaps_a_chip_of_another(dataset):
-    out, _ = dataset
-    index, dropped = build_index(records_from_metadata(out))
-    assert not dropped and set(index["split"]) == {"train", "val", "test"}
+def assert_no_cross_split_overlap(index) -> None:
+    """No two chips of different splits share a pixel (their native boxes, computed here with shapely)."""
     boxes = shapely.box(index["left"], index["bottom"], index["right"], index["top"])
     splits = index["split"].to_numpy()
     for i in range(len(index)):
         for j in range(i + 1, len(index)):
             if splits[i] != splits[j]:
                 assert boxes[i].intersection(boxes[j]).area == 0, (index["name"].iat[i], index["name"].iat[j])
+
+
+def test_no_chip_of_one_split_overlaps_a_chip_of_another(dataset):
+    out, _ = dataset
+    index, dropped = build_index(records_from_metadata(out))
+    assert not dropped and set(index["split"]) == {"train", "val", "test"}
+    assert_no_cross_split_overlap(index)
 
 
 def test_records_of_older_versions_are_split_by_block_and_cross_split_overlaps_dropped(dataset):
@@ -102,12 +107,7 @@ def test_records_of_older_versions_are_split_by_block_and_cross_split_overlaps_d
     index, dropped = build_index(records, SplitPolicy(block_size_m=400, ratios=(0.5, 0.25, 0.25)))
     assert set(index["split"]) == {"train", "val", "test"}
     assert sum(dropped.values()) > 0 and len(index) + sum(dropped.values()) == len(records)
-    boxes = shapely.box(index["left"], index["bottom"], index["right"], index["top"])
-    splits = index["split"].to_numpy()
-    for i in range(len(index)):
-        for j in range(i + 1, len(index)):
-            if splits[i] != splits[j]:
-                assert boxes[i].intersection(boxes[j]).area == 0, (index["name"].iat[i], index["name"].iat[j])
+    assert_no_cross_split_overlap(index)
 
 
 def test_rebuild_index_from_the_files_alone_with_the_folders_splits(dataset, tmp_path):

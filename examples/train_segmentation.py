@@ -1,6 +1,9 @@
 """Train a small U-Net from scratch on a cropchips dataset (CPU is enough), then report per-class IoU on val.
 
-    python examples/train_segmentation.py --root /data/chips --epochs 5 --batch-size 8
+    python -m examples.train_segmentation --root /data/chips --epochs 5 --batch-size 8
+
+(from the repository's root, with ``-m``, so that ``cropchips`` imports without being installed;
+``python examples/train_segmentation.py`` works once ``pip install '.[torch]'`` has installed it).
 
 The images are standardised with the dataset's ``stats.json`` (written with the index) when it
 has one, else scaled by 1e-4 (DN to reflectance). Time-series chips (T x C x H x W) are fed

@@ -47,3 +47,40 @@ def test_bench_harness_runs_at_tiny_size(tmp_path):
                                         "master_vs_bare_read", "worker_peak_memory_mib", "kafka_overhead_share"}
     assert summary["values"]["read_amplification"] >= 1.0
     assert summary["verdicts"]["scaling_4_vs_1"] == "n/a"  # only one worker count was run
+
+
+def test_fleet_bench_runs_at_tiny_size(tmp_path):
+    """bench.fleet with 3 worker processes, 30 tasks, 6 partitions and 1 worker leaving mid-run:
+    nothing lost, nothing done twice, every figure present and finite."""
+    import math
+
+    out = tmp_path / "fleet.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.fleet", "--workers", "3", "--tasks", "30", "--partitions", "6",
+         "--task-s", "0.1", "--leave", "1", "--settle-s", "1", "--timeout-s", "60", "--out", str(out)],
+        check=False, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "correctness" in done.stdout
+    report = json.loads(out.read_text())
+    assert report["correctness"]["lost"] == 0 and report["correctness"]["doubled"] == 0
+    assert report["correctness"]["results_ok_distinct"] == 30
+    assert report["correctness"]["worker_exit_codes"] == {"0": 3}
+    assert report["limits"] == []
+
+    def figures(node, path=""):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield from figures(v, f"{path}.{k}")
+        elif isinstance(node, (int, float)) and not isinstance(node, bool):
+            yield path, node
+
+    values = dict(figures({k: report[k] for k in ("join", "throughput", "leave", "memory", "cpu", "machine")}))
+    for key in (".join.join_s", ".join.all_partitions_assigned_s", ".throughput.steady_tasks_per_s",
+                ".leave.no_task_start_s", ".leave.stayer_pause_max_s", ".leave.reassigned_after_s",
+                ".memory.worker_peak_rss_mib_sum", ".memory.worker_peak_rss_mib_max", ".cpu.broker_cpu_s",
+                ".machine.cores"):
+        assert key in values, key
+    assert all(math.isfinite(v) for v in values.values()), values
+    assert math.isfinite(report["idle_share"]) and 0 <= report["idle_share"] <= 1
+    assert report["join"]["join_s"] > 0 and report["throughput"]["steady_tasks_per_s"] > 0
+    assert report["memory"]["worker_peak_rss_mib_max"] > 10

@@ -482,13 +482,13 @@ def test_max_scenes_above_the_usable_count_uses_every_scene_with_data(served, tm
 # ----------------------------------------------------------------------------- 5b. the memory budget
 
 
-BUDGET_MESSAGE = (r"cell c-desert needs ~\d+ MiB for {n} scenes on a 124x114 grid, over --max-task-memory-mb {mb}; "
+BUDGET_MESSAGE = (r"cell c-desert needs ~\d+ MiB for {n} scenes on a 116x106 grid, over --max-task-memory-mb {mb}; "
                   r"use smaller cells \(--grid-step\) or fewer scenes \(--max-scenes\)")
 
 
 def test_a_task_over_the_memory_budget_fails_for_good_before_any_band_is_read(served, tmp_path):
-    assert (served["grid"].height, served["grid"].width) == (124, 114)
-    # (6 scenes x 48 bytes + 64 bytes) a pixel on 124 x 114 pixels: 4.7 MiB.
+    assert (served["grid"].height, served["grid"].width) == (124, 114)  # the scenes' grid: 4 px wider a side
+    # The worker's grid is the cell and one pixel (116 x 106): (6 scenes x 48 bytes + 64 bytes) a pixel, 4.1 MiB.
     result = processor(served, tmp_path, max_task_memory_mb=4).process(task(served["scenes"], "budget"))
     assert result.status == "failed" and re.fullmatch(BUDGET_MESSAGE.format(n=6, mb=4), result.error), result.error
     assert all(served["requests"](date, band) == 0 for date in DATES for band in (SCL, "B04", "B12"))
@@ -498,16 +498,16 @@ def test_a_task_over_the_memory_budget_fails_for_good_before_any_band_is_read(se
 
 def test_the_budget_applies_to_the_scenes_max_scenes_keeps(served, tmp_path):
     scenes = served["scenes"]
-    # One scene needs (48 + 64) x 124 x 114 bytes = 1.5 MiB: over 1 MiB, refused before the SCL pass.
+    # One scene needs (48 + 64) x 116 x 106 bytes = 1.3 MiB: over 1 MiB, refused before the SCL pass.
     tiny = processor(served, tmp_path / "tiny", max_scenes=4, max_task_memory_mb=1).process(task(scenes, "t1"))
     assert tiny.status == "failed" and re.fullmatch(BUDGET_MESSAGE.format(n=1, mb=1), tiny.error), tiny.error
     assert all(served["requests"](date, SCL) == 0 for date in DATES)
-    # Four scenes need 3.5 MiB: over 3 MiB, refused after ranking on SCL, before any other band.
+    # Four scenes need 3.002 MiB: over 3 MiB, refused after ranking on SCL, before any other band.
     four = processor(served, tmp_path / "four", max_scenes=4, max_task_memory_mb=3).process(task(scenes, "t4"))
     assert four.status == "failed" and re.fullmatch(BUDGET_MESSAGE.format(n=4, mb=3), four.error), four.error
     assert all(served["requests"](date, SCL) > 0 for date in DATES)
     assert all(served["requests"](date, "B04") == 0 for date in DATES)
-    # Three scenes (2.8 MiB) fit: what counts is the scenes read, 3 of the 6.
+    # Three scenes (2.4 MiB) fit: what counts is the scenes read, 3 of the 6.
     three = processor(served, tmp_path / "three", max_scenes=3, max_task_memory_mb=3).process(task(scenes, "t3"))
     assert three.status == "ok", three.error
 

@@ -27,8 +27,8 @@ from cropchips.plan.grid import cell_contains
 from cropchips.sources.hrefs import HrefPolicy
 from cropchips.fields.classes import IGNORE_LABEL
 from cropchips.raster.labels import (chip_instances, classes_of_instances, field_boundaries, mask_nodata,
-                                     rasterize_classes, rasterize_instances)
-from cropchips.raster.temporal import compose_bins
+                                     rasterize_instances)
+from cropchips.raster.temporal import Binned, compose_bins
 from cropchips.output.leases import LEASES_DIR, CellLeases, Lease, Starts, read_starts, write_starts
 from cropchips.output.manifest import chips_from_manifest, read_complete_manifest, remove_other_chips, write_manifest
 from cropchips.queue.messages import Cell, ChipRecord, Result, Task, compact_chip
@@ -396,22 +396,16 @@ class CellImage:
     """Indices (into the task's scenes) of the scenes in the image, date order."""
     radiometry: Mapping[int, SceneRadiometry]
     """Task scene index -> what its DNs meant and what was subtracted."""
-    bins: tuple[tuple[str, str], ...] = ()
-    """With a temporal_period: the time bins of the image, (first day, day after the last)."""
-    bin_clear: np.ndarray | None = None
-    """With a temporal_period: (bins, rows, cols) True where the bin holds a clear observation."""
-
-    def bin_clear_fractions(self, window: ChipWindow) -> np.ndarray:
-        """Per bin, the share of the window's pixels with a clear observation in it."""
-        rows, cols = window.slices()
-        return self.bin_clear[:, rows, cols].mean(axis=(1, 2))
+    binned: Binned | None = None
+    """With a temporal_period: the time series the image is (its bins and where each is clear)."""
 
     def bin_record(self, window: ChipWindow, spec: DatasetSpec) -> dict[str, tuple]:
         """The chip record's bin fields (empty without a temporal_period)."""
-        if self.bin_clear is None:
+        if self.binned is None:
             return {}
-        fractions = self.bin_clear_fractions(window)
-        return {"bin_dates": tuple(first for first, _ in self.bins),
+        rows, cols = window.slices()
+        fractions = self.binned.bin_clear[:, rows, cols].mean(axis=(1, 2))
+        return {"bin_dates": tuple(first for first, _ in self.binned.bins),
                 "bin_clear_fractions": tuple(round(float(f), 4) for f in fractions),
                 "bin_valid": tuple(bool(f >= spec.min_clear_fraction) for f in fractions)}
 
@@ -422,8 +416,8 @@ class CellImage:
             rows, cols = window.slices()
             if 1.0 - self.covered[rows, cols].mean() > spec.max_nodata_fraction:
                 return "nodata"
-            if self.bin_clear is not None:
-                valid = int((self.bin_clear_fractions(window) >= spec.min_clear_fraction).sum())
+            if self.binned is not None:
+                valid = self.binned.clear_bins(rows, cols, spec.min_clear_fraction)
                 return "too_few_valid_bins" if valid < spec.min_valid_bins else None
             if self.clear_fraction[rows, cols].mean() < spec.min_clear_fraction:
                 return "too_cloudy"
@@ -464,8 +458,7 @@ def composite_cell(task: Task, source: Source, chosen: Sequence[int], stack: Sce
         used_positions = list(binned.used)
         return CellImage(image=binned.image, clear_fraction=binned.clear_fraction,
                          descriptions=binned.descriptions(spec.bands), covered=valid[positions].any(axis=0),
-                         used=tuple(chosen[p] for p in used_positions), radiometry=radio, bins=spec.bins(),
-                         bin_clear=binned.bin_clear)
+                         used=tuple(chosen[p] for p in used_positions), radiometry=radio, binned=binned)
     compositor = composite_method(spec.composite)
     made = compositor.compose(stack.data if every else stack.data[positions], clear if every else clear[positions])
     used_positions = [positions[i] for i in made.used]
@@ -480,9 +473,7 @@ def cell_labels(fields: gpd.GeoDataFrame, grid: TargetGrid, covered: np.ndarray,
     """The cell's label layers on ``grid``: ``classes`` (255 where no scene has data), and ``instances`` and
     ``boundaries`` when the spec asks for them (boundaries are found on the whole cell, so that a chip's
     edge is no boundary)."""
-    if "instances" not in spec.labels and "boundaries" not in spec.labels:
-        return {"classes": mask_nodata(rasterize_classes(fields, grid), covered, IGNORE_LABEL)}
-    instances = rasterize_instances(fields, grid)  # once: the classes follow the same owner of each pixel
+    instances = rasterize_instances(fields, grid)  # the classes follow the owner of each pixel (rasterize_classes)
     labels = {"classes": mask_nodata(classes_of_instances(fields, instances), covered, IGNORE_LABEL)}
     if "instances" in spec.labels:
         labels["instances"] = instances

@@ -28,6 +28,8 @@ class Setting:
     chips_per_cell: int
     partitions: int = 10
     read_threads: int = 8
+    tile_cache: bool = True
+    """Workers share a host-wide tile cache (``--tile-cache-dir``), fresh for each run."""
 
 
 _counter = iter(range(10**6))
@@ -64,6 +66,8 @@ def run_pipeline(area, items_http: Path, server, n_workers: int, setting: Settin
     # The chips' size and count are the run's spec, which the tasks carry (see the options below).
     args = ["--gpkg", str(area.gpkg), "--output-dir", str(output), "--allowed-hrefs", f"{server.url}/",
             "--read-threads", str(setting.read_threads), *kafka_args]
+    if setting.tile_cache:
+        args += ["--tile-cache-dir", str(workdir / f"tiles-{k}")]
     workers = [Worker(n, args, worker_env) for n in range(1, n_workers + 1)]
     try:
         settle_s = wait_ready(workers, setting.partitions)
@@ -114,6 +118,7 @@ def run_pipeline(area, items_http: Path, server, n_workers: int, setting: Settin
     out = analyse_run(plan, results, published, workers, stats, url_to_local, server, n_workers, settle_s,
                       setting.partitions)
     shutil.rmtree(output, ignore_errors=True)
+    shutil.rmtree(workdir / f"tiles-{k}", ignore_errors=True)
     # CPU seconds while the tasks ran: the workers (whole life, start-up included), this process (the COG
     # server's threads, the result consumer) and the broker; against the machine's cores x wall time.
     worker_cpu = workers_cpu1 - workers_cpu0  # from publication to the last result

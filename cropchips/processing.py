@@ -35,6 +35,7 @@ from cropchips.queue.messages import Cell, ChipRecord, Result, Task, compact_chi
 from cropchips.sources import SceneRadiometry, Source, remove_offset, source_for
 from cropchips.raster.grid import GRID_MARGIN_PX, TargetGrid, cell_grid, choose_epsg
 from cropchips.raster.read import CogReader, SceneReader, SceneStack, task_memory_bytes
+from cropchips.raster.tile_cache import TileCache
 from cropchips.spec import DatasetSpec
 from cropchips.output.spec_file import check_folder_spec
 from cropchips.output.storage import open_storage
@@ -59,6 +60,10 @@ class ProcessingOptions:
     """Band files read concurrently."""
     read_cache_mb: int = 256
     """MiB of decoded tiles kept across tasks with the band files open (0: close each file after reading it)."""
+    tile_cache_dir: str | None = None
+    """The host-wide cache of fetched scene bytes (:mod:`cropchips.raster.tile_cache`), None: none."""
+    tile_cache_mb: int = 8192
+    """MiB ``tile_cache_dir`` may hold."""
     hrefs: HrefPolicy = field(default_factory=HrefPolicy)
     """Which scene hrefs may be opened."""
     max_task_memory_mb: int = 4096
@@ -78,6 +83,8 @@ class ProcessingOptions:
             raise ConfigError("--lease-ttl must be at least 3 seconds")
         if self.read_cache_mb < 0:
             raise ConfigError("--read-cache-mb must be >= 0 (0: no cache)")
+        if self.tile_cache_mb < 1:
+            raise ConfigError(f"--tile-cache-mb must be >= 1, got {self.tile_cache_mb}")
         if self.max_task_memory_mb < 1:
             raise ConfigError(f"--max-task-memory-mb must be >= 1, got {self.max_task_memory_mb}")
 
@@ -120,7 +127,11 @@ class TaskProcessor:
         self._layers: dict[str | None, tuple[FieldLayer, str]] = {}  # spec layer -> (layer, fingerprint)
         self._folder_specs: set[str] = set()  # dataset digests checked against the folder's dataset.yaml
         # Band files stay open across tasks, so that the next cell reuses the decoded tiles it shares.
-        self.reader = reader or CogReader(threads=options.read_threads, cache_bytes=options.read_cache_mb * 2**20)
+        # With a tile cache, the bytes of remote files are fetched once per host whichever worker needs them.
+        tiles = (TileCache(options.tile_cache_dir, options.tile_cache_mb * 2**20, threads=options.read_threads)
+                 if options.tile_cache_dir and reader is None else None)
+        self.reader = reader or CogReader(threads=options.read_threads, cache_bytes=options.read_cache_mb * 2**20,
+                                          tiles=tiles)
 
     def layer(self, spec: DatasetSpec) -> FieldLayer:
         """The spec's layer of this host's GeoPackage, checked against the master's fingerprint."""

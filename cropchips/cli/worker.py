@@ -35,6 +35,12 @@ def build_parser(env: Mapping[str, str] | None = None) -> config.EnvArgumentPars
     p.option("--read-cache-mb", type=config.non_negative_int, default=256, group=c,
              help="MiB of decoded COG tiles kept across tasks, with the band files left open, so that neighbouring "
                   "cells do not fetch and decode shared tiles again (0: close every file after reading it)")
+    p.option("--tile-cache-dir", default=None, group=c,
+             help="a folder on this host's local disk (not NFS) shared by its workers: each byte range of a remote "
+                  "scene file (COG header block or tile) is fetched once per host and read from here by the other "
+                  "workers and later tasks (default: none, every process fetches what it needs)")
+    p.option("--tile-cache-mb", type=config.positive_int, default=8192, group=c,
+             help="MiB the --tile-cache-dir may hold; the least recently used ranges are removed beyond it")
     p.option("--max-task-memory-mb", type=config.positive_int, default=4096, group=c,
              help="refuse (dead-letter) a task whose scene stack and composite would take more MiB than this, "
                   "before reading it: a huge cell or too many scenes must not take the worker down")
@@ -103,6 +109,7 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
     args = build_parser(env).parse_args(argv)
     processing = ProcessingOptions(
         output_dir=args.output_dir, gpkg=args.gpkg, read_threads=args.read_threads, read_cache_mb=args.read_cache_mb,
+        tile_cache_dir=args.tile_cache_dir or None, tile_cache_mb=args.tile_cache_mb,
         max_task_memory_mb=args.max_task_memory_mb,
         max_task_starts=args.max_task_starts, lease_ttl_s=args.lease_ttl,
         hrefs=HrefPolicy.from_options(args.allowed_hrefs, args.local_scenes_dir))

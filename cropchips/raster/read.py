@@ -16,7 +16,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -34,6 +34,7 @@ from cropchips.retry import READS, retry
 from cropchips.queue.messages import Scene
 from cropchips.sources.base import Source
 from cropchips.raster.grid import TargetGrid
+from cropchips.raster.tile_cache import FetchError, RemoteFileError, TileCache, with_shared_openers
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -100,16 +101,16 @@ TASK_BYTES_PER_SCENE_PIXEL = 21 + 1 + 20 + 1 + 4 + 1
 TASK_BYTES_PER_PIXEL = 64
 
 
-def grid_origin(href: str, band: str = "B02") -> tuple[float, float]:
+def grid_origin(href: str, band: str = "B02", tiles: TileCache | None = None) -> tuple[float, float]:
     """Upper-left corner of a file's pixel grid, from its own header (never the item's metadata)."""
     def read() -> tuple[float, float]:
-        with rasterio.Env(**GDAL_OPTIONS), open_scene(href) as src:
+        with rasterio.Env(**GDAL_OPTIONS), _surfacing(tiles), open_scene(href, tiles) as src:
             return src.transform.c, src.transform.f
 
-    return with_read_retries(read, band, href)
+    return with_read_retries(lambda: with_shared_openers(read), band, href)
 
 
-def open_scene(href: str) -> rasterio.DatasetReader:
+def open_scene(href: str, tiles: TileCache | None = None) -> rasterio.DatasetReader:
     """Open a scene band file as a GeoTIFF (nothing else) and check that it is safe to read.
 
     Left to itself GDAL picks the driver from the content: a VRT named ``B02.tif`` would be read
@@ -117,9 +118,13 @@ def open_scene(href: str) -> rasterio.DatasetReader:
     (rasterio passes ``driver`` to GDALOpenEx as its allowed drivers), so anything else is refused
     at once, as is a GeoTIFF that :func:`check_scene_file` rejects. Both refusals are final
     (InputDataError): the same file fails the same way on every retry.
+
+    With ``tiles``, an ``http(s)://`` file is read through that host-wide cache instead of GDAL's
+    ``/vsicurl/`` (:mod:`cropchips.raster.tile_cache`); other hrefs are opened as always.
     """
+    opener = tiles.opener(href) if tiles is not None and is_http(href) else None
     try:
-        src = rasterio.open(href, driver="GTiff")
+        src = rasterio.open(href, driver="GTiff", opener=opener)
     except RasterioIOError as exc:
         if "not recognized as" in str(exc).lower():
             raise NotAGeoTIFF(f"scene file {href} is not a GeoTIFF ({exc}); scene bands are opened as "
@@ -128,6 +133,8 @@ def open_scene(href: str) -> rasterio.DatasetReader:
         raise
     try:
         check_scene_file(src, href)
+        if opener is not None:
+            tiles.learn_layout(href, src)
     except BaseException:
         src.close()
         raise
@@ -192,9 +199,10 @@ class OpenDatasets:
     Thread-safe: a file in use by one thread is read by another through a handle of its own.
     """
 
-    def __init__(self, block_cache_bytes: int, max_open: int = 256):
+    def __init__(self, block_cache_bytes: int, max_open: int = 256, *, tiles: TileCache | None = None):
         if block_cache_bytes <= 0 or max_open <= 0:
             raise ValueError("block_cache_bytes and max_open must be > 0")
+        self.tiles = tiles
         self.max_open = max_open
         self.block_cache_bytes = block_cache_bytes
         self._lock = threading.Lock()
@@ -214,7 +222,7 @@ class OpenDatasets:
             if entry is not None:
                 self._open.move_to_end(href)
         if entry is None:
-            src = open_scene(href)
+            src = open_scene(href, self.tiles)
             with self._lock:
                 entry = self._open.get(href)
                 if entry is None:
@@ -224,7 +232,7 @@ class OpenDatasets:
                     src.close()
         src, in_use = entry
         if not in_use.acquire(blocking=False):
-            with open_scene(href) as own:
+            with open_scene(href, self.tiles) as own:
                 yield own
             return
         try:
@@ -247,9 +255,12 @@ class OpenDatasets:
 
     def close(self) -> None:
         """Close every file not in use."""
-        with self._lock:
-            for href in list(self._open):
-                self._close_if_idle(href)
+        def close_all() -> None:
+            with self._lock:
+                for href in list(self._open):
+                    self._close_if_idle(href)
+
+        with_shared_openers(close_all)
 
     def _close_if_idle(self, href: str) -> None:
         """Close and forget ``href`` unless a reader holds it (caller holds ``_lock``)."""
@@ -262,7 +273,34 @@ class OpenDatasets:
                 in_use.release()
 
 
-def read_band(href: str, band: str, grid: TargetGrid, datasets: OpenDatasets | None = None, *,
+class FreshFiles:
+    """Like :class:`OpenDatasets` with no cache of open files: each read opens its file and closes it
+    after, through ``tiles`` (the host-wide tile cache) for remote files."""
+
+    def __init__(self, tiles: TileCache | None):
+        self.tiles = tiles
+
+    @contextmanager
+    def dataset(self, href: str) -> Iterator[rasterio.DatasetReader]:
+        with open_scene(href, self.tiles) as src:
+            yield src
+
+    def close(self) -> None:
+        pass
+
+
+def is_http(href: str) -> bool:
+    """Is ``href`` read over HTTP (and so through the tile cache, when a worker has one)?"""
+    return href.startswith(("http://", "https://"))
+
+
+def _surfacing(tiles: TileCache | None) -> AbstractContextManager[None]:
+    """Where a read through ``tiles`` fails, raise the cache's own error (a 404, a cut connection)
+    rather than GDAL's bare "Resource temporarily unavailable"."""
+    return tiles.surfacing_errors() if tiles is not None else nullcontext()
+
+
+def read_band(href: str, band: str, grid: TargetGrid, datasets: OpenDatasets | FreshFiles | None = None, *,
               categorical: bool = False) -> np.ndarray:
     """One band of one scene onto ``grid`` (any CRS and resolution in, ``grid`` out), 0 outside the file.
 
@@ -271,11 +309,11 @@ def read_band(href: str, band: str, grid: TargetGrid, datasets: OpenDatasets | N
     A ``categorical`` band (a quality band of classes) is resampled by nearest neighbour.
     """
     def read() -> np.ndarray:
-        with rasterio.Env(**GDAL_OPTIONS):
+        with rasterio.Env(**GDAL_OPTIONS), _surfacing(None if datasets is None else datasets.tiles):
             with (open_scene(href) if datasets is None else datasets.dataset(href)) as src:
                 return read_onto_grid(src, grid, categorical=categorical)
 
-    return with_read_retries(read, band, href)
+    return with_read_retries(lambda: with_shared_openers(read), band, href)
 
 
 def read_onto_grid(src: rasterio.DatasetReader, grid: TargetGrid, *, categorical: bool = False) -> np.ndarray:
@@ -412,13 +450,15 @@ def with_read_retries(read: Callable[[], T], band: str, href: str) -> T:
     def attempt() -> T:
         try:
             return read()
+        except RemoteFileError as exc:  # the tile cache's word on the server's answer: final
+            raise InputDataError(f"cannot read {band} at {href}: {exc}") from exc
         except RasterioIOError as exc:
             if _is_missing(str(exc), remote):
                 raise InputDataError(f"cannot open {band} at {href}: {exc}") from exc
             raise
 
     def transient(exc: BaseException) -> bool:
-        return isinstance(exc, RasterioIOError) or (remote and isinstance(exc, NotAGeoTIFF))
+        return isinstance(exc, (RasterioIOError, FetchError)) or (remote and isinstance(exc, NotAGeoTIFF))
 
     try:
         return retry(attempt, f"read of {band} from {href}", transient=transient, attempts=READ_ATTEMPTS,
@@ -446,7 +486,7 @@ def _looks_malformed(message: str) -> bool:
 
 
 def read_stack(scenes: Sequence[Scene], grid: TargetGrid, source: Source, *, bands: Sequence[str] | None = None,
-               threads: int = 8, datasets: OpenDatasets | None = None) -> SceneStack:
+               threads: int = 8, datasets: OpenDatasets | FreshFiles | None = None) -> SceneStack:
     """Read ``bands`` (default: all of the source's) and the quality band of every scene onto
     ``grid``, ``threads`` files at a time (remote reads are latency-bound, so they overlap);
     ``datasets``: see :func:`read_band`. Only the bands asked for are fetched."""
@@ -471,7 +511,7 @@ def read_stack(scenes: Sequence[Scene], grid: TargetGrid, source: Source, *, ban
 
 def read_clear_fractions(scenes: Sequence[Scene], grid: TargetGrid, source: Source, *,
                          clear_classes: Sequence[int] | None = None, threads: int = 8,
-                         datasets: OpenDatasets | None = None) -> list[float | None]:
+                         datasets: OpenDatasets | FreshFiles | None = None) -> list[float | None]:
     """Per scene, the share of ``grid`` its quality band calls clear (``clear_classes``, default the
     source's), or None where its quality band holds no data.
 
@@ -500,7 +540,7 @@ def clearest_first(fractions: Sequence[float | None]) -> list[int]:
 
 
 def scene_has_data(scene: Scene, grid: TargetGrid, bands: Sequence[str],
-                   datasets: OpenDatasets | None = None) -> bool:
+                   datasets: OpenDatasets | FreshFiles | None = None) -> bool:
     """Does any of the scene's ``bands`` hold a non-zero pixel on ``grid``? (Reads band after band,
     stopping at the first that does: usually one.)"""
     return any((read_band(scene.assets[band], band, grid, datasets) != 0).any() for band in bands)
@@ -514,7 +554,7 @@ def task_memory_bytes(n_scenes: int, grid: TargetGrid) -> int:
 
 def read_scenes(scenes: Sequence[Scene], grid: TargetGrid, source: Source, *, bands: Sequence[str] | None = None,
                 clear_classes: Sequence[int] | None = None, max_scenes: int = 0, threads: int = 8,
-                datasets: OpenDatasets | None = None,
+                datasets: OpenDatasets | FreshFiles | None = None,
                 before_allocating: Callable[[int], None] = lambda n: None) -> tuple[list[int], SceneStack]:
     """Read the scenes a task will use: all of them, or with ``max_scenes`` the clearest over the grid.
 
@@ -584,14 +624,17 @@ class SceneReader(Protocol):
 class CogReader:
     """The default reader: Cloud-Optimized GeoTIFFs, local or over HTTP, through GDAL, ``threads``
     files at a time, with ``cache_bytes`` of decoded tiles kept across tasks (0: none, every file
-    closed after reading)."""
+    closed after reading) and, with ``tiles``, remote files' bytes fetched through the host-wide
+    tile cache (:mod:`cropchips.raster.tile_cache`)."""
 
-    def __init__(self, *, threads: int = 8, cache_bytes: int = 0):
+    def __init__(self, *, threads: int = 8, cache_bytes: int = 0, tiles: TileCache | None = None):
         self.threads = threads
-        self.datasets = OpenDatasets(cache_bytes) if cache_bytes else None
+        self.tiles = tiles
+        self.datasets: OpenDatasets | FreshFiles | None = (
+            OpenDatasets(cache_bytes, tiles=tiles) if cache_bytes else FreshFiles(tiles) if tiles is not None else None)
 
     def origin(self, href: str, band: str) -> tuple[float, float]:
-        return grid_origin(href, band)
+        return grid_origin(href, band, self.tiles)
 
     def read(self, scenes: Sequence[Scene], grid: TargetGrid, source: Source, *, bands: Sequence[str],
              clear_classes: Sequence[int], max_scenes: int,

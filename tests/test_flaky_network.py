@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from conftest import run_script
 from cropchips.testing.cog_server import CogServer, FaultPlan
 from cropchips.queue.kafka import KafkaSettings, read_topic
@@ -9,7 +11,9 @@ from cropchips.queue.messages import Result, decode
 from helpers import WorkerProcess, final_summary, http_items, kafka_args
 
 
-def test_all_tasks_succeed_through_a_store_failing_a_fifth_of_requests(broker, topics, sample_area, tmp_path):
+@pytest.mark.parametrize("tile_cache", [False, True], ids=["gdal-vsicurl", "tile-cache"])
+def test_all_tasks_succeed_through_a_store_failing_a_fifth_of_requests(broker, topics, sample_area, tmp_path,
+                                                                      tile_cache):
     faults = FaultPlan(error_rate=0.1, reset_rate=0.1, seed=11, only_ranges=False)
     with CogServer(sample_area.root, faults=faults, latency_s=0.005) as server:
         items = http_items(sample_area, server, tmp_path / "items-http.json")
@@ -21,8 +25,9 @@ def test_all_tasks_succeed_through_a_store_failing_a_fifth_of_requests(broker, t
             "--max-cloud", "100", "--chip-size", "64", "--run-id", "run-flaky",
             *kafka_args(broker.bootstrap_servers, topics))
         assert published.returncode == 0, published.stderr
+        cache = ["--tile-cache-dir", str(tmp_path / "tiles")] if tile_cache else []
         workers = [WorkerProcess(n, sample_area, tmp_path / "out", broker.bootstrap_servers, topics,
-                                 "--allowed-hrefs", f"{server.url}/", "--burst", "--burst-idle", "5")
+                                 "--allowed-hrefs", f"{server.url}/", "--burst", "--burst-idle", "5", *cache)
                    for n in (1, 2)]
         for worker in workers:
             assert worker.wait(timeout=240) == 0, worker.log[-3000:]

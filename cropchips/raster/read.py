@@ -309,9 +309,13 @@ def read_band(href: str, band: str, grid: TargetGrid, datasets: OpenDatasets | F
     A ``categorical`` band (a quality band of classes) is resampled by nearest neighbour.
     """
     def read() -> np.ndarray:
-        with rasterio.Env(**GDAL_OPTIONS), _surfacing(None if datasets is None else datasets.tiles):
+        tiles = None if datasets is None else datasets.tiles
+        with rasterio.Env(**GDAL_OPTIONS), _surfacing(tiles):
             with (open_scene(href) if datasets is None else datasets.dataset(href)) as src:
-                return read_onto_grid(src, grid, categorical=categorical)
+                out = read_onto_grid(src, grid, categorical=categorical)
+                if tiles is not None:
+                    tiles.check()  # inside: a handle that read failed bytes is closed and dropped
+                return out
 
     return with_read_retries(lambda: with_shared_openers(read), band, href)
 

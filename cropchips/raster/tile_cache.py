@@ -186,6 +186,7 @@ class TileCache:
         self.threads = max(1, threads)
         self._lock = threading.Lock()
         self._local = threading.local()
+        self._evicting = threading.Lock()
         self._meta: dict[str, tuple[FileMeta, float]] = {}
         self._layouts: dict[str, list[int]] = {}
         self._added_since_scan = 0
@@ -203,7 +204,7 @@ class TileCache:
 
     @contextmanager
     def surfacing_errors(self) -> Iterator[None]:
-        """Turn GDAL's bare error after a failed callback into the error the callback raised."""
+        """Turn GDAL's bare error after a failed callback into the error the callback met; see :meth:`check`."""
         self._local.error = None
         try:
             yield
@@ -212,13 +213,21 @@ class TileCache:
             if error is not None:
                 raise error from exc
             raise
+        self.check()
+
+    def check(self) -> None:
+        """Raise the error a read callback of this thread met since :meth:`surfacing_errors` began, if
+        any: GDAL may have gone on with the zeros it was given, so what it returned is not to be used."""
+        error, self._local.error = getattr(self._local, "error", None), None
+        if error is not None:
+            raise error
 
     def _failed(self, exc: BaseException) -> None:
-        """Keep the error a GDAL callback raised in this thread (GDAL itself reports only that it failed)."""
+        """Keep the error a GDAL callback met in this thread (GDAL itself reports only that it failed)."""
         if isinstance(exc, (FetchError, RemoteFileError)):
             self._local.error = exc
-        elif isinstance(exc, OSError):
-            self._local.error = FetchError(f"reading through the tile cache failed: {exc}")
+        else:
+            self._local.error = FetchError(f"reading through the tile cache failed: {exc!r}")
 
     def opener(self, href: str) -> MultiByteRangeResourceContainer:
         """The ``opener=`` for ``rasterio.open(href, ...)``: serves ``href`` alone (GDAL's probes for
@@ -425,7 +434,31 @@ class TileCache:
             os.close(fd)  # releases the flock
 
     def evict(self) -> None:
-        """Remove least recently used entries down to 90 % of ``max_bytes``, and stale leftovers."""
+        """Remove least recently used entries down to 90 % of ``max_bytes``, and stale leftovers.
+
+        One eviction at a time on the host (two at once would each remove down to the target from the
+        same entries): a thread waits for another of its process; a process that finds another one
+        evicting skips its turn."""
+        self._evicting.acquire()
+        try:
+            fd = os.open(self.root / "eviction.flock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            self._evicting.release()
+            log.warning("tile cache: cannot lock %s for eviction: %s", self.root, exc)
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            self._evicting.release()
+            return
+        try:
+            self._evict()
+        finally:
+            os.close(fd)
+            self._evicting.release()
+
+    def _evict(self) -> None:
         entries = []
         now = time.time()
         try:
@@ -619,12 +652,18 @@ class _RemoteFile:
         self.pos = pos
         return pos
 
+    # rasterio (1.4) does not clear a Python exception raised in its read callbacks: it stays set and
+    # surfaces later as a SystemError in unrelated code. So a failed read returns no bytes (or zeros of
+    # the sizes asked) and records its error, and :meth:`TileCache.check` raises it once GDAL is done,
+    # inside the dataset's context so that the handle (and any block GDAL decoded from those bytes)
+    # is dropped.
+
     def read(self, size: int = -1) -> bytes:
         try:
             return self._read(size)
-        except BaseException as exc:
+        except Exception as exc:
             self.cache._failed(exc)
-            raise
+            return b""
 
     def _read(self, size: int) -> bytes:
         end = self.meta.size if size is None or size < 0 else min(self.pos + size, self.meta.size)
@@ -653,6 +692,6 @@ class _RemoteFile:
     def get_byte_ranges(self, offsets: Sequence[int], sizes: Sequence[int]) -> list[bytes]:
         try:
             return self.cache.read_ranges(self.href, self.meta, list(zip(offsets, sizes)))
-        except BaseException as exc:
+        except Exception as exc:
             self.cache._failed(exc)
-            raise
+            return [bytes(max(0, int(n))) for n in sizes]

@@ -26,7 +26,7 @@ from cropchips.fields.gpkg import FieldLayer, layer_fingerprint, open_layer, rea
 from cropchips.plan.grid import cell_contains
 from cropchips.sources.hrefs import HrefPolicy
 from cropchips.fields.classes import IGNORE_LABEL
-from cropchips.raster.labels import (chip_instances, classes_of_instances, field_boundaries, mask_nodata,
+from cropchips.raster.labels import (load_rasterizer, chip_instances, classes_of_instances, field_boundaries, mask_nodata,
                                      rasterize_instances)
 from cropchips.raster.temporal import Binned, compose_bins
 from cropchips.output.leases import LEASES_DIR, CellLeases, Lease, Starts, read_starts, write_starts
@@ -126,6 +126,7 @@ class TaskProcessor:
         self._lease: Lease | None = None
         self._layers: dict[str | None, tuple[FieldLayer, str]] = {}  # spec layer -> (layer, fingerprint)
         self._folder_specs: set[str] = set()  # dataset digests checked against the folder's dataset.yaml
+        load_rasterizer()  # its imports cost the first task over a CPU second otherwise
         # Band files stay open across tasks, so that the next cell reuses the decoded tiles it shares.
         # With a tile cache, the bytes of remote files are fetched once per host whichever worker needs them.
         tiles = (TileCache(options.tile_cache_dir, options.tile_cache_mb * 2**20, threads=options.read_threads)

@@ -356,12 +356,15 @@ class TaskProcessor:
             transform = grid.transform * Affine.translation(window.col, window.row)
             image_rel, mask_rel = write_chip(self.storage, name, made.image[:, rows, cols], chip_mask,
                                              crs=grid.crs, transform=transform, descriptions=made.descriptions,
-                                             fmt=spec.format)
+                                             fmt=spec.format, compression=spec.compression,
+                                             level=spec.compression_level)
             extra = {layer: labels[layer][rows, cols] for layer in spec.labels if layer != "classes"}
             if "instances" in extra:
                 extra["instances"] = chip_instances(extra["instances"])  # ids unique within the chip
             layers = {"classes": mask_rel, **write_layers(self.storage, name, extra, crs=grid.crs,
-                                                          transform=transform, fmt=spec.format)}
+                                                          transform=transform, fmt=spec.format,
+                                                          compression=spec.compression,
+                                                          level=spec.compression_level)}
             classes, counts = np.unique(chip_mask, return_counts=True)
             left, top = transform.c, transform.f
             size = window.size * grid.resolution

@@ -268,7 +268,7 @@ def _expected_dict(**changes) -> dict:
         "bands": ["B02", "B03", "B04", "B08", "B05", "B06", "B07", "B8A", "B11", "B12"],
         "resolution": 10.0, "chip_size": 256, "max_chips_per_cell": 5, "composite": "median",
         "harmonize": True, "clear_classes": [4, 5, 6], "min_clear_fraction": 0.9, "max_nodata_fraction": 0.0,
-        "format": "gtiff", "class_map": PACKAGED_CSV, "split_block_size": 10000.0, "split_ratios": [0.8, 0.1, 0.1],
+        "format": "gtiff", "compression": "deflate", "compression_level": 0, "class_map": PACKAGED_CSV, "split_block_size": 10000.0, "split_ratios": [0.8, 0.1, 0.1],
         "gpkg_fingerprint": None, "cloud_buffer_px": 0, "chip_placement": "fields", "max_chip_overlap": 0.25,
         "min_labelled_fraction": 0.0, "temporal_period": None, "min_valid_bins": 1, "unmapped_label": 255,
         "labels": ["classes"],
@@ -329,7 +329,8 @@ def test_the_dictionary_and_its_json_read_back_equal():
 DEFAULT_YAML_KEYS = [
     "spec_version", "start_x", "start_y", "x_cells", "y_cells", "grid_step", "min_polygons", "layer", "collection",
     "datetime", "max_cloud", "max_task_scenes", "max_scenes", "bands", "resolution", "chip_size", "max_chips_per_cell", "composite",
-    "harmonize", "clear_classes", "min_clear_fraction", "max_nodata_fraction", "format", "cloud_buffer_px",
+    "harmonize", "clear_classes", "min_clear_fraction", "max_nodata_fraction", "format", "compression",
+    "compression_level", "cloud_buffer_px",
     "chip_placement", "max_chip_overlap", "min_labelled_fraction", "temporal_period", "min_valid_bins",
     "unmapped_label", "labels", "split_block_size", "split_ratios", "gpkg_fingerprint", "class_map",
 ]

@@ -17,13 +17,13 @@ from typing import Any
 from cropchips.raster.composite import methods
 from cropchips.cli.options import EnvArgumentParser
 from cropchips.spec import CLASS_MAP_FILE_KEY, DatasetSpec, field_docs, field_types
-from cropchips.raster.write import FORMATS
+from cropchips.raster.write import COMPRESSIONS, FORMATS
 
 #: Spec fields that are not flags: the version, the class map's content (``--class-map`` names its file)
 #: and the fingerprint the master computes.
 NOT_FLAGS = ("spec_version", "class_map", "gpkg_fingerprint")
 
-_CHOICES = {"format": FORMATS}
+_CHOICES = {"format": FORMATS, "compression": COMPRESSIONS}
 _METAVARS = {"bbox": "W,S,E,N", "aoi": "FILE", "bands": "B02,B03,...", "clear_classes": "4,5,6",
              "split_ratios": "TRAIN,VAL,TEST", "datetime": "START/END"}
 _GROUPS = (("area", ("start_x", "start_y", "x_cells", "y_cells", "bbox", "aoi", "grid_step", "min_polygons",

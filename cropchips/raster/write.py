@@ -43,13 +43,25 @@ MAX_BOUNDARY_VALUE = 2
 
 
 FORMATS = ("gtiff", "cog")
+#: Codecs a chip file may be written with (the spec's ``compression``), and the highest level of those
+#: that have levels (``compression_level``; 0 is the codec's default).
+COMPRESSIONS = ("deflate", "zstd", "lzw", "none")
+COMPRESSION_LEVELS = {"deflate": 9, "zstd": 22}
 
 
 def _profile(count: int, dtype: str, size: tuple[int, int], crs: str, transform: Affine, fmt: str = "gtiff",
-             categorical: bool = False, nodata: int | None = IMAGE_NODATA) -> dict:
+             categorical: bool = False, nodata: int | None = IMAGE_NODATA, compression: str = "deflate",
+             level: int = 0) -> dict:
     height, width = size
-    profile = dict(count=count, dtype=dtype, width=width, height=height, crs=crs, transform=transform, nodata=nodata,
-                   compress="deflate", predictor=2)
+    profile = dict(count=count, dtype=dtype, width=width, height=height, crs=crs, transform=transform, nodata=nodata)
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
+    if compression != "none":
+        profile.update(compress=compression, predictor=2)
+        if level:
+            # GTiff names the level per codec; the COG driver has one LEVEL for all.
+            key = "level" if fmt == "cog" else {"deflate": "zlevel", "zstd": "zstd_level"}[compression]
+            profile[key] = level
     if fmt == "cog":
         # Cloud-Optimized: 128 px tiles give a 256 px chip one overview level for quick display;
         # label layers (classes, instance ids, boundary codes) are reduced by majority, never averaged
@@ -69,10 +81,11 @@ def _profile(count: int, dtype: str, size: tuple[int, int], crs: str, transform:
 
 def write_tiff(path: Path, array: np.ndarray, *, crs: str, transform: Affine,
                descriptions: tuple[str, ...] | None = None, fmt: str = "gtiff", categorical: bool = False,
-               nodata: int | None = IMAGE_NODATA) -> None:
+               nodata: int | None = IMAGE_NODATA, compression: str = "deflate", level: int = 0) -> None:
     """Encode ``array`` (bands, rows, cols) as a GeoTIFF (or COG) at ``path``, declaring ``nodata``
-    (None: no nodata value)."""
-    profile = _profile(array.shape[0], array.dtype.name, array.shape[1:], crs, transform, fmt, categorical, nodata)
+    (None: no nodata value), compressed with ``compression`` at ``level`` (0: the codec's default)."""
+    profile = _profile(array.shape[0], array.dtype.name, array.shape[1:], crs, transform, fmt, categorical, nodata,
+                       compression, level)
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(array)
         if descriptions:
@@ -81,7 +94,8 @@ def write_tiff(path: Path, array: np.ndarray, *, crs: str, transform: Affine,
 
 
 def write_chip(output: Storage | Path | str, name: str, image: np.ndarray, mask: np.ndarray, *, crs: str,
-               transform: Affine, descriptions: tuple[str, ...] = BANDS, fmt: str = "gtiff") -> tuple[str, str]:
+               transform: Affine, descriptions: tuple[str, ...] = BANDS, fmt: str = "gtiff",
+               compression: str = "deflate", level: int = 0) -> tuple[str, str]:
     """Write ``images/NAME.tif`` (uint16, one band per description: the 10 bands, or T x 10 for a
     time series, nodata 0) and ``masks/NAME.tif`` (uint8 classes, nodata 255), each published whole;
     return their paths relative to the output location."""
@@ -93,13 +107,15 @@ def write_chip(output: Storage | Path | str, name: str, image: np.ndarray, mask:
     image_rel = f"{IMAGES_DIR}/{name}.tif"
     storage = open_storage(output)
     storage.publish(image_rel, lambda tmp: write_tiff(tmp, image, crs=crs, transform=transform,
-                                                      descriptions=descriptions, fmt=fmt))
-    mask_rel = _write_layer(storage, name, "classes", mask, crs=crs, transform=transform, fmt=fmt)
+                                                      descriptions=descriptions, fmt=fmt, compression=compression,
+                                                      level=level))
+    mask_rel = _write_layer(storage, name, "classes", mask, crs=crs, transform=transform, fmt=fmt,
+                            compression=compression, level=level)
     return image_rel, mask_rel
 
 
 def write_layers(output: Storage | Path | str, name: str, layers: Mapping[str, np.ndarray], *, crs: str,
-                 transform: Affine, fmt: str = "gtiff") -> dict[str, str]:
+                 transform: Affine, fmt: str = "gtiff", compression: str = "deflate", level: int = 0) -> dict[str, str]:
     """Write a chip's label layers, each published whole: ``instances/NAME.tif`` (uint32 field ids,
     band ``instance``), ``boundaries/NAME.tif`` (uint8 0/1/2, band ``boundary``) and, if given,
     ``classes`` as ``masks/NAME.tif`` (as :func:`write_chip` does). Return layer -> path relative
@@ -120,16 +136,17 @@ def write_layers(output: Storage | Path | str, name: str, layers: Mapping[str, n
         raise ValueError(f"layer boundaries holds {int(boundaries.max())}; its values are 0 background, "
                          "1 interior, 2 boundary (see cropchips.raster.labels.field_boundaries)")
     storage = open_storage(output)
-    return {layer: _write_layer(storage, name, layer, array, crs=crs, transform=transform, fmt=fmt)
+    return {layer: _write_layer(storage, name, layer, array, crs=crs, transform=transform, fmt=fmt,
+                                compression=compression, level=level)
             for layer, array in layers.items()}
 
 
 def _write_layer(storage: Storage, name: str, layer: str, array: np.ndarray, *, crs: str, transform: Affine,
-                 fmt: str) -> str:
+                 fmt: str, compression: str = "deflate", level: int = 0) -> str:
     """Publish one single-band label layer of a chip; its path relative to the output location."""
     _, description, nodata = LAYER_FORMATS[layer]
     rel = f"{LAYER_DIRS[layer]}/{name}.tif"
     storage.publish(rel, lambda tmp: write_tiff(tmp, array[None], crs=crs, transform=transform,
                                                 descriptions=(description,), fmt=fmt, categorical=True,
-                                                nodata=nodata))
+                                                nodata=nodata, compression=compression, level=level))
     return rel

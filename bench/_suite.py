@@ -18,6 +18,7 @@ from typing import Any
 from bench._master import bench_master
 from bench._pipeline import Setting, run_baseline, run_pipeline
 from bench._reads import bench_read_paths
+from bench._writes import bench_writes
 from bench.areas import REPO, AreaSpec, ParcelsSpec, build_area, serve_items
 
 
@@ -71,9 +72,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 # Round-robin over a partition count that every worker count divides (1, 2, 4 -> 4).
                 partitions = math.lcm(*counts)
                 rr = Setting(**{**asdict(setting), "partitions": partitions})
+                uncached = Setting(**{**asdict(setting), "tile_cache": False})
                 for name, n, s_, kwargs in (
                         ("round_robin_partitions", max(counts), rr, {"round_robin": True}),
-                        ("curl_cache_512mib", 1, setting, {"worker_env": {"CPL_VSIL_CURL_CACHE_SIZE": str(512 * 2**20)}})):
+                        ("no_tile_cache", max(counts), uncached, {})):
                     runs = []
                     for rep in range(reps):
                         t = time.perf_counter()
@@ -108,6 +110,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         t = time.perf_counter()
         report.setdefault("what_if", {})["read_paths"] = bench_read_paths(area)
         log(f"read paths: {report['what_if']['read_paths']} ({time.perf_counter() - t:.1f} s)")
+    t = time.perf_counter()
+    report.setdefault("what_if", {})["writes"] = bench_writes(area, args.chip_size)
+    log(f"writes: {report['what_if']['writes']} ({time.perf_counter() - t:.1f} s)")
     if parcels > 0:
         t = time.perf_counter()
         report["master"] = bench_master(ParcelsSpec(n=parcels), args.master_reps)

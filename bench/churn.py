@@ -62,7 +62,7 @@ def one_job(broker: EmbeddedBroker, tag: str, args: argparse.Namespace, *, stati
     kills: list[float] = []
     done: set[str] = set()
     t0 = time.time()
-    next_kill = t0 + args.warmup_s + kill_every_s if kill_every_s else float("inf")
+    next_kill = t0 + args.warmup_s if kill_every_s else float("inf")
     victim = 0
     deadline = t0 + args.timeout_s
     while time.time() < deadline:
@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--partitions", type=int, default=8)
     p.add_argument("--task-s", type=float, default=0.5, help="seconds the stand-in processor sleeps per task")
     p.add_argument("--kill-every-s", type=float, default=15.0)
-    p.add_argument("--warmup-s", type=float, default=5.0, help="seconds before the first kill")
+    p.add_argument("--warmup-s", type=float, default=15.0,
+                   help="seconds from the workers' start to the first kill (the group takes ~8 s to form on Tansu)")
     p.add_argument("--restart-s", type=float, default=2.5, help="start-up of a restarted worker before it joins")
     p.add_argument("--session-ms", type=int, default=10000)
     p.add_argument("--timeout-s", type=float, default=600.0)

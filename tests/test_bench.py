@@ -43,9 +43,15 @@ def test_bench_harness_runs_at_tiny_size(tmp_path):
     assert master["make_plan_s"] > 0 and master["bare_read_s"] > 0 and master["ratio"] > 0
 
     summary = report["summary"]
-    assert set(summary["verdicts"]) == {"read_amplification", "speedup_vs_baseline", "scaling_4_vs_1",
-                                        "master_vs_bare_read", "worker_peak_memory_mib", "kafka_overhead_share"}
+    assert set(summary["verdicts"]) == {"read_amplification", "worker_cpu_s_per_chip", "speedup_vs_baseline",
+                                        "scaling_4_vs_1", "master_vs_bare_read", "worker_peak_memory_mib",
+                                        "kafka_overhead_share"}
     assert summary["values"]["read_amplification"] >= 1.0
+    assert summary["values"]["worker_cpu_s_per_chip"] == run["cpu"]["worker_cpu_s_per_chip"] > 0
+    writes = report["what_if"]["writes"]["by_compression"]
+    assert list(writes) == ["deflate", "deflate:1", "zstd", "zstd:1", "lzw", "none"]
+    assert all(w["cpu_ms_per_chip"] > 0 and w["kb_per_chip"] > 0 for w in writes.values())
+    assert writes["none"]["kb_per_chip"] > max(w["kb_per_chip"] for k, w in writes.items() if k != "none")
     assert summary["verdicts"]["scaling_4_vs_1"] == "n/a"  # only one worker count was run
 
 
@@ -84,3 +90,20 @@ def test_fleet_bench_runs_at_tiny_size(tmp_path):
     assert math.isfinite(report["idle_share"]) and 0 <= report["idle_share"] <= 1
     assert report["join"]["join_s"] > 0 and report["throughput"]["steady_tasks_per_s"] > 0
     assert report["memory"]["worker_peak_rss_mib_max"] > 10
+
+
+def test_churn_bench_runs_at_tiny_size(tmp_path):
+    """bench.churn with 2 worker processes, one SIGKILLed and restarted mid-job: nothing lost, figures present."""
+    out = tmp_path / "churn.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.churn", "--workers", "2", "--tasks", "120", "--partitions", "4",
+         "--task-s", "0.2", "--kill-every-s", "60", "--warmup-s", "12", "--restart-s", "0.5",
+         "--cases", "static:range", "--timeout-s", "120", "--out", str(out)],
+        check=False, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (case,) = json.loads(out.read_text())["cases"]
+    assert case["case"] == "static range"
+    assert case["fault_free"]["kills"] == 0 and case["churn"]["kills"] >= 1
+    for run in (case["fault_free"], case["churn"]):
+        assert run["lost"] == 0 and run["done"] == 120 and run["tasks_per_s"] > 0
+    assert 0 < case["throughput_kept"] <= 1.5

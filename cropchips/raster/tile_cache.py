@@ -187,6 +187,8 @@ class TileCache:
         self._lock = threading.Lock()
         self._local = threading.local()
         self._evicting = threading.Lock()
+        self._dirs: set[Path] = set()  # entry folders known to exist
+        self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="tile")
         self._meta: dict[str, tuple[FileMeta, float]] = {}
         self._layouts: dict[str, list[int]] = {}
         self._added_since_scan = 0
@@ -353,9 +355,9 @@ class TileCache:
         flat = [p for ps in pieces for p in ps]
         if len(flat) <= 1:
             data = [self.read_range(url, meta, o, s) for o, s in flat]
-        else:
-            with ThreadPoolExecutor(max_workers=min(self.threads, len(flat)), thread_name_prefix="tile") as pool:
-                data = list(pool.map(lambda r: self.read_range(url, meta, r[0], r[1]), flat))
+        else:  # the first tile in this thread, the others on the cache's pool (kept across calls)
+            rest = [self._pool.submit(self.read_range, url, meta, o, s) for o, s in flat[1:]]
+            data = [self.read_range(url, meta, *flat[0])] + [f.result() for f in rest]
         out, i = [], 0
         for ps in pieces:
             out.append(b"".join(data[i:i + len(ps)]))
@@ -391,10 +393,7 @@ class TileCache:
         if self._disabled_reason:
             return
         path = self._path(key)
-        try:
-            path.parent.mkdir(exist_ok=True)
-        except OSError:
-            pass
+        self._ensure_dir(path.parent)
         tmp = path.with_name(f"{key}.tmp.{os.getpid()}.{secrets.token_hex(4)}")
         try:
             with open(tmp, "wb") as f:
@@ -413,6 +412,14 @@ class TileCache:
         if over:
             self.evict()
 
+    def _ensure_dir(self, folder: Path) -> None:
+        if folder not in self._dirs:
+            try:
+                folder.mkdir(exist_ok=True)
+                self._dirs.add(folder)
+            except OSError:
+                pass  # the write that follows fails and says why
+
     @contextmanager
     def _entry_lock(self, key: str) -> Iterator[None]:
         """Exclusive across the processes of this host while one of them fetches ``key``."""
@@ -421,7 +428,7 @@ class TileCache:
             return
         lock_path = self._path(key).with_name(f"{key}.lock")
         try:
-            lock_path.parent.mkdir(exist_ok=True)
+            self._ensure_dir(lock_path.parent)
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             log.debug("tile cache: no lock for %s (%s); fetching unlocked", key, exc)

@@ -19,6 +19,7 @@ once, as the README says).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -41,7 +42,7 @@ def _delayed_worker(delay_s: float, *args: Any) -> None:
     _worker_main(*args)
 
 
-def one_job(broker: EmbeddedBroker, tag: str, args: argparse.Namespace, *, static: bool, assignor: str,
+def one_job(broker: EmbeddedBroker | argparse.Namespace, tag: str, args: argparse.Namespace, *, static: bool, assignor: str,
             kill_every_s: float) -> dict[str, Any]:
     """One job on fresh topics; ``kill_every_s`` 0 for the fault-free run."""
     ctx = mp.get_context("fork")
@@ -121,12 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout-s", type=float, default=600.0)
     p.add_argument("--cases", default=",".join(f"{'static' if s else 'dynamic'}:{a}" for s, a in CASES),
                    help="comma-separated MEMBERSHIP:ASSIGNOR (static or dynamic; range or cooperative-sticky)")
+    p.add_argument("--bootstrap-servers", default=None,
+                   help="run against this broker (Redpanda, Kafka) instead of an embedded Tansu")
     p.add_argument("--out", default=None, help="write the JSON report here")
     args = p.parse_args(argv)
     cases = [(c.split(":")[0] == "static", c.split(":")[1]) for c in args.cases.split(",") if c]
     report: dict[str, Any] = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                               "params": {k: v for k, v in vars(args).items() if k != "out"}, "cases": []}
-    with EmbeddedBroker() as broker:
+    with (EmbeddedBroker() if not args.bootstrap_servers
+          else contextlib.nullcontext(argparse.Namespace(bootstrap_servers=args.bootstrap_servers))) as broker:
         for n, (static, assignor) in enumerate(cases):
             base = one_job(broker, f"churn{os.getpid()}-{n}a", args, static=static, assignor=assignor, kill_every_s=0)
             churn = one_job(broker, f"churn{os.getpid()}-{n}b", args, static=static, assignor=assignor,

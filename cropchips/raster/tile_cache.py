@@ -353,7 +353,7 @@ class TileCache:
         """Several ranges, each cut into its tiles; the missing tiles fetched in parallel (one request each)."""
         pieces = [self._split(url, o, s) for o, s in ranges]
         flat = [p for ps in pieces for p in ps]
-        if len(flat) <= 1:
+        if len(flat) <= 1 or self.threads == 1:
             data = [self.read_range(url, meta, o, s) for o, s in flat]
         else:  # the first tile in this thread, the others on the cache's pool (kept across calls)
             rest = [self._pool.submit(self.read_range, url, meta, o, s) for o, s in flat[1:]]

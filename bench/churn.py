@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             row = {"case": f"{'static' if static else 'dynamic'} {assignor}", "fault_free": base, "churn": churn,
                    "throughput_kept": round(ratio, 3) if ratio else None}
             report["cases"].append(row)
+            if args.out:  # after each case, so that an interrupted run keeps what it measured
+                Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
             print(f"[churn] {row['case']}: {base['tasks_per_s']} tasks/s without kills, {churn['tasks_per_s']} with "
                   f"{churn['kills']} kills = {row['throughput_kept']}; lost {churn['lost']}, done twice "
                   f"{churn['done_twice']}, longest stretch without a finished task {churn['longest_no_finish_s']} s",

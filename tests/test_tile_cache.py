@@ -313,3 +313,19 @@ def test_the_worker_flag_reaches_the_reader(tmp_path):
     reader = TaskProcessor(processing, "1@test").reader
     assert reader.tiles is not None and reader.tiles.max_bytes == 12 * 2**20
     assert (tmp_path / "tiles").is_dir()
+
+
+def test_a_long_run_keeps_what_it_knows_of_files_bounded(server, scene_dir, tmp_path, monkeypatch):
+    import cropchips.raster.tile_cache as tile_cache
+
+    monkeypatch.setattr(tile_cache, "MAX_KNOWN_FILES", 2)
+    tiles = TileCache(tmp_path / "tiles", 2**30)
+    for band in ("B02", "B03", "B04"):
+        with rasterio.open(scene_dir / f"{band}.tif") as src:
+            expected = src.read(1, window=Window(0, 0, 700, 700))
+        assert np.array_equal(read_window(url(server, band), Window(0, 0, 700, 700), tiles), expected)
+    assert len(tiles._layouts) == 2 and len(tiles._meta) == 2
+    assert url(server, "B02") not in tiles._layouts  # the least recently used went first
+    with rasterio.open(scene_dir / "B02.tif") as src:  # and is learned again when it comes back
+        expected = src.read(1, window=Window(100, 100, 700, 700))
+    assert np.array_equal(read_window(url(server, "B02"), Window(100, 100, 700, 700), tiles), expected)

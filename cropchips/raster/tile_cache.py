@@ -40,6 +40,7 @@ import re
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -67,6 +68,9 @@ MAX_RANGE_BYTES = 64 * 2**20
 
 #: Files with more tiles than this are cached by the ranges GDAL asks for, not tile by tile.
 MAX_LAYOUT_TILES = 65536
+
+#: Remote files whose size, ETag and tile layout a process keeps in memory (the least recently used go).
+MAX_KNOWN_FILES = 4096
 
 #: Seconds after which a temporary file or lock file left by a killed writer is removed.
 STALE_S = 600.0
@@ -189,8 +193,9 @@ class TileCache:
         self._evicting = threading.Lock()
         self._dirs: set[Path] = set()  # entry folders known to exist
         self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="tile")
-        self._meta: dict[str, tuple[FileMeta, float]] = {}
-        self._layouts: dict[str, list[int]] = {}
+        # Per remote file, the most recently used MAX_KNOWN_FILES only (a long run opens ~30 files a cell).
+        self._meta: OrderedDict[str, tuple[FileMeta, float]] = OrderedDict()
+        self._layouts: OrderedDict[str, list[int]] = OrderedDict()
         self._added_since_scan = 0
         self._disabled_reason: str | None = None
         self.fetched_bytes = 0
@@ -279,6 +284,7 @@ class TileCache:
     def _remember(self, url: str, meta: FileMeta) -> None:
         with self._lock:
             self._meta[url] = (meta, time.monotonic())
+            _trim(self._meta)
 
     def forget(self, url: str) -> None:
         with self._lock:
@@ -334,11 +340,14 @@ class TileCache:
             starts.clear()
         with self._lock:
             self._layouts[url] = sorted(starts)
+            _trim(self._layouts)
 
     def _split(self, url: str, offset: int, size: int) -> list[tuple[int, int]]:
         """``offset, size`` cut at the starts of the file's tiles (as it is when the layout is unknown)."""
         with self._lock:
             starts = self._layouts.get(url)
+            if starts is not None:
+                self._layouts.move_to_end(url)
         if not starts:
             return [(offset, size)]
         cuts = [offset]
@@ -556,6 +565,12 @@ def with_shared_openers(fn: Callable[[], T]) -> T:
             _THREAD.inside = False
 
     return ctx.run(inside)
+
+
+def _trim(known: OrderedDict) -> None:
+    """Forget the least recently used files beyond :data:`MAX_KNOWN_FILES` (caller holds the lock)."""
+    while len(known) > MAX_KNOWN_FILES:
+        known.popitem(last=False)
 
 
 def _unlink(path: str) -> bool:

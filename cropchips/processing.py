@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import socket
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
@@ -126,7 +127,9 @@ class TaskProcessor:
         self._lease: Lease | None = None
         self._layers: dict[str | None, tuple[FieldLayer, str]] = {}  # spec layer -> (layer, fingerprint)
         self._folder_specs: set[str] = set()  # dataset digests checked against the folder's dataset.yaml
-        load_rasterizer()  # its imports cost the first task over a CPU second otherwise
+        # geocube's imports (1.4 CPU s) would otherwise fall on the first task: they run now, beside the
+        # group join (a task that needs them first waits for them on Python's import lock).
+        threading.Thread(target=load_rasterizer, name="load-rasterizer", daemon=True).start()
         # Band files stay open across tasks, so that the next cell reuses the decoded tiles it shares.
         # With a tile cache, the bytes of remote files are fetched once per host whichever worker needs them.
         tiles = (TileCache(options.tile_cache_dir, options.tile_cache_mb * 2**20, threads=options.read_threads)

@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Everything imported and built so far lives as long as the worker: keep it out of the garbage
         # collector's scans, which otherwise walk the whole heap (geopandas, GDAL bindings) every few
         # thousand allocations (measured: 0.4 CPU s less per 8 tasks read through the tile cache).
-        gc.freeze()
+        gc.freeze()  # (the rasterizer imports still loading in their thread are not frozen: harmless)
         try:
             worker = Worker(options, processor)
             worker.install_signal_handlers()

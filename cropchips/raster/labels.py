@@ -21,7 +21,7 @@ BACKGROUND, INTERIOR, BOUNDARY = 0, 1, 2
 
 def load_rasterizer() -> None:
     """Import geocube and rioxarray now (about 1.4 CPU seconds) rather than in a worker's first task:
-    a worker calls this at start, before it joins the group, so no task pays for it."""
+    a worker runs this in a thread at start, while it joins the group, so no task pays for it."""
     import rioxarray  # noqa: F401
     from geocube.api.core import make_geocube  # noqa: F401
 

@@ -54,6 +54,18 @@ def test_median_of_few_or_many_scenes_matches_reference(austria, n_scenes):
         assert np.array_equal(out[:, clear[0]], data[0][:, clear[0]]) and not out[:, ~clear[0]].any()
 
 
+def test_median_of_the_extreme_values_does_not_overflow():
+    # The mean of the middle two is taken in uint16 (lo + half the gap): 0 and 65535 give 32768, not 0.
+    data = np.array([0, 65535, 65535, 7, 9, 9], dtype="uint16").reshape(6, 1, 1, 1)
+    data = np.concatenate([data, data[::-1]], axis=3)  # (6 scenes, 1 band, 1 row, 2 cols)
+    clear = np.zeros((6, 1, 2), dtype=bool)
+    clear[:2, 0, 0] = True  # column 0: the values 0 and 65535 are clear
+    clear[3:, 0, 1] = True  # column 1 (reversed): 65535, 0 and 65535
+    out = median_composite(data, clear)
+    assert out.tolist() == [[[32768, 65535]]]
+    assert np.array_equal(out, reference_median(data, clear))
+
+
 def test_median_uses_scl_clear_classes_and_skips_empty_scenes(austria):
     data = np.concatenate([austria, np.zeros_like(austria[:1])], axis=0)  # an all-nodata third scene
     scl = np.full((3, *data.shape[2:]), 4, dtype="uint8")

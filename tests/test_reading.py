@@ -66,8 +66,9 @@ def test_same_resolution_band_is_an_exact_copy(scene):
 CLOUDY = Cell(id="cloudy", row=0, col=0, bbox=(-11.25, 25.05, -11.0, 25.28))  # has SCL 5, 8, 9 and 10
 
 
-def test_20m_bands_are_upsampled_bilinear_and_scl_nearest(scene):
-    grid = cell_grid(CLOUDY, 32629, grid_origin(scene.assets["B02"]), RES, margin_px=3)
+@pytest.mark.parametrize("margin_px", [3, 4])  # the grid starts on an odd, then an even 10 m pixel of the 20 m files
+def test_20m_bands_are_upsampled_bilinear_and_scl_nearest(scene, margin_px):
+    grid = cell_grid(CLOUDY, 32629, grid_origin(scene.assets["B02"]), RES, margin_px=margin_px)
     scl = read_band(scene.assets["SCL"], "SCL", grid, categorical=True)
     with rasterio.open(scene.assets["SCL"]) as src:
         coarse, coarse_transform = src.read(1), src.transform

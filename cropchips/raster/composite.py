@@ -55,17 +55,34 @@ def median_composite(data: np.ndarray, clear: np.ndarray) -> np.ndarray:
     count = clear.sum(axis=0)  # (rows, cols)
     lo_idx = np.clip((count - 1) // 2, 0, n_scenes - 1)
     hi_idx = np.clip(count // 2, 0, n_scenes - 1)
+    any_clear = count > 0
     sentinel = np.iinfo("uint16").max
+    small = n_scenes <= SMALL_SORT
+    if small:
+        # Which sorted row holds each pixel's lower and upper middle value, as masks made once for
+        # every band: picking with them is 10x cheaper than take_along_axis's fancy indexing.
+        lo_rows = [(k, lo_idx == k) for k in range(1, n_scenes)]
+        hi_rows = [(k, hi_idx == k) for k in range(1, n_scenes)]
+        lo_rows = [(k, m) for k, m in lo_rows if m.any()]
+        hi_rows = [(k, m) for k, m in hi_rows if m.any()]
     for b in range(data.shape[1]):
         # One band at a time bounds the temporary memory to (scenes, rows, cols) uint16.
         band = np.where(clear, data[:, b], sentinel)
-        if n_scenes <= SMALL_SORT:
+        if small:
             _sort_small(band)
+            lo, hi = band[0].copy(), band[0].copy()
+            for k, rows in lo_rows:
+                np.copyto(lo, band[k], where=rows)
+            for k, rows in hi_rows:
+                np.copyto(hi, band[k], where=rows)
         else:
             band.sort(axis=0)
-        lo = np.take_along_axis(band, lo_idx[None], axis=0)[0].astype("uint32")
-        hi = np.take_along_axis(band, hi_idx[None], axis=0)[0].astype("uint32")
-        out[b] = np.where(count > 0, (lo + hi + 1) // 2, 0).astype("uint16")
+            lo = np.take_along_axis(band, lo_idx[None], axis=0)[0]
+            hi = np.take_along_axis(band, hi_idx[None], axis=0)[0]
+        # (lo + hi + 1) // 2 without leaving uint16: hi >= lo (sorted), so lo + ceil((hi - lo) / 2).
+        gap = hi - lo
+        middle = lo + (gap >> 1) + (gap & 1)
+        np.copyto(out[b], middle, where=any_clear)
     return out
 
 

@@ -389,8 +389,9 @@ def _nearest_on_lattice(src: rasterio.DatasetReader, grid: TargetGrid, factor: i
     native = _read_padded(src, (int(rows[0]), int(rows[-1]) + 1), (int(cols[0]), int(cols[-1]) + 1))
     if factor == 1:
         out = native
-    else:
-        out = native[np.ix_(rows - rows[0], cols - cols[0])]
+    else:  # grid pixel i takes native (row % factor + i) // factor: each native pixel repeated, then cut
+        r, c = row % factor, col % factor
+        out = np.repeat(np.repeat(native, factor, axis=0)[r:r + grid.height], factor, axis=1)[:, c:c + grid.width]
     nodata = _nodata(src)
     if nodata != 0:
         out = np.where(out == nodata, 0, out)

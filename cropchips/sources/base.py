@@ -118,8 +118,12 @@ def remove_offset(data: np.ndarray, offset_dn: int) -> np.ndarray:
     """Subtract ``offset_dn`` from valid (non-zero) uint16 DNs in place, clipping at 1."""
     if offset_dn <= 0:
         return data
-    valid = data > 0
-    low = valid & (data <= offset_dn)
-    np.subtract(data, np.uint16(offset_dn), out=data, where=valid & ~low)
-    data[low] = 1
+    if offset_dn >= np.iinfo(data.dtype).max:
+        np.minimum(data, 1, out=data)  # every valid DN is at most the offset: all become 1
+        return data
+    # max(v, offset + 1) - offset is v - offset above the offset and 1 at or below it; the minimum
+    # with v itself keeps 0 (nodata) at 0. Three whole-array passes, no boolean indexing.
+    shifted = np.maximum(data, data.dtype.type(offset_dn + 1))
+    np.subtract(shifted, data.dtype.type(offset_dn), out=shifted)
+    np.minimum(shifted, data, out=data)
     return data

@@ -122,7 +122,7 @@ def open_scene(href: str, tiles: TileCache | None = None) -> rasterio.DatasetRea
     With ``tiles``, an ``http(s)://`` file is read through that host-wide cache instead of GDAL's
     ``/vsicurl/`` (:mod:`cropchips.raster.tile_cache`); other hrefs are opened as always.
     """
-    opener = tiles.opener(href) if tiles is not None and is_http(href) else None
+    opener = tiles.opener(href) if tiles is not None and is_remote(href, http_only=True) else None
     try:
         src = rasterio.open(href, driver="GTiff", opener=opener)
     except RasterioIOError as exc:
@@ -289,9 +289,13 @@ class FreshFiles:
         pass
 
 
-def is_http(href: str) -> bool:
-    """Is ``href`` read over HTTP (and so through the tile cache, when a worker has one)?"""
-    return href.startswith(("http://", "https://"))
+def is_remote(href: str, *, http_only: bool = False) -> bool:
+    """Is ``href`` read over a network: any URL scheme but ``file://`` (which decides how its read errors
+    are retried, :func:`with_read_retries`), or with ``http_only``, ``http(s)://`` alone (what the
+    tile cache serves, when a worker has one; ``s3://`` and the rest go through GDAL)?"""
+    if http_only:
+        return href.startswith(("http://", "https://"))
+    return "://" in href and not href.startswith("file://")
 
 
 def _surfacing(tiles: TileCache | None) -> AbstractContextManager[None]:
@@ -450,7 +454,7 @@ def with_read_retries(read: Callable[[], T], band: str, href: str) -> T:
     that still is not a GeoTIFF after :data:`READ_ATTEMPTS` tries is final, anything else then
     becomes RetryableError (GDAL's own HTTP retries of 5xx answers come on top).
     """
-    remote = _is_remote(href)
+    remote = is_remote(href)
 
     def attempt() -> T:
         try:
@@ -472,10 +476,6 @@ def with_read_retries(read: Callable[[], T], band: str, href: str) -> T:
         if remote and _looks_malformed(str(exc)):
             raise InputDataError(f"cannot read {band} at {href} ({READ_ATTEMPTS} tries): {exc}") from exc
         raise RetryableError(f"reading {band} from {href} failed {READ_ATTEMPTS} times: {exc}") from exc
-
-
-def _is_remote(href: str) -> bool:
-    return "://" in href and not href.startswith("file://")
 
 
 def _is_missing(message: str, remote: bool = False) -> bool:

@@ -16,9 +16,9 @@ from pathlib import Path
 import geopandas as gpd
 import numpy as np
 from affine import Affine
-from pyproj import Transformer
 
 from cropchips import __version__
+from cropchips.crs import transformer
 from cropchips.raster.chips import ChipWindow, plan_chips
 from cropchips.raster.composite import buffer_clear, has_data
 from cropchips.raster.composite import compositor as composite_method
@@ -323,7 +323,7 @@ class TaskProcessor:
 
     def _fields(self, task: Task, grid: TargetGrid) -> gpd.GeoDataFrame | None:
         """The field polygons over the grid, labelled by the spec's class map; None if none lies in the cell."""
-        to_lonlat = Transformer.from_crs(grid.crs, "EPSG:4326", always_xy=True)
+        to_lonlat = transformer(grid.crs, "EPSG:4326")
         grid_bbox = to_lonlat.transform_bounds(*grid.bounds, densify_pts=21)
         fields = read_fields(self.layer(task.spec), grid_bbox, task.spec.classes(),
                              unmapped_label=task.spec.unmapped_label)

@@ -23,13 +23,13 @@ from typing import Any
 
 import pystac
 import shapely
-from pyproj import Transformer
 from pystac.extensions.classification import Classification, ClassificationExtension
 from pystac.extensions.eo import Band, EOExtension
 from pystac.extensions.projection import ProjectionExtension
 from pystac.extensions.raster import DataType, RasterBand, RasterExtension, Statistics
 from pystac.utils import str_to_datetime
 
+from cropchips.crs import transformer
 from cropchips.errors import ConfigError
 from cropchips.fields.classes import CLASS_NAMES, IGNORE_LABEL, LABEL_NAMES
 from cropchips.sources import source_for
@@ -259,7 +259,7 @@ def _footprint(crs: str, bounds: Sequence[float], segments_per_edge: int = 4) ->
     left, bottom, right, top = bounds
     box = shapely.box(left, bottom, right, top)
     ring = shapely.segmentize(box, max_segment_length=max(right - left, top - bottom) / segments_per_edge).exterior
-    to_lonlat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+    to_lonlat = transformer(crs, "EPSG:4326")
     x, y = to_lonlat.transform(*zip(*ring.coords))
     # 1e-9 degree is 0.1 mm: rounding only trims the JSON. GeoJSON (RFC 7946) rings run counter-clockwise.
     polygon = shapely.Polygon([(round(a, 9), round(b, 9)) for a, b in zip(x, y)])

@@ -23,8 +23,8 @@ from typing import Any
 import geopandas as gpd
 import numpy as np
 import shapely
-from pyproj import Transformer
 
+from cropchips.crs import transformer
 from cropchips.errors import InputDataError
 from cropchips.spec import DatasetSpec
 from cropchips.output.spec_file import SPEC_FILE, read_folder_spec
@@ -119,7 +119,7 @@ def build_index(records: Iterable[dict[str, Any]], policy: SplitPolicy = SplitPo
         layers = r.get("layers") or {"classes": r["mask"]}
         left, bottom, right, top = r["bounds"]
         cx, cy = (left + right) / 2, (bottom + top) / 2
-        to_lonlat = Transformer.from_crs(r["crs"], "EPSG:4326", always_xy=True)
+        to_lonlat = transformer(r["crs"], "EPSG:4326")
         footprint = shapely.box(*to_lonlat.transform_bounds(left, bottom, right, top, densify_pts=5))
         rows.append({
             "name": r["name"], "image": r["image"], "mask": r["mask"], "cell_id": r.get("cell_id", ""),

@@ -13,8 +13,9 @@ import geopandas as gpd
 import numpy as np
 import pyogrio
 import shapely
-from pyproj import CRS, Transformer
+from pyproj import CRS
 
+from cropchips.crs import transformer
 from cropchips.errors import InputDataError
 from cropchips.fields.classes import IGNORE_LABEL, MAX_CLASS_ID, check_unmapped_label
 
@@ -90,16 +91,16 @@ def _has_eurocrops_columns(path: str, layer: str) -> bool:
 
 def bbox_in_crs(bbox_4326: tuple[float, float, float, float], crs: CRS) -> tuple[float, float, float, float]:
     """Transform a lon/lat box to ``crs`` (densified edges, so the result contains the whole box)."""
-    transformer = Transformer.from_crs("EPSG:4326", crs, always_xy=True)
-    return tuple(transformer.transform_bounds(*bbox_4326, densify_pts=21))  # type: ignore[return-value]
+    to_crs = transformer("EPSG:4326", crs)
+    return tuple(to_crs.transform_bounds(*bbox_4326, densify_pts=21))  # type: ignore[return-value]
 
 
 def representative_lonlat(geoms: np.ndarray, crs: CRS) -> tuple[np.ndarray, np.ndarray]:
     """Lon/lat of each polygon's representative point (always inside the polygon)."""
     points = shapely.point_on_surface(geoms)
     x, y = shapely.get_x(points), shapely.get_y(points)
-    transformer = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
-    lon, lat = transformer.transform(x, y)
+    to_lonlat = transformer(crs, "EPSG:4326")
+    lon, lat = to_lonlat.transform(x, y)
     return np.asarray(lon), np.asarray(lat)
 
 

@@ -7,7 +7,6 @@ chips of the same ground. Within a cell, no two chips share more than ``max_over
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from collections import Counter
@@ -17,8 +16,9 @@ from dataclasses import dataclass
 import geopandas as gpd
 import numpy as np
 import shapely
-from pyproj import CRS, Transformer
+from pyproj import CRS
 
+from cropchips.crs import transformer
 from cropchips.errors import ConfigError, InputDataError
 from cropchips.fields.classes import MAX_CLASS_ID
 from cropchips.plan.grid import cell_contains
@@ -69,11 +69,11 @@ def inner_box(cell: Cell, crs: str | CRS) -> tuple[float, float, float, float]:
     t = np.linspace(0.0, 1.0, EDGE_POINTS)
     lons = minlon + (maxlon - minlon) * t
     lats = minlat + (maxlat - minlat) * t
-    transformer = _from_lonlat(crs if isinstance(crs, str) else crs.to_string())
-    west_x, _ = transformer.transform(np.full_like(lats, minlon), lats)
-    east_x, _ = transformer.transform(np.full_like(lats, maxlon), lats)
-    _, south_y = transformer.transform(lons, np.full_like(lons, minlat))
-    _, north_y = transformer.transform(lons, np.full_like(lons, maxlat))
+    to_crs = transformer("EPSG:4326", crs if isinstance(crs, str) else crs.to_string())
+    west_x, _ = to_crs.transform(np.full_like(lats, minlon), lats)
+    east_x, _ = to_crs.transform(np.full_like(lats, maxlon), lats)
+    _, south_y = to_crs.transform(lons, np.full_like(lons, minlat))
+    _, north_y = to_crs.transform(lons, np.full_like(lons, maxlat))
     edges = np.concatenate([west_x, east_x, south_y, north_y])
     if not np.isfinite(edges).all():
         raise InputDataError(f"cell {cell.id} {cell.bbox} cannot be drawn in {crs}: it lies outside that CRS's "
@@ -81,13 +81,6 @@ def inner_box(cell: Cell, crs: str | CRS) -> tuple[float, float, float, float]:
     left, right = float(np.max(west_x)) + EDGE_SLACK_M, float(np.min(east_x)) - EDGE_SLACK_M
     bottom, top = float(np.max(south_y)) + EDGE_SLACK_M, float(np.min(north_y)) - EDGE_SLACK_M
     return left, bottom, right, top
-
-
-@functools.lru_cache(maxsize=16)
-def _from_lonlat(crs: str) -> Transformer:
-    """The lon/lat -> ``crs`` transformer, made once per CRS: making one costs milliseconds, which a
-    master checking 10^4 cells would pay for each."""
-    return Transformer.from_crs("EPSG:4326", crs, always_xy=True)
 
 
 def chip_fits(cell: Cell, crs: str | CRS, chip_size: int, resolution: float, *, placement: str = "fields") -> bool:

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from affine import Affine
-from pyproj import Transformer
 
+from cropchips.crs import transformer
 from cropchips.queue.messages import Cell, Scene
 
 
@@ -77,8 +77,8 @@ def cell_grid(cell: Cell, epsg: int, origin: tuple[float, float], resolution: fl
     """The cell's box in ``epsg``, grown by ``margin_px`` pixels and snapped outwards onto the
     lattice of ``resolution`` anchored at ``origin`` (the scenes' own grid: nothing is shifted)."""
     x0, y0 = origin
-    transformer = Transformer.from_crs("EPSG:4326", f"EPSG:{epsg}", always_xy=True)
-    minx, miny, maxx, maxy = transformer.transform_bounds(*cell.bbox, densify_pts=21)
+    to_utm = transformer("EPSG:4326", f"EPSG:{epsg}")
+    minx, miny, maxx, maxy = to_utm.transform_bounds(*cell.bbox, densify_pts=21)
     margin = margin_px * resolution
     minx, miny, maxx, maxy = minx - margin, miny - margin, maxx + margin, maxy + margin
     left = x0 + math.floor((minx - x0) / resolution) * resolution

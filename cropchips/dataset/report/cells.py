@@ -11,8 +11,8 @@ from typing import Any
 
 import geopandas as gpd
 import shapely
-from pyproj import Transformer
 
+from cropchips.crs import transformer
 from cropchips.dataset.index import INDEX_NAME, records_from_metadata
 from cropchips.plan.grid import Grid
 from cropchips.queue.messages import STATUSES, Result, RunHeader
@@ -60,7 +60,7 @@ def load_chips(output: Storage | Path | str) -> tuple[Any, bool]:
     labels = record_label_ids(records)
     rows = []
     for r in records:
-        to_lonlat = Transformer.from_crs(r["crs"], "EPSG:4326", always_xy=True)
+        to_lonlat = transformer(r["crs"], "EPSG:4326")
         pixels = r.get("class_pixels") or {}
         layers = r.get("layers") or {"classes": r["mask"]}
         rows.append({

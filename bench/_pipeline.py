@@ -30,6 +30,10 @@ class Setting:
     read_threads: int = 8
     tile_cache: bool = True
     """Workers share a host-wide tile cache (``--tile-cache-dir``), fresh for each run."""
+    compression: str = "deflate"
+    """The run's spec: the chips' codec (``compression``) ..."""
+    compression_level: int = 0
+    """... and its level (0: the codec's usual)."""
 
 
 _counter = iter(range(10**6))
@@ -74,7 +78,8 @@ def run_pipeline(area, items_http: Path, server, n_workers: int, setting: Settin
         time.sleep(0.3)
         run_id = new_run_id() + f"-{k}"
         options = area_options(
-            area, items_http, {"chip_size": setting.chip_size, "max_chips_per_cell": setting.chips_per_cell},
+            area, items_http, {"chip_size": setting.chip_size, "max_chips_per_cell": setting.chips_per_cell,
+                               "compression": setting.compression, "compression_level": setting.compression_level},
             kafka=kafka, tasks_topic=topics["tasks"], results_topic=topics["results"], dlq_topic=topics["dlq"],
             tasks_partitions=setting.partitions, run_id=run_id)
         plan = make_plan(options)

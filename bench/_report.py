@@ -90,6 +90,14 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
             "read_amplification": _median(r["http"]["read_amplification"] for r in runs),
             "read_amplification_with_cache": amplification.get(n),
             "worker_cpu_s_per_chip": _median(r["cpu"]["worker_cpu_s_per_chip"] for r in runs)}
+    if wi.get("zstd_level_1"):
+        runs = wi["zstd_level_1"]
+        what_if["zstd_level_1"] = {
+            "workers": 1, "chips_per_s": _median(r["chips_per_s"] for r in runs), "chips_per_s_default": by_n.get("1"),
+            "worker_cpu_s_per_chip": _median(r["cpu"]["worker_cpu_s_per_chip"] for r in runs),
+            "worker_cpu_s_per_chip_default": values.get("worker_cpu_s_per_chip"),
+            "write_s_per_task": _median(r["stages_median_s"]["write"] for r in runs),
+            "write_s_per_task_default": _median(r["stages_median_s"]["write"] for r in one)}
     for key in ("read_paths", "writes"):
         if wi.get(key):
             what_if[key] = wi[key]
@@ -181,6 +189,12 @@ def print_table(report: dict[str, Any]) -> None:
         print(f"  no --tile-cache-dir, {x['workers']} workers: {x['chips_per_s']:.3f} chips/s (with the cache "
               f"{x['chips_per_s_with_cache']:.3f}), read amplification {x['read_amplification']} (with "
               f"{x['read_amplification_with_cache']}), worker CPU {x['worker_cpu_s_per_chip']} s/chip")
+    if "zstd_level_1" in w:
+        x = w["zstd_level_1"]
+        print(f"  spec compression zstd, level 1, 1 worker: {x['chips_per_s']:.3f} chips/s (deflate "
+              f"{x['chips_per_s_default']:.3f}), worker CPU {x['worker_cpu_s_per_chip']} s/chip (deflate "
+              f"{x['worker_cpu_s_per_chip_default']}), write {x['write_s_per_task']} s a task (deflate "
+              f"{x['write_s_per_task_default']})")
     if "writes" in w:
         x = w["writes"]
         print(f"  writing one chip's files ({x['chip']}), CPU ms and KB per chip by compression: " + ", ".join(

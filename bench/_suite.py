@@ -73,9 +73,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 partitions = math.lcm(*counts)
                 rr = Setting(**{**asdict(setting), "partitions": partitions})
                 uncached = Setting(**{**asdict(setting), "tile_cache": False})
+                zstd_1 = Setting(**{**asdict(setting), "compression": "zstd", "compression_level": 1})
                 for name, n, s_, kwargs in (
                         ("round_robin_partitions", max(counts), rr, {"round_robin": True}),
-                        ("no_tile_cache", max(counts), uncached, {})):
+                        ("no_tile_cache", max(counts), uncached, {}),
+                        ("zstd_level_1", 1, zstd_1, {})):
                     runs = []
                     for rep in range(reps):
                         t = time.perf_counter()

@@ -63,6 +63,8 @@ def test_remove_offset_clips_at_1_and_never_wraps():
     out = remove_offset(data.copy(), 1000)
     assert out.tolist() == [0, 1, 1, 1, 1, 1500, 64535]
     assert out.dtype == np.uint16
+    assert remove_offset(data.copy(), 65535).tolist() == [0, 1, 1, 1, 1, 1, 1]  # every valid DN at or below it
+    assert remove_offset(data.copy(), 65534).tolist() == [0, 1, 1, 1, 1, 1, 1]
 
 
 def test_mixed_conventions_harmonise_before_the_median():

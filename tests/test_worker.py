@@ -94,11 +94,13 @@ class ScriptedProcessor:
         self.seconds = seconds
         self.worker_id = f"scripted-{id(self)}"
         self.calls: list[str] = []
+        self.threads: list[threading.Thread] = []  # the thread each call ran on (kept: idents are reused)
         self.lock = threading.Lock()
 
     def process(self, task: Task) -> Result:
         with self.lock:
             self.calls.append(task.task_id)
+            self.threads.append(threading.current_thread())
         time.sleep(self.seconds)
         return Result(run_id=task.run_id, task_id=task.task_id, cell_id=task.cell.id, worker_id=self.worker_id,
                       status="no_fields", error="scripted", finished_at=utc_now())
@@ -137,6 +139,8 @@ def test_poison_messages_are_dead_lettered_and_valid_tasks_complete(broker, topi
     processor = ScriptedProcessor()
     summary = Worker(worker_options(broker, topics), processor).run()
     assert sorted(processor.calls) == sorted(t.task_id for t in good)  # poison never reaches the processor
+    # One task thread for all of them (what pyproj and GDAL keep per thread is built once), not the poller's.
+    assert len(set(processor.threads)) == 1 and processor.threads[0] is not threading.current_thread()
     assert summary.dead_lettered == 3 and summary.statuses["no_fields"] == 3
     kafka = KafkaSettings(broker.bootstrap_servers)
     dead = read_topic(kafka, topics["dlq"])
@@ -188,3 +192,20 @@ def test_stop_past_the_grace_period_abandons_the_task_uncommitted(broker, topics
     again = ScriptedProcessor()
     Worker(worker_options(broker, topics), again).run()
     assert again.calls == [task.task_id]
+
+
+def test_the_task_thread_is_kept_across_tasks_and_replaced_when_a_task_was_abandoned():
+    from cropchips.queue.consumer import _TaskRunner
+
+    runner, release = _TaskRunner(), threading.Event()
+    first = runner.start(lambda _: threading.current_thread(), None)
+    assert first.wait(5) and first.error is None
+    second = runner.start(lambda _: threading.current_thread(), None)
+    assert second.wait(5) and second.result is first.result  # the same thread
+    stuck = runner.start(lambda _: release.wait(30), None)  # abandoned past the grace: still running
+    after = runner.start(lambda _: threading.current_thread(), None)
+    assert after.wait(5) and after.result is not first.result and not stuck.done  # a thread of its own
+    failing = runner.start(lambda _: 1 / 0, None)
+    assert failing.wait(5) and isinstance(failing.error, ZeroDivisionError)
+    release.set()
+    assert stuck.wait(5) and stuck.result is True

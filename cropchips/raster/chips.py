@@ -69,7 +69,7 @@ def inner_box(cell: Cell, crs: str | CRS) -> tuple[float, float, float, float]:
     t = np.linspace(0.0, 1.0, EDGE_POINTS)
     lons = minlon + (maxlon - minlon) * t
     lats = minlat + (maxlat - minlat) * t
-    to_crs = transformer("EPSG:4326", crs if isinstance(crs, str) else crs.to_string())
+    to_crs = transformer("EPSG:4326", crs)
     west_x, _ = to_crs.transform(np.full_like(lats, minlon), lats)
     east_x, _ = to_crs.transform(np.full_like(lats, maxlon), lats)
     _, south_y = to_crs.transform(lons, np.full_like(lons, minlat))

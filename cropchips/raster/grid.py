@@ -46,6 +46,14 @@ class TargetGrid:
         left, top = self.transform.c, self.transform.f
         return (left, top - self.height * self.resolution, left + self.width * self.resolution, top)
 
+    def window(self, row: int, col: int, height: int, width: int) -> TargetGrid:
+        """The part of this grid ``height`` x ``width`` pixels from (``row``, ``col``): the same lattice, its
+        pixels those of this grid (a read onto it gives the pixels a read onto the whole would hold there)."""
+        if row < 0 or col < 0 or height <= 0 or width <= 0 or row + height > self.height or col + width > self.width:
+            raise ValueError(f"window {height}x{width} at ({row}, {col}) is not inside the {self.height}x{self.width} grid")
+        return TargetGrid(epsg=self.epsg, transform=self.transform * Affine.translation(col, row),
+                          width=width, height=height)
+
 
 def utm_epsg(lon: float, lat: float) -> int:
     """WGS 84 / UTM zone EPSG code holding a point (326xx north, 327xx south)."""

@@ -39,6 +39,9 @@ from cropchips.raster.tile_cache import FetchError, RemoteFileError, TileCache, 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+#: A part of a grid: (row, col, height, width) in the grid's pixels.
+GridWindow = tuple[int, int, int, int]
+
 #: GDAL configuration for reading Cloud-Optimized GeoTIFFs over HTTP. Every option says why.
 GDAL_OPTIONS: dict[str, str] = {
     # Opening a remote file would otherwise list its "directory" (an extra, slow S3 LIST request).
@@ -305,8 +308,10 @@ def _surfacing(tiles: TileCache | None) -> AbstractContextManager[None]:
 
 
 def read_band(href: str, band: str, grid: TargetGrid, datasets: OpenDatasets | FreshFiles | None = None, *,
-              categorical: bool = False) -> np.ndarray:
-    """One band of one scene onto ``grid`` (any CRS and resolution in, ``grid`` out), 0 outside the file.
+              categorical: bool = False, within: GridWindow | None = None) -> np.ndarray:
+    """One band of one scene onto ``grid`` (any CRS and resolution in, ``grid`` out), 0 outside the file;
+    with ``within`` (row, col, height, width in grid pixels), that part of the grid only, holding the
+    pixels a read of the whole grid holds there.
 
     Only the tiles the grid's window needs are read. Transient I/O errors are retried. With
     ``datasets`` the file stays open afterwards (see :class:`OpenDatasets`); without, it is closed.
@@ -316,7 +321,7 @@ def read_band(href: str, band: str, grid: TargetGrid, datasets: OpenDatasets | F
         tiles = None if datasets is None else datasets.tiles
         with rasterio.Env(**GDAL_OPTIONS), _surfacing(tiles):
             with (open_scene(href) if datasets is None else datasets.dataset(href)) as src:
-                out = read_onto_grid(src, grid, categorical=categorical)
+                out = read_onto_grid(src, grid, categorical=categorical, within=within)
                 if tiles is not None:
                     tiles.check()  # inside: a handle that read failed bytes is closed and dropped
                 return out
@@ -324,27 +329,36 @@ def read_band(href: str, band: str, grid: TargetGrid, datasets: OpenDatasets | F
     return with_read_retries(lambda: with_shared_openers(read), band, href)
 
 
-def read_onto_grid(src: rasterio.DatasetReader, grid: TargetGrid, *, categorical: bool = False) -> np.ndarray:
-    """Band 1 of an open dataset onto ``grid``: uint16/uint8 as stored, 0 where there is no data.
+def read_onto_grid(src: rasterio.DatasetReader, grid: TargetGrid, *, categorical: bool = False,
+                   within: GridWindow | None = None) -> np.ndarray:
+    """Band 1 of an open dataset onto ``grid``: uint16/uint8 as stored, 0 where there is no data; with
+    ``within`` (row, col, height, width), only that part of ``grid``, with the pixels the whole would hold.
 
     When the grid lies on the file's own pixel lattice (same CRS, north-up, the file's pixel an
     integer multiple of the grid's: always the case for scenes in the cell's UTM zone, since
     :func:`cell_grid` snaps to the scene origin), the file's native pixels are read and resampled
     in numpy (:func:`_nearest_on_lattice`, :func:`_bilinear_x2`), which costs a fraction of the
     warper's CPU and gives the same pixels. Anything else (another UTM zone) goes through a
-    ``WarpedVRT``.
+    ``WarpedVRT``. Each lattice pixel is computed from its own neighbourhood of native pixels, so a part
+    of the grid is read on its own; the warper's (approximate) transformation depends on the extent of
+    what it warps, so off the lattice the whole grid is warped and the part cut out of it.
     """
     resampling = resampling_for(categorical, abs(src.transform.a), grid.resolution)
-    lattice = _lattice_offsets(src, grid)
+    part = grid if within is None else grid.window(*within)
+    lattice = _lattice_offsets(src, part)
     if lattice is not None:
         factor, col, row = lattice
         if resampling == Resampling.nearest:
-            return _nearest_on_lattice(src, grid, factor, col, row)
+            return _nearest_on_lattice(src, part, factor, col, row)
         if factor == 2:
-            return _bilinear_x2(src, grid, col, row)
+            return _bilinear_x2(src, part, col, row)
     with WarpedVRT(src, crs=grid.crs, transform=grid.transform, width=grid.width, height=grid.height,
                    resampling=resampling, src_nodata=_nodata(src), nodata=0) as vrt:
-        return vrt.read(1)
+        out = vrt.read(1)
+    if within is None:
+        return out
+    row, col, height, width = within
+    return np.ascontiguousarray(out[row:row + height, col:col + width])
 
 
 def _nodata(src: rasterio.DatasetReader) -> float:
@@ -498,20 +512,46 @@ def read_stack(scenes: Sequence[Scene], grid: TargetGrid, source: Source, *, ban
     bands = tuple(source.bands if bands is None else bands)
     data = np.zeros((len(scenes), len(bands), grid.height, grid.width), dtype="uint16")
     quality = np.zeros((len(scenes), grid.height, grid.width), dtype=source.quality_dtype)
-    jobs = [(i, b, band) for i in range(len(scenes)) for b, band in enumerate((*bands, source.quality_band))]
+    jobs = [(scene, band, data[i, b]) for i, scene in enumerate(scenes) for b, band in enumerate(bands)]
+    jobs += [(scene, source.quality_band, quality[i]) for i, scene in enumerate(scenes)]
+    _read_into(jobs, grid, source, threads=threads, datasets=datasets)
+    return SceneStack(scenes=list(scenes), data=data, quality=quality)
 
-    def run(job: tuple[int, int, str]) -> None:
-        i, b, band = job
-        array = read_band(scenes[i].assets[band], band, grid, datasets, categorical=source.is_categorical(band))
-        if b == len(bands):
-            quality[i] = array
-        else:
-            data[i, b] = array
+
+def _read_into(jobs: Sequence[tuple[Scene, str, np.ndarray]], grid: TargetGrid, source: Source, *, threads: int,
+               datasets: OpenDatasets | FreshFiles | None, within: GridWindow | None = None) -> None:
+    """Read each job's band of its scene onto ``grid`` (or its part ``within``) into the job's array,
+    ``threads`` files at a time."""
+    def run(job: tuple[Scene, str, np.ndarray]) -> None:
+        scene, band, out = job
+        out[...] = read_band(scene.assets[band], band, grid, datasets, categorical=source.is_categorical(band),
+                             within=within)
 
     with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="read") as pool:
         for _ in pool.map(run, jobs):
             pass
-    return SceneStack(scenes=list(scenes), data=data, quality=quality)
+
+
+def read_quality(scenes: Sequence[Scene], grid: TargetGrid, source: Source, *, threads: int = 8,
+                 datasets: OpenDatasets | FreshFiles | None = None) -> np.ndarray:
+    """The quality band of every scene onto ``grid``: (scenes, rows, cols) of the source's ``quality_dtype``
+    (the ``quality`` of :func:`read_stack`, without the bands)."""
+    quality = np.zeros((len(scenes), grid.height, grid.width), dtype=source.quality_dtype)
+    _read_into([(scene, source.quality_band, quality[i]) for i, scene in enumerate(scenes)], grid, source,
+               threads=threads, datasets=datasets)
+    return quality
+
+
+def read_bands(scenes: Sequence[Scene], grid: TargetGrid, source: Source, *, bands: Sequence[str],
+               within: GridWindow | None = None, threads: int = 8,
+               datasets: OpenDatasets | FreshFiles | None = None) -> np.ndarray:
+    """``bands`` of every scene onto ``grid``, or onto its part ``within`` (row, col, height, width): (scenes,
+    bands, rows, cols) uint16, the pixels :func:`read_stack` holds there."""
+    height, width = (grid.height, grid.width) if within is None else within[2:]
+    data = np.zeros((len(scenes), len(bands), height, width), dtype="uint16")
+    _read_into([(scene, band, data[i, b]) for i, scene in enumerate(scenes) for b, band in enumerate(bands)],
+               grid, source, threads=threads, datasets=datasets, within=within)
+    return data
 
 
 def read_clear_fractions(scenes: Sequence[Scene], grid: TargetGrid, source: Source, *,
@@ -646,6 +686,26 @@ class CogReader:
              before_allocating: Callable[[int], None]) -> tuple[list[int], SceneStack]:
         return read_scenes(scenes, grid, source, bands=bands, clear_classes=clear_classes, max_scenes=max_scenes,
                            threads=self.threads, datasets=self.datasets, before_allocating=before_allocating)
+
+    # What a task that reads only its chips' part of the grid asks (see ``TaskProcessor``): the quality
+    # bands over the whole grid, the scene ranking of ``max_scenes``, the bands over the chips' box, and
+    # whether a scene holds any band data over the whole grid.
+
+    def quality(self, scenes: Sequence[Scene], grid: TargetGrid, source: Source) -> np.ndarray:
+        return read_quality(scenes, grid, source, threads=self.threads, datasets=self.datasets)
+
+    def clear_fractions(self, scenes: Sequence[Scene], grid: TargetGrid, source: Source, *,
+                        clear_classes: Sequence[int]) -> list[float | None]:
+        return read_clear_fractions(scenes, grid, source, clear_classes=clear_classes, threads=self.threads,
+                                    datasets=self.datasets)
+
+    def bands(self, scenes: Sequence[Scene], grid: TargetGrid, source: Source, *, bands: Sequence[str],
+              within: GridWindow | None) -> np.ndarray:
+        return read_bands(scenes, grid, source, bands=bands, within=within, threads=self.threads,
+                          datasets=self.datasets)
+
+    def has_data(self, scene: Scene, grid: TargetGrid, bands: Sequence[str]) -> bool:
+        return scene_has_data(scene, grid, bands, self.datasets)
 
     def close(self) -> None:
         if self.datasets is not None:

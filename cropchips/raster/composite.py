@@ -165,6 +165,16 @@ class Composed:
     """(rows, cols) float32: per pixel, the share of clear observations (of the image, or of its dates)."""
 
 
+@dataclass(frozen=True)
+class Selection:
+    """What a compositor takes of a stack, decided from the clear masks alone (:meth:`Compositor.select`)."""
+
+    used: tuple[int, ...]
+    """Positions (in the stack) of the scenes the image is made of, in stack (date) order."""
+    clear_fraction: np.ndarray
+    """(rows, cols) float32: what :attr:`Composed.clear_fraction` will be."""
+
+
 class Compositor(ABC):
     """One way to make a chip image of a stack of scenes."""
 
@@ -177,6 +187,15 @@ class Compositor(ABC):
     def compose(self, data: np.ndarray, clear: np.ndarray) -> Composed:
         """Composite ``data`` (scenes, bands, rows, cols) whose every scene has data, with its ``clear``
         mask (scenes, rows, cols)."""
+
+    def select(self, clear: np.ndarray) -> Selection | None:
+        """Which scenes the image of the stack whose clear masks are ``clear`` (scenes, rows, cols) is made
+        of, and its clear fraction, before any band is read; None (the default) if that needs the bands.
+
+        A compositor that answers promises that, over any part of the grid, ``compose(data[used],
+        clear[used])`` gives the pixels ``compose(data, clear)`` gives there, with every scene given used:
+        a worker then reads and composites the bands over its chips' box only (chosen from the masks)."""
+        return None
 
     def descriptions(self, bands: Sequence[str], dates: Sequence[str]) -> tuple[str, ...]:
         """Band descriptions of the image, given the bands and the dates (YYYY-MM-DD) of the scenes used."""
@@ -194,6 +213,9 @@ class Median(Compositor):
         return Composed(median_composite(data, clear), tuple(range(len(data))),
                         clear.any(axis=0).astype("float32"))
 
+    def select(self, clear: np.ndarray) -> Selection:  # per pixel: every scene takes part
+        return Selection(tuple(range(len(clear))), clear.any(axis=0).astype("float32"))
+
 
 class LeastCloudy(Compositor):
     """The one scene with the largest clear share of the grid (ties: the earlier), as it is."""
@@ -201,8 +223,16 @@ class LeastCloudy(Compositor):
     name = "least-cloudy"
 
     def compose(self, data: np.ndarray, clear: np.ndarray) -> Composed:
-        best = int(np.argmax(clear.reshape(len(clear), -1).mean(axis=1)))
+        best = self._best(clear)
         return Composed(data[best], (best,), clear[best].astype("float32"))
+
+    def select(self, clear: np.ndarray) -> Selection:  # the scene is chosen on the whole grid's masks
+        best = self._best(clear)
+        return Selection((best,), clear[best].astype("float32"))
+
+    @staticmethod
+    def _best(clear: np.ndarray) -> int:
+        return int(np.argmax(clear.reshape(len(clear), -1).mean(axis=1)))
 
 
 class Stack(Compositor):
@@ -214,6 +244,9 @@ class Stack(Compositor):
     def compose(self, data: np.ndarray, clear: np.ndarray) -> Composed:
         image = data.reshape(data.shape[0] * data.shape[1], *data.shape[2:])  # a view: no copy
         return Composed(image, tuple(range(len(data))), clear.mean(axis=0).astype("float32"))
+
+    def select(self, clear: np.ndarray) -> Selection:
+        return Selection(tuple(range(len(clear))), clear.mean(axis=0).astype("float32"))
 
 
 #: The compositors by name: the values of the spec's ``composite``.

@@ -21,7 +21,7 @@ from cropchips import __version__
 from cropchips.crs import transformer
 from cropchips.raster.chips import ChipWindow, plan_chips
 from cropchips.raster.composite import buffer_clear, has_data
-from cropchips.raster.composite import compositor as composite_method
+from cropchips.raster.composite import Compositor, compositor as composite_method
 from cropchips.errors import ConfigError, CropChipsError, InputDataError, RetryableError, is_transient
 from cropchips.fields.gpkg import FieldLayer, layer_fingerprint, open_layer, read_fields
 from cropchips.plan.grid import cell_contains
@@ -35,7 +35,7 @@ from cropchips.output.manifest import chips_from_manifest, read_complete_manifes
 from cropchips.queue.messages import Cell, ChipRecord, Result, Task, compact_chip
 from cropchips.sources import SceneRadiometry, Source, remove_offset, source_for
 from cropchips.raster.grid import GRID_MARGIN_PX, TargetGrid, cell_grid, choose_epsg
-from cropchips.raster.read import CogReader, SceneReader, SceneStack, task_memory_bytes
+from cropchips.raster.read import CogReader, SceneReader, SceneStack, clearest_first, task_memory_bytes
 from cropchips.raster.tile_cache import TileCache
 from cropchips.spec import DatasetSpec
 from cropchips.output.spec_file import check_folder_spec
@@ -74,6 +74,8 @@ class ProcessingOptions:
     """A task whose starts crashed this many workers (killed mid-task) is dead-lettered instead."""
     lease_ttl_s: float = 120.0
     """A cell's lease expires this long after its holder last renewed it (every third of it)."""
+    read_whole_cell: bool = False
+    """Read and composite the bands over the whole cell, not only over the box of its chips (same chips)."""
 
     def __post_init__(self) -> None:
         if self.read_threads < 1:
@@ -288,23 +290,25 @@ class TaskProcessor:
             fields = self._fields(task, grid)
         if fields is None:
             return self._result(task, "no_fields", watch, error="no field polygon lies in the cell")
-        with watch.stage("read"):
-            # With max_scenes, the scenes are chosen on their quality band alone before any other band is read.
-            chosen, stack = self.reader.read(task.scenes, grid, source, bands=spec.bands,
-                                             clear_classes=spec.clear_classes, max_scenes=spec.max_scenes,
-                                             before_allocating=self._memory_budget(cell, grid))
-        with watch.stage("composite"):
-            made = composite_cell(task, source, chosen, stack)
-            del stack
+        chips_first = None if self.options.read_whole_cell else self._chips_first(task, source, grid, fields, watch)
+        if chips_first is not None:
+            made, labels, windows, skipped = chips_first
+        else:
+            with watch.stage("read"):
+                # With max_scenes, the scenes are chosen on their quality band alone before any other band is read.
+                chosen, stack = self.reader.read(task.scenes, grid, source, bands=spec.bands,
+                                                 clear_classes=spec.clear_classes, max_scenes=spec.max_scenes,
+                                                 before_allocating=self._memory_budget(cell, grid))
+            with watch.stage("composite"):
+                made = composite_cell(task, source, chosen, stack)
+                del stack
+            if made is not None:
+                with watch.stage("rasterize"):
+                    labels = cell_labels(fields, grid, made.covered, spec)
+                windows, skipped = self._plan(task, fields, grid, labels, made.rejecter(spec))
         if made is None:
             return self._result(task, "no_scenes", watch,
                                 error=f"all {len(task.scenes)} scenes are empty (nodata) over the cell")
-        with watch.stage("rasterize"):
-            labels = cell_labels(fields, grid, made.covered, spec)
-        windows, skipped = plan_chips(fields, cell, grid, chip_size=spec.chip_size, max_chips=spec.max_chips_per_cell,
-                                      placement=spec.chip_placement, max_overlap=spec.max_chip_overlap,
-                                      labels=labels["classes"], min_labelled_fraction=spec.min_labelled_fraction,
-                                      reject=made.rejecter(spec))
         with watch.stage("write"):
             records = self._write(task, grid, made, labels, windows, skipped)
         scene_ids = tuple(task.scenes[i].id for i in made.used)
@@ -312,6 +316,88 @@ class TaskProcessor:
                  ", ".join(f"{k} skipped: {v}" for k, v in skipped.items()) or "none skipped")
         return self._result(task, "ok", watch, chips=tuple(map(compact_chip, records)), scenes_used=scene_ids,
                             chips_skipped=dict(skipped))
+
+    @staticmethod
+    def _plan(task: Task, fields: gpd.GeoDataFrame, grid: TargetGrid, labels: Mapping[str, np.ndarray],
+              reject: Callable[[ChipWindow], str | None]) -> tuple[list[ChipWindow], dict[str, int]]:
+        spec = task.spec
+        return plan_chips(fields, task.cell, grid, chip_size=spec.chip_size, max_chips=spec.max_chips_per_cell,
+                          placement=spec.chip_placement, max_overlap=spec.max_chip_overlap, labels=labels["classes"],
+                          min_labelled_fraction=spec.min_labelled_fraction, reject=reject)
+
+    def _chips_first(self, task: Task, source: Source, grid: TargetGrid, fields: gpd.GeoDataFrame,
+                     watch: Stopwatch) -> tuple[CellImage | None, dict[str, np.ndarray], list[ChipWindow],
+                                                dict[str, int]] | None:
+        """The cell's image, labels and chips with the bands read and composited over the chips' box alone.
+
+        Which scenes take part, where the cell is covered and clear, the labels and so the chips depend
+        on the quality bands and the fields only: they are found first, over the whole grid; then the
+        bands of the scenes used are read over the box that holds the chips, and composited there. Each
+        step is the one of the whole-cell path (:func:`composite_cell`), so the chips are the same.
+
+        None when the task has to go the whole-cell way: a time series, a compositor that chooses on the
+        bands (no :meth:`~cropchips.raster.composite.Compositor.select`), a reader without the part reads,
+        or a scene the masks count in whose bands hold nothing over the whole grid (the whole-cell path
+        leaves such a scene out, and with it its coverage: known only once its bands are read).
+        """
+        spec, scenes, reader = task.spec, task.scenes, self.reader
+        compositor = composite_method(spec.composite)
+        if spec.temporal_period or type(compositor).select is Compositor.select or not all(
+                callable(getattr(reader, name, None)) for name in ("quality", "clear_fractions", "bands", "has_data")):
+            return None
+        budget = self._memory_budget(task.cell, grid)
+        with watch.stage("read"):
+            chosen = list(range(len(scenes)))
+            if spec.max_scenes and len(scenes) > spec.max_scenes:  # as read_scenes chooses them
+                budget(1)
+                fractions = reader.clear_fractions(scenes, grid, source, clear_classes=spec.clear_classes)
+                chosen = sorted(clearest_first(fractions)[:spec.max_scenes])
+            budget(len(chosen))
+            quality = reader.quality([scenes[i] for i in chosen], grid, source)
+        with watch.stage("composite"):
+            valid = source.valid_mask(quality)
+            positions = [p for p in range(len(chosen)) if valid[p].any()]
+            if not positions:
+                return None, {}, [], {}
+            clear = source.clear_mask(quality, spec.clear_classes)
+            if spec.cloud_buffer_px:
+                clear = buffer_clear(clear, source.cloud_mask(quality), spec.cloud_buffer_px)
+            del quality
+            picked = compositor.select(clear[positions])
+            used_positions = [positions[i] for i in picked.used]
+            covered = valid[used_positions].any(axis=0)
+        with watch.stage("rasterize"):
+            labels = cell_labels(fields, grid, covered, spec)
+        windows, skipped = self._plan(task, fields, grid, labels,
+                                      chip_rejecter(covered, picked.clear_fraction, None, spec))
+        used = [chosen[p] for p in used_positions]
+        box = chips_box(windows)
+        with watch.stage("read"):
+            data = (reader.bands([scenes[i] for i in used], grid, source, bands=spec.bands, within=box)
+                    if box is not None else None)
+            unseen = [i for k, i in enumerate(used) if data is None or not data[k].any()]
+            if any(not reader.has_data(scenes[i], grid, spec.bands) for i in unseen):
+                log.info("task %s: a scene's quality band has data over the cell but its bands have none: "
+                         "reading the whole cell", task.task_id)
+                return None
+        with watch.stage("composite"):
+            radio = {chosen[p]: source.radiometry(scenes[chosen[p]], spec.harmonize) for p in positions}
+            descriptions = compositor.descriptions(spec.bands, [scenes[i].datetime[:10] for i in used])
+            if data is None:  # no chip: nothing to composite
+                image = np.zeros((len(descriptions), 0, 0), dtype="uint16")
+            else:
+                for k, i in enumerate(used):
+                    remove_offset(data[k], radio[i].applied_dn)
+                row, col, height, width = box
+                made = compositor.compose(data, clear[used_positions, row:row + height, col:col + width])
+                if made.used != tuple(range(len(used))):
+                    log.warning("task %s: compositor %r left out scenes it selected: reading the whole cell",
+                                task.task_id, compositor.name)
+                    return None
+                image = made.image
+        return (CellImage(image=image, descriptions=descriptions, clear_fraction=picked.clear_fraction,
+                          covered=covered, used=tuple(used), radiometry=radio, origin=box[:2] if box else (0, 0)),
+                labels, windows, skipped)
 
     def _grid(self, task: Task, source: Source) -> TargetGrid:
         """The cell's pixel grid: in its UTM zone, on the lattice of the source's finest band, the cell's box
@@ -357,7 +443,7 @@ class TaskProcessor:
             name = f"{cell.id}-chip{k:02d}"
             chip_mask = labels["classes"][rows, cols]
             transform = grid.transform * Affine.translation(window.col, window.row)
-            image_rel, mask_rel = write_chip(self.storage, name, made.image[:, rows, cols], chip_mask,
+            image_rel, mask_rel = write_chip(self.storage, name, made.chip(window), chip_mask,
                                              crs=grid.crs, transform=transform, descriptions=made.descriptions,
                                              fmt=spec.format, compression=spec.compression,
                                              level=spec.compression_level)
@@ -416,6 +502,15 @@ class CellImage:
     """Task scene index -> what its DNs meant and what was subtracted."""
     binned: Binned | None = None
     """With a temporal_period: the time series the image is (its bins and where each is clear)."""
+    origin: tuple[int, int] = (0, 0)
+    """Grid (row, col) of ``image``'s first pixel: the image may cover only the box of the chips."""
+
+    def chip(self, window: ChipWindow) -> np.ndarray:
+        """The chip's bands: (bands out, size, size)."""
+        row, col = window.row - self.origin[0], window.col - self.origin[1]
+        if row < 0 or col < 0 or row + window.size > self.image.shape[1] or col + window.size > self.image.shape[2]:
+            raise ValueError(f"chip at ({window.row}, {window.col}) lies outside the image composited at {self.origin}")
+        return self.image[:, row:row + window.size, col:col + window.size]
 
     def bin_record(self, window: ChipWindow, spec: DatasetSpec) -> dict[str, tuple]:
         """The chip record's bin fields (empty without a temporal_period)."""
@@ -428,20 +523,8 @@ class CellImage:
                 "bin_valid": tuple(bool(f >= spec.min_clear_fraction) for f in fractions)}
 
     def rejecter(self, spec: DatasetSpec) -> Callable[[ChipWindow], str | None]:
-        """Why a chip window is not written (``nodata``, ``too_cloudy``, ``too_few_valid_bins``), or None.
-        A time series is judged bin by bin: a bin is valid where its clear share reaches min_clear_fraction."""
-        def reject(window: ChipWindow) -> str | None:
-            rows, cols = window.slices()
-            if 1.0 - self.covered[rows, cols].mean() > spec.max_nodata_fraction:
-                return "nodata"
-            if self.binned is not None:
-                valid = self.binned.clear_bins(rows, cols, spec.min_clear_fraction)
-                return "too_few_valid_bins" if valid < spec.min_valid_bins else None
-            if self.clear_fraction[rows, cols].mean() < spec.min_clear_fraction:
-                return "too_cloudy"
-            return None
-
-        return reject
+        """Why a chip window is not written; see :func:`chip_rejecter`."""
+        return chip_rejecter(self.covered, self.clear_fraction, self.binned, spec)
 
     def provenance(self, task: Task) -> tuple[dict[str, object], ...]:
         """Per scene used, oldest first: id, date, collection, item link and radiometry (the sidecar's ``scenes``)."""
@@ -451,6 +534,34 @@ class CellImage:
                       "published_offset": self.radiometry[i].published_offset,
                       "offset_dn": self.radiometry[i].offset_dn, "applied_dn": self.radiometry[i].applied_dn}
                      for i in self.used)
+
+
+def chip_rejecter(covered: np.ndarray, clear_fraction: np.ndarray, binned: Binned | None,
+                  spec: DatasetSpec) -> Callable[[ChipWindow], str | None]:
+    """Why a chip window is not written (``nodata``, ``too_cloudy``, ``too_few_valid_bins``), or None, from the
+    cell's coverage and clear fraction (:class:`CellImage`). A time series is judged bin by bin: a bin is valid
+    where its clear share reaches min_clear_fraction."""
+    def reject(window: ChipWindow) -> str | None:
+        rows, cols = window.slices()
+        if 1.0 - covered[rows, cols].mean() > spec.max_nodata_fraction:
+            return "nodata"
+        if binned is not None:
+            valid = binned.clear_bins(rows, cols, spec.min_clear_fraction)
+            return "too_few_valid_bins" if valid < spec.min_valid_bins else None
+        if clear_fraction[rows, cols].mean() < spec.min_clear_fraction:
+            return "too_cloudy"
+        return None
+
+    return reject
+
+
+def chips_box(windows: Sequence[ChipWindow]) -> tuple[int, int, int, int] | None:
+    """(row, col, height, width) of the smallest box of the grid holding every window; None without one."""
+    if not windows:
+        return None
+    row, col = min(w.row for w in windows), min(w.col for w in windows)
+    bottom, right = max(w.row + w.size for w in windows), max(w.col + w.size for w in windows)
+    return row, col, bottom - row, right - col
 
 
 def composite_cell(task: Task, source: Source, chosen: Sequence[int], stack: SceneStack) -> CellImage | None:

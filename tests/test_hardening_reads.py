@@ -524,20 +524,24 @@ def test_max_task_memory_mb_is_a_worker_flag_with_an_env_twin():
 
 def test_the_estimate_covers_what_a_task_really_allocates(served, tmp_path):
     """numpy reports its allocations to tracemalloc: the peak of a whole task (read, composite,
-    rasterize, write) stays under the estimate the budget refuses by, and is of its order."""
+    rasterize, write) stays under the estimate the budget refuses by, and is of its order when the
+    whole cell is read (``read_whole_cell``); reading the chips' box only, it is a fraction of it."""
     import tracemalloc
 
     from cropchips.raster.read import task_memory_bytes
 
     scenes = [s for s in served["scenes"] if s.id.split("_")[2] in ("20200219", "20200221", "20200222", "20200223")]
     grid = cell_grid(DESERT, 32629, grid_origin(scenes[0].assets["B02"]), 20.0, margin_px=9)
-    worker = processor(served, tmp_path, resolution=20.0, chip_size=16)
-    tracemalloc.start()
-    try:
-        result = worker.process(task(scenes, "mem"))
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert result.status == "ok", result.error
+    peaks = {}
+    for whole in (True, False):
+        worker = processor(served, tmp_path / str(whole), resolution=20.0, chip_size=16, read_whole_cell=whole)
+        tracemalloc.start()
+        try:
+            result = worker.process(task(scenes, "mem"))
+            peaks[whole] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert result.status == "ok" and result.chips, result.error
     estimate = task_memory_bytes(len(scenes), grid)
-    assert 0.5 * estimate < peak <= estimate, (peak, estimate)
+    assert 0.5 * estimate < peaks[True] <= estimate, (peaks, estimate)
+    assert peaks[False] < 0.5 * peaks[True], (peaks, estimate)

@@ -124,7 +124,11 @@ def test_the_masters_plan_carries_the_fingerprint_of_the_geopackage(sample_plan,
     assert {t.spec.layer for t in sample_plan.tasks} == {sample_area.layer}
 
 
-def test_the_processor_reads_through_an_injected_reader_and_asks_for_the_specs_bands(sample_area, task, tmp_path):
+@pytest.mark.parametrize("whole_cell", [False, True])
+def test_the_processor_reads_through_an_injected_reader_and_asks_for_the_specs_bands(sample_area, task, tmp_path,
+                                                                                     whole_cell):
+    """By default the bands are read over the box of the chips (``bands(..., within=box)``), after the quality
+    bands over the whole grid; with ``read_whole_cell`` (or a reader without those reads) through ``read``."""
     from cropchips.processing import ProcessingOptions, TaskProcessor
     from cropchips.raster.read import CogReader
 
@@ -134,16 +138,31 @@ def test_the_processor_reads_through_an_injected_reader_and_asks_for_the_specs_b
             self.calls = []
 
         def read(self, scenes, grid, source, **kwargs):
-            self.calls.append((len(scenes), kwargs["bands"], kwargs["max_scenes"]))
+            self.calls.append(("read", len(scenes), kwargs["bands"], kwargs["max_scenes"]))
             return super().read(scenes, grid, source, **kwargs)
+
+        def quality(self, scenes, grid, source):
+            self.calls.append(("quality", len(scenes), (grid.height, grid.width)))
+            return super().quality(scenes, grid, source)
+
+        def bands(self, scenes, grid, source, *, bands, within):
+            self.calls.append(("bands", len(scenes), bands, within))
+            return super().bands(scenes, grid, source, bands=bands, within=within)
 
     reader = Recording()
     processor = TaskProcessor(ProcessingOptions(output_dir=tmp_path, gpkg=str(sample_area.gpkg),
-                                                hrefs=HrefPolicy(local_dirs=(sample_area.root.resolve(),))),
-                              "rec@test", reader=reader)
+                                                hrefs=HrefPolicy(local_dirs=(sample_area.root.resolve(),)),
+                                                read_whole_cell=whole_cell), "rec@test", reader=reader)
     spec = replace(task.spec, chip_size=32, bands=("B04", "B08"), max_scenes=2)
     result = processor.process(replace(task, spec=spec))
-    assert result.status == "ok" and reader.calls == [(len(task.scenes), ("B04", "B08"), 2)]
+    assert result.status == "ok" and len(result.chips) >= 2
+    if whole_cell:
+        assert reader.calls == [("read", len(task.scenes), ("B04", "B08"), 2)]
+    else:
+        (q, n, shape), (b, m, bands, (row, col, height, width)) = reader.calls
+        assert (q, n, b, m, bands) == ("quality", 2, "bands", 2, ("B04", "B08"))
+        assert 0 <= row and row + height <= shape[0] and 0 <= col and col + width <= shape[1]
+        assert 32 <= height * width < shape[0] * shape[1]  # the chips' box, not the grid
     processor.close()
 
 

@@ -42,6 +42,10 @@ def build_parser(env: Mapping[str, str] | None = None) -> config.EnvArgumentPars
                   "workers and later tasks (default: none, every process fetches what it needs)")
     p.option("--tile-cache-mb", type=config.positive_int, default=8192, group=c,
              help="MiB the --tile-cache-dir may hold; the least recently used ranges are removed beyond it")
+    p.flag("--read-whole-cell", group=c,
+           help="read and composite the bands over the whole cell, not only over the box of the cell's chips "
+                "(chosen first, from the quality bands and the fields): the same chips, more CPU and bytes; "
+                "for comparison")
     p.option("--max-task-memory-mb", type=config.positive_int, default=4096, group=c,
              help="refuse (dead-letter) a task whose scene stack and composite would take more MiB than this, "
                   "before reading it: a huge cell or too many scenes must not take the worker down")
@@ -111,7 +115,7 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
     processing = ProcessingOptions(
         output_dir=args.output_dir, gpkg=args.gpkg, read_threads=args.read_threads, read_cache_mb=args.read_cache_mb,
         tile_cache_dir=args.tile_cache_dir or None, tile_cache_mb=args.tile_cache_mb,
-        max_task_memory_mb=args.max_task_memory_mb,
+        max_task_memory_mb=args.max_task_memory_mb, read_whole_cell=args.read_whole_cell,
         max_task_starts=args.max_task_starts, lease_ttl_s=args.lease_ttl,
         hrefs=HrefPolicy.from_options(args.allowed_hrefs, args.local_scenes_dir))
     worker = WorkerOptions(

@@ -98,6 +98,16 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
             "worker_cpu_s_per_chip_default": values.get("worker_cpu_s_per_chip"),
             "write_s_per_task": _median(r["stages_median_s"]["write"] for r in runs),
             "write_s_per_task_default": _median(r["stages_median_s"]["write"] for r in one)}
+    if wi.get("whole_cell"):
+        runs = wi["whole_cell"]
+        what_if["whole_cell"] = {
+            "workers": 1, "chips_per_s": _median(r["chips_per_s"] for r in runs), "chips_per_s_default": by_n.get("1"),
+            "worker_cpu_s_per_chip": _median(r["cpu"]["worker_cpu_s_per_chip"] for r in runs),
+            "worker_cpu_s_per_chip_default": values.get("worker_cpu_s_per_chip"),
+            "bytes_per_chip": _median(r["http"]["bytes_per_chip"] for r in runs),
+            "bytes_per_chip_default": _median(r["http"]["bytes_per_chip"] for r in one),
+            **{f"{stage}_s_per_task{suffix}": _median(r["stages_median_s"][stage] for r in rs)
+               for stage in ("read", "composite") for suffix, rs in (("", runs), ("_default", one))}}
     for key in ("read_paths", "writes"):
         if wi.get(key):
             what_if[key] = wi[key]
@@ -195,6 +205,13 @@ def print_table(report: dict[str, Any]) -> None:
               f"{x['chips_per_s_default']:.3f}), worker CPU {x['worker_cpu_s_per_chip']} s/chip (deflate "
               f"{x['worker_cpu_s_per_chip_default']}), write {x['write_s_per_task']} s a task (deflate "
               f"{x['write_s_per_task_default']})")
+    if "whole_cell" in w:
+        x = w["whole_cell"]
+        print(f"  bands read and composited over the whole cell (--read-whole-cell), 1 worker: {x['chips_per_s']:.3f} "
+              f"chips/s (the chips' box: {x['chips_per_s_default']:.3f}), worker CPU {x['worker_cpu_s_per_chip']} s/chip "
+              f"({x['worker_cpu_s_per_chip_default']}), read {x['read_s_per_task']} s and composite "
+              f"{x['composite_s_per_task']} s a task ({x['read_s_per_task_default']}, {x['composite_s_per_task_default']}), "
+              f"{x['bytes_per_chip']} bytes a chip ({x['bytes_per_chip_default']})")
     if "writes" in w:
         x = w["writes"]
         print(f"  writing one chip's files ({x['chip']}), CPU ms and KB per chip by compression: " + ", ".join(

@@ -77,7 +77,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 for name, n, s_, kwargs in (
                         ("round_robin_partitions", max(counts), rr, {"round_robin": True}),
                         ("no_tile_cache", max(counts), uncached, {}),
-                        ("zstd_level_1", 1, zstd_1, {})):
+                        ("zstd_level_1", 1, zstd_1, {}),
+                        ("whole_cell", 1, setting, {"worker_env": {"CROPCHIPS_READ_WHOLE_CELL": "1"}})):
                     runs = []
                     for rep in range(reps):
                         t = time.perf_counter()

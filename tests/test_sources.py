@@ -153,3 +153,19 @@ def test_a_scene_without_the_sources_assets_is_refused_before_reading(landsat, a
                                                 hrefs=HrefPolicy(local_dirs=(FOLDER.resolve(),))), "l8@test")
     result = processor.process(type(task)(**{**task.__dict__, "scenes": (partial,)}))
     assert result.status == "failed" and "lacks the assets ['QA_PIXEL']" in result.error
+
+
+def test_off_the_lattice_the_chips_box_holds_the_pixels_of_the_whole_cell(landsat, area):
+    """Landsat's non-square pixels are off the grid's lattice: each band is warped over the whole grid and
+    the chips' box cut out of it (the warper's approximation depends on what it warps), so the chips are
+    the same files as when the worker reads the whole cell."""
+    plan = make_plan(MasterOptions(gpkg=str(area["gpkg"]), spec=area["spec"], stac_items=str(area["items"])))
+    outputs = {}
+    for whole in (True, False):
+        out = area["out"] / str(whole)
+        processor = TaskProcessor(ProcessingOptions(output_dir=out, gpkg=str(area["gpkg"]), read_whole_cell=whole,
+                                                    hrefs=HrefPolicy(local_dirs=(FOLDER.resolve(),))), "l8@test")
+        result = processor.process(decode(encode(plan.tasks[0])))
+        assert result.status == "ok" and result.chips, result.error
+        outputs[whole] = (result.chips, {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*.tif"))})
+    assert outputs[True] == outputs[False]

@@ -282,7 +282,10 @@ class TaskProcessor:
             self._lease.check()
 
     def _process(self, task: Task, watch: Stopwatch) -> Result:
-        """Source -> grid and fields -> read -> compositor -> labels -> chips -> writer."""
+        """Source -> grid and fields -> quality bands -> labels -> chips -> bands over the chips' box ->
+        compositor -> writer (:meth:`_chips_first`); or, where the chips need the bands themselves (a time
+        series, a compositor without ``select``) or with ``read_whole_cell``: grid and fields -> every band
+        over the whole cell -> compositor -> labels -> chips -> writer. Both make the same chips."""
         spec, cell = task.spec, task.cell
         source = source_for(spec.collection)
         grid = self._grid(task, source)
@@ -364,6 +367,8 @@ class TaskProcessor:
                 clear = buffer_clear(clear, source.cloud_mask(quality), spec.cloud_buffer_px)
             del quality
             picked = compositor.select(clear[positions])
+            if picked is None:
+                return None
             used_positions = [positions[i] for i in picked.used]
             covered = valid[used_positions].any(axis=0)
         with watch.stage("rasterize"):

@@ -125,13 +125,16 @@ class Counting(CogReader):
     def __init__(self):
         super().__init__(threads=2)
         self.band_pixels = 0
+        self.calls = {"read": 0, "bands": 0}
 
     def read(self, scenes, grid, source, **kwargs):
         self.band_pixels += len(scenes) * len(kwargs["bands"]) * grid.width * grid.height
+        self.calls["read"] += 1
         return super().read(scenes, grid, source, **kwargs)
 
     def bands(self, scenes, grid, source, *, bands, within):
         self.band_pixels += len(scenes) * len(bands) * within[2] * within[3]
+        self.calls["bands"] += 1
         return super().bands(scenes, grid, source, bands=bands, within=within)
 
 
@@ -225,3 +228,31 @@ def test_a_band_read_over_part_of_the_grid_is_that_part_of_the_whole(band, withi
         assert np.array_equal(part, whole[row:row + height, col:col + width])
     with pytest.raises(ValueError, match="not inside"):
         read_band(href, band, on_lattice, within=(0, 0, on_lattice.height + 1, 5))
+
+
+def test_a_compositor_that_needs_the_bands_reads_the_whole_cell(area, tmp_path):
+    """A plug-in compositor without ``select`` (here: the brightest scene of the cell, by its bands) gets the
+    whole cell's stack, as before."""
+    from cropchips.raster.composite import COMPOSITORS, Composed, Compositor, register_compositor
+
+    class Brightest(Compositor):
+        name = "brightest-test"
+
+        def compose(self, data, clear):
+            best = int(np.argmax(data.reshape(len(data), -1).mean(axis=1)))
+            return Composed(data[best], (best,), clear[best].astype("float32"))
+
+    register_compositor(Brightest())
+    try:
+        tasks = plan(area, tmp_path, ("real", "clouds", "clouds2"), composite="brightest-test")
+        reader = Counting()
+        processor = TaskProcessor(ProcessingOptions(output_dir=tmp_path / "out", gpkg=str(area["gpkg"]),
+                                                    hrefs=HrefPolicy(local_dirs=area["dirs"])), "w@test",
+                                  reader=reader)
+        results = [processor.process(task) for task in tasks]
+        processor.close()
+    finally:
+        COMPOSITORS.pop("brightest-test")
+    assert all(r.status == "ok" for r in results) and any(r.chips for r in results)
+    assert {r.scenes_used for r in results} == {("S2A_29RKH_20200310_0_L2A",)}  # the bands scaled by 1.1
+    assert reader.calls == {"read": len(tasks), "bands": 0}  # every band of every scene over the whole grid

@@ -29,7 +29,7 @@ from cropchips.sources.hrefs import HrefPolicy
 from cropchips.fields.classes import IGNORE_LABEL
 from cropchips.raster.labels import (load_rasterizer, chip_instances, classes_of_instances, field_boundaries, mask_nodata,
                                      rasterize_instances)
-from cropchips.raster.temporal import Binned, compose_bins
+from cropchips.raster.temporal import Binned, compose_bins, compose_selected_bins, select_bins
 from cropchips.output.leases import LEASES_DIR, CellLeases, Lease, Starts, read_starts, write_starts
 from cropchips.output.manifest import chips_from_manifest, read_complete_manifest, remove_other_chips, write_manifest
 from cropchips.queue.messages import Cell, ChipRecord, Result, Task, compact_chip
@@ -333,19 +333,20 @@ class TaskProcessor:
                                                 dict[str, int]] | None:
         """The cell's image, labels and chips with the bands read and composited over the chips' box alone.
 
-        Which scenes take part, where the cell is covered and clear, the labels and so the chips depend
-        on the quality bands and the fields only: they are found first, over the whole grid; then the
-        bands of the scenes used are read over the box that holds the chips, and composited there. Each
-        step is the one of the whole-cell path (:func:`composite_cell`), so the chips are the same.
+        Which scenes take part (and, in a time series, which days make each bin), where the cell is
+        covered and clear, the labels and so the chips depend on the quality bands and the fields only:
+        they are found first, over the whole grid; then the bands of the scenes used are read over the
+        box that holds the chips, and composited there. Each step is the one of the whole-cell path
+        (:func:`composite_cell`), so the chips are the same.
 
-        None when the task has to go the whole-cell way: a time series, a compositor that chooses on the
-        bands (no :meth:`~cropchips.raster.composite.Compositor.select`), a reader without the part reads,
-        or a scene the masks count in whose bands hold nothing over the whole grid (the whole-cell path
+        None when the task has to go the whole-cell way: a compositor that chooses on the bands (no
+        :meth:`~cropchips.raster.composite.Compositor.select`), a reader without the part reads, or a
+        scene the masks count in whose bands hold nothing over the whole grid (the whole-cell path
         leaves such a scene out, and with it its coverage: known only once its bands are read).
         """
         spec, scenes, reader = task.spec, task.scenes, self.reader
         compositor = composite_method(spec.composite)
-        if spec.temporal_period or type(compositor).select is Compositor.select or not all(
+        if type(compositor).select is Compositor.select or not all(
                 callable(getattr(reader, name, None)) for name in ("quality", "clear_fractions", "bands", "has_data")):
             return None
         budget = self._memory_budget(task.cell, grid)
@@ -359,49 +360,71 @@ class TaskProcessor:
             quality = reader.quality([scenes[i] for i in chosen], grid, source)
         with watch.stage("composite"):
             valid = source.valid_mask(quality)
-            positions = [p for p in range(len(chosen)) if valid[p].any()]
+            usable = valid.reshape(len(valid), -1).any(axis=1)
+            positions = [int(p) for p in np.flatnonzero(usable)]
             if not positions:
                 return None, {}, [], {}
             clear = source.clear_mask(quality, spec.clear_classes)
             if spec.cloud_buffer_px:
                 clear = buffer_clear(clear, source.cloud_mask(quality), spec.cloud_buffer_px)
             del quality
-            picked = compositor.select(clear[positions])
-            if picked is None:
-                return None
-            used_positions = [positions[i] for i in picked.used]
-            covered = valid[used_positions].any(axis=0)
+            selection = binned = None
+            if spec.temporal_period:
+                dates = [scenes[i].datetime[:10] for i in chosen]
+                selection = select_bins(clear, valid, dates, spec.bins(), spec.composite, usable)
+                if selection is None:
+                    return None
+                used_positions = list(selection.used)
+                checked = positions  # every scene with data is in the coverage, used or not
+                covered = valid[positions].any(axis=0)
+                binned = selection.binned(np.zeros((0, 0, 0), dtype="uint16"))
+                clear_fraction = binned.clear_fraction
+            else:
+                picked = compositor.select(clear[positions])
+                if picked is None:
+                    return None
+                used_positions = [positions[i] for i in picked.used]
+                checked = used_positions
+                covered = valid[used_positions].any(axis=0)
+                clear_fraction = picked.clear_fraction
         with watch.stage("rasterize"):
             labels = cell_labels(fields, grid, covered, spec)
-        windows, skipped = self._plan(task, fields, grid, labels,
-                                      chip_rejecter(covered, picked.clear_fraction, None, spec))
+        windows, skipped = self._plan(task, fields, grid, labels, chip_rejecter(covered, clear_fraction, binned, spec))
         used = [chosen[p] for p in used_positions]
         box = chips_box(windows)
         with watch.stage("read"):
             data = (reader.bands([scenes[i] for i in used], grid, source, bands=spec.bands, within=box)
-                    if box is not None else None)
-            unseen = [i for k, i in enumerate(used) if data is None or not data[k].any()]
-            if any(not reader.has_data(scenes[i], grid, spec.bands) for i in unseen):
+                    if box is not None and used else None)
+            seen = {p for k, p in enumerate(used_positions) if data is not None and data[k].any()}
+            if any(not reader.has_data(scenes[chosen[p]], grid, spec.bands) for p in checked if p not in seen):
                 log.info("task %s: a scene's quality band has data over the cell but its bands have none: "
                          "reading the whole cell", task.task_id)
                 return None
         with watch.stage("composite"):
             radio = {chosen[p]: source.radiometry(scenes[chosen[p]], spec.harmonize) for p in positions}
-            descriptions = compositor.descriptions(spec.bands, [scenes[i].datetime[:10] for i in used])
-            if data is None:  # no chip: nothing to composite
-                image = np.zeros((len(descriptions), 0, 0), dtype="uint16")
-            else:
+            descriptions = (binned.descriptions(spec.bands) if binned is not None else
+                            compositor.descriptions(spec.bands, [scenes[i].datetime[:10] for i in used]))
+            image = np.zeros((len(descriptions), *(box[2:] if box is not None else (0, 0))), dtype="uint16")
+            if data is not None:
                 for k, i in enumerate(used):
                     remove_offset(data[k], radio[i].applied_dn)
                 row, col, height, width = box
-                made = compositor.compose(data, clear[used_positions, row:row + height, col:col + width])
-                if made.used != tuple(range(len(used))):
+                part = (slice(None), slice(row, row + height), slice(col, col + width))
+                if selection is not None:
+                    made = compose_selected_bins(selection, data, {p: k for k, p in enumerate(used_positions)},
+                                                 clear[part], valid[part], spec.composite)
+                else:
+                    composed = compositor.compose(data, clear[used_positions][part])
+                    made = composed.image if composed.used == tuple(range(len(used))) else None
+                if made is None:
                     log.warning("task %s: compositor %r left out scenes it selected: reading the whole cell",
                                 task.task_id, compositor.name)
                     return None
-                image = made.image
-        return (CellImage(image=image, descriptions=descriptions, clear_fraction=picked.clear_fraction,
-                          covered=covered, used=tuple(used), radiometry=radio, origin=box[:2] if box else (0, 0)),
+                image = made
+        if binned is not None:
+            binned = replace(binned, image=image)
+        return (CellImage(image=image, descriptions=descriptions, clear_fraction=clear_fraction, covered=covered,
+                          used=tuple(used), radiometry=radio, binned=binned, origin=box[:2] if box else (0, 0)),
                 labels, windows, skipped)
 
     def _grid(self, task: Task, source: Source) -> TargetGrid:

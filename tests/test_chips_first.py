@@ -101,6 +101,8 @@ def area(tmp_path_factory):
         "clouds2": derive(tmp, "S2A_29RKH_20200310_0_L2A", "2020-03-10", scale=1.1, clouds=(rows, slice(250, 262))),
         "half": derive(tmp, "S2A_29RKH_20200320_0_L2A", "2020-03-20", scale=1.05,
                        bands_empty=(slice(0, 1), slice(0.45, 0.5))),
+        "same_day": derive(tmp, "S2B_29RKH_20200229_0_L2A", "2020-02-29", scale=0.95,
+                           clouds=(slice(200, 300), slice(240, 300))),
         "overcast": derive(tmp, "S2A_29RKH_20200309_0_L2A", "2020-03-09", clouds=(slice(270, 340), slice(225, 290))),
         "broken": derive(tmp, "S2A_29RKH_20200330_0_L2A", "2020-03-30", bands_empty=(slice(0, 1), slice(0, 1))),
     }
@@ -167,10 +169,14 @@ def same_both_ways(area, tmp_path, which, **spec):
     {"cloud_buffer_px": 2, "min_clear_fraction": 0.9},
     {"chip_placement": "lattice", "max_chip_overlap": 0.0},
     {"bands": ("B08", "B04", "B11"), "harmonize": False},
+    {"temporal_period": "P15D"},
+    {"temporal_period": "P1M", "composite": "least-cloudy", "min_valid_bins": 2, "min_clear_fraction": 0.6},
 ], ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "defaults")
 def test_the_chips_are_the_same_files_as_from_the_whole_cell(area, tmp_path, spec):
-    results, chips, whole_pixels, first_pixels = same_both_ways(area, tmp_path, ("real", "clouds", "clouds2", "half"),
-                                                                **spec)
+    """With a time series too: the bins' days (two scenes of 2020-02-29 merged into one), what each bin's
+    compositor takes and where each bin is clear come from the SCL bands over the whole cell."""
+    results, chips, whole_pixels, first_pixels = same_both_ways(
+        area, tmp_path, ("real", "clouds", "same_day", "clouds2", "half"), **spec)
     assert len(results) == 4 and all(r.status == "ok" for r in results) and len(chips) >= 8
     assert first_pixels < 0.9 * whole_pixels  # and it did read less: the chips' box, not the grid
 
@@ -256,3 +262,33 @@ def test_a_compositor_that_needs_the_bands_reads_the_whole_cell(area, tmp_path):
     assert all(r.status == "ok" for r in results) and any(r.chips for r in results)
     assert {r.scenes_used for r in results} == {("S2A_29RKH_20200310_0_L2A",)}  # the bands scaled by 1.1
     assert reader.calls == {"read": len(tasks), "bands": 0}  # every band of every scene over the whole grid
+
+
+@pytest.mark.parametrize("method", ["median", "least-cloudy"])
+def test_bins_selected_from_the_masks_compose_a_part_as_the_whole_series_does(method):
+    """Same-day merges (three scenes of one day, two of another), an empty bin, a scene outside the bins and
+    one without data: the selection is compose_bins' (clear bins, scenes used per bin) and the image of a
+    part of the grid, composed from the selected scenes alone, is that part of compose_bins' image."""
+    from cropchips.raster.composite import has_data
+    from cropchips.raster.temporal import compose_bins, compose_selected_bins, select_bins, time_bins
+
+    rng = np.random.default_rng(11)
+    dates = ["2020-01-02", "2020-01-02", "2020-01-02", "2020-01-09", "2020-01-20", "2020-01-20", "2020-02-25",
+             "2020-03-30", "2020-01-25"]
+    n, rows, cols = len(dates), 30, 40
+    data = rng.integers(1, 5000, size=(n, 2, rows, cols), dtype=np.uint16)
+    valid = rng.random((n, rows, cols)) < 0.8
+    valid[8] = False  # no data at all
+    data[~np.repeat(valid[:, None], 2, axis=1)] = 0
+    clear = valid & (rng.random((n, rows, cols)) < 0.5)
+    bins = time_bins("2020-01-01/2020-02-29", "P15D")  # 4 bins; 2020-02-01..15 is empty; 03-30 is outside
+    whole = compose_bins(data, clear, valid, dates, bins, method)
+    selection = select_bins(clear, valid, dates, bins, method, has_data(data, valid))
+    assert (selection.used, selection.bin_used) == (whole.used, whole.bin_used)
+    assert np.array_equal(selection.bin_clear, whole.bin_clear)
+    assert selection.binned(whole.image).clear_fraction.tolist() == whole.clear_fraction.tolist()
+    part = (slice(4, 27), slice(9, 31))
+    used = list(selection.used)
+    image = compose_selected_bins(selection, data[used][:, :, part[0], part[1]], {p: k for k, p in enumerate(used)},
+                                  clear[:, part[0], part[1]], valid[:, part[0], part[1]], method)
+    assert np.array_equal(image, whole.image[:, part[0], part[1]])

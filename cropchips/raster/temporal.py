@@ -128,10 +128,7 @@ def _merge_into(out: np.ndarray, out_clear: np.ndarray, data: np.ndarray, clear:
     """:func:`merge_day` of the scenes at ``positions`` of the stack, written into ``out`` (bands, rows,
     cols) and ``out_clear`` (rows, cols) without copying those scenes first; returns ``pick``, the
     index into ``positions`` taken per pixel (-1: none)."""
-    pick = np.full(clear.shape[1:], -1, dtype=np.int32)
-    for mask in (clear, valid):
-        for i, p in enumerate(positions):
-            pick[(pick < 0) & mask[p]] = i
+    pick = _pick(clear, valid, positions)
     out[...] = 0
     for i, p in enumerate(positions):
         np.copyto(out, data[p], where=pick == i)
@@ -155,10 +152,7 @@ def compose_bins(data: np.ndarray, clear: np.ndarray, valid: np.ndarray, dates: 
     dated outside every bin take no part. Only days with several scenes are merged into new arrays,
     and a bin's days are copied into one array only when they are not already a slice of ``data``.
     """
-    chosen = COMPOSITORS.get(method)
-    if chosen is None or chosen.per_scene:
-        raise ConfigError(f"composite {method!r} cannot make a time bin's image; with temporal_period use "
-                          f"one of {bin_methods()}")
+    chosen = _bin_compositor(method)
     if data.ndim != 4:
         raise InputDataError(f"the stack must be (scenes, bands, rows, cols), got shape {data.shape}")
     n_scenes, n_bands = data.shape[:2]
@@ -171,20 +165,7 @@ def compose_bins(data: np.ndarray, clear: np.ndarray, valid: np.ndarray, dates: 
     if not bins:
         raise ConfigError("no time bins: the datetime range and temporal_period give none")
 
-    # Bin -> day -> the positions of its scenes, in stack order.
-    days: list[dict[str, list[int]]] = [{} for _ in bins]
-    usable = has_data(data, valid) if n_scenes else np.zeros(0, dtype=bool)
-    for p in range(n_scenes):
-        day = str(dates[p])[:10]
-        t = bin_index(bins, day)
-        if t < 0:
-            log.debug("scene at position %d (%s) is outside the bins %s..%s: not used", p, day, bins[0][0],
-                      bins[-1][1])
-        elif not usable[p]:
-            log.debug("scene at position %d (%s) holds no valid pixel: not used", p, day)
-        else:
-            days[t].setdefault(day, []).append(p)
-
+    days = _bin_days(dates, bins, has_data(data, valid) if n_scenes else np.zeros(0, dtype=bool))
     rows, cols = data.shape[2:]
     image = np.zeros((len(bins) * n_bands, rows, cols), dtype="uint16")
     bin_clear = np.zeros((len(bins), rows, cols), dtype=bool)
@@ -204,6 +185,128 @@ def compose_bins(data: np.ndarray, clear: np.ndarray, valid: np.ndarray, dates: 
     used = tuple(sorted(p for ps in bin_used for p in ps))
     return Binned(image=image, bin_clear=bin_clear, clear_fraction=bin_clear.mean(axis=0, dtype="float32"),
                   used=used, bins=tuple(bins), bin_used=tuple(bin_used))
+
+
+def _bin_compositor(method: str):
+    chosen = COMPOSITORS.get(method)
+    if chosen is None or chosen.per_scene:
+        raise ConfigError(f"composite {method!r} cannot make a time bin's image; with temporal_period use "
+                          f"one of {bin_methods()}")
+    return chosen
+
+
+def _bin_days(dates: Sequence[str], bins: tuple[tuple[str, str], ...], usable: np.ndarray) -> list[dict[str, list[int]]]:
+    """Bin -> day -> the positions of its scenes, in stack order (scenes not ``usable`` or outside every bin left out)."""
+    days: list[dict[str, list[int]]] = [{} for _ in bins]
+    for p in range(len(dates)):
+        day = str(dates[p])[:10]
+        t = bin_index(bins, day)
+        if t < 0:
+            log.debug("scene at position %d (%s) is outside the bins %s..%s: not used", p, day, bins[0][0],
+                      bins[-1][1])
+        elif not usable[p]:
+            log.debug("scene at position %d (%s) holds no valid pixel: not used", p, day)
+        else:
+            days[t].setdefault(day, []).append(p)
+    return days
+
+
+@dataclass(frozen=True)
+class BinSelection:
+    """Which days and scenes make each bin's image, decided from the masks alone (:func:`select_bins`): what
+    :func:`compose_bins` would find, so that the image can be composed over a part of the grid only
+    (:func:`compose_selected_bins`)."""
+
+    bins: tuple[tuple[str, str], ...]
+    days: tuple[tuple[tuple[int, ...], ...], ...]
+    """Per bin, its days in date order, each the positions of its scenes in stack order."""
+    selected: tuple[tuple[int, ...], ...]
+    """Per bin, the days (indices into ``days[t]``) its compositor takes."""
+    bin_clear: np.ndarray
+    bin_used: tuple[tuple[int, ...], ...]
+    used: tuple[int, ...]
+
+    def binned(self, image: np.ndarray) -> Binned:
+        """The :class:`Binned` of ``image`` (the bins' image over the grid or a part of it)."""
+        return Binned(image=image, bin_clear=self.bin_clear, clear_fraction=self.bin_clear.mean(axis=0, dtype="float32"),
+                      used=self.used, bins=self.bins, bin_used=self.bin_used)
+
+
+def select_bins(clear: np.ndarray, valid: np.ndarray, dates: Sequence[str], bins: tuple[tuple[str, str], ...],
+                method: str, usable: np.ndarray) -> BinSelection | None:
+    """:func:`compose_bins`'s choices from the masks alone (``usable``: per scene, whether it takes part, as
+    ``has_data`` says): the days of each bin, the days its compositor takes (its ``select``), where each bin
+    is clear and which scenes gave it a pixel. None if the compositor needs the bands to choose."""
+    chosen = _bin_compositor(method)
+    if not bins:
+        raise ConfigError("no time bins: the datetime range and temporal_period give none")
+    rows, cols = clear.shape[1:]
+    bin_clear = np.zeros((len(bins), rows, cols), dtype=bool)
+    day_lists, selected, bin_used = [], [], []
+    for t, by_day in enumerate(_bin_days(dates, bins, usable)):
+        ordered = tuple(tuple(by_day[day]) for day in sorted(by_day))
+        day_lists.append(ordered)
+        if not ordered:
+            selected.append(())
+            bin_used.append(())
+            continue
+        obs_clear = np.empty((len(ordered), rows, cols), dtype=bool)
+        contributors: list[tuple[int, ...]] = []
+        for d, ps in enumerate(ordered):
+            obs_clear[d] = clear[list(ps)].any(axis=0)
+            if len(ps) == 1:
+                contributors.append(ps)
+            else:
+                pick = _pick(clear, valid, ps)
+                contributors.append(tuple(p for i, p in enumerate(ps) if (pick == i).any()))
+        picked = chosen.select(obs_clear)
+        if picked is None:
+            return None
+        bin_clear[t] = picked.clear_fraction > 0
+        selected.append(picked.used)
+        bin_used.append(tuple(sorted(p for d in picked.used for p in contributors[d])))
+    return BinSelection(bins=tuple(bins), days=tuple(day_lists), selected=tuple(selected), bin_clear=bin_clear,
+                        bin_used=tuple(bin_used), used=tuple(sorted(p for ps in bin_used for p in ps)))
+
+
+def compose_selected_bins(selection: BinSelection, data: np.ndarray, index: dict[int, int], clear: np.ndarray,
+                          valid: np.ndarray, method: str) -> np.ndarray | None:
+    """The bins' image over a part of the grid: ``data`` (k, bands, rows, cols) holds the bands of the scene at
+    stack position ``p`` at ``index[p]`` (at least every scene of ``selection.used``), ``clear`` and ``valid``
+    (scenes, rows, cols) the part's masks of every scene. The pixels :func:`compose_bins` gives there; None if
+    the compositor did not take the days it selected."""
+    chosen = _bin_compositor(method)
+    n_bands, rows, cols = data.shape[1:]
+    image = np.zeros((len(selection.bins) * n_bands, rows, cols), dtype="uint16")
+    for t, (ordered, taken) in enumerate(zip(selection.days, selection.selected)):
+        if not taken:
+            continue
+        obs_data = np.zeros((len(taken), n_bands, rows, cols), dtype=data.dtype)
+        obs_clear = np.empty((len(taken), rows, cols), dtype=bool)
+        for j, d in enumerate(taken):
+            ps = ordered[d]
+            obs_clear[j] = clear[list(ps)].any(axis=0)
+            if len(ps) == 1:
+                obs_data[j] = data[index[ps[0]]]
+                continue
+            pick = _pick(clear, valid, ps)
+            for i, p in enumerate(ps):
+                if p in index:  # a scene of the day not in it gives no pixel anywhere (not in ``used``)
+                    np.copyto(obs_data[j], data[index[p]], where=pick == i)
+        made = chosen.compose(obs_data, obs_clear)
+        if made.used != tuple(range(len(taken))):
+            return None
+        image[t * n_bands:(t + 1) * n_bands] = made.image
+    return image
+
+
+def _pick(clear: np.ndarray, valid: np.ndarray, positions: Sequence[int]) -> np.ndarray:
+    """Per pixel, the index into ``positions`` of the first scene clear there, else the first valid there, else -1."""
+    pick = np.full(clear.shape[1:], -1, dtype=np.int32)
+    for mask in (clear, valid):
+        for i, p in enumerate(positions):
+            pick[(pick < 0) & mask[p]] = i
+    return pick
 
 
 def _observations(data: np.ndarray, clear: np.ndarray, valid: np.ndarray,

@@ -283,9 +283,9 @@ class TaskProcessor:
 
     def _process(self, task: Task, watch: Stopwatch) -> Result:
         """Source -> grid and fields -> quality bands -> labels -> chips -> bands over the chips' box ->
-        compositor -> writer (:meth:`_chips_first`); or, where the chips need the bands themselves (a time
-        series, a compositor without ``select``) or with ``read_whole_cell``: grid and fields -> every band
-        over the whole cell -> compositor -> labels -> chips -> writer. Both make the same chips."""
+        compositor -> writer (:meth:`_chips_first`); or, where the compositor chooses on the bands themselves
+        (no ``select``) or with ``read_whole_cell``: grid and fields -> every band over the whole cell ->
+        compositor -> labels -> chips -> writer. Both make the same chips."""
         spec, cell = task.spec, task.cell
         source = source_for(spec.collection)
         grid = self._grid(task, source)

@@ -5,7 +5,8 @@ into consecutive bins of whole days from the range's first day; the last bin end
 (and may be shorter). Every chip of the run has one image per bin, so every chip has the same T:
 :func:`compose_bins` merges the scenes of one day (neighbouring tiles, overlapping orbits) into one
 observation, then composites each bin's days with a registered compositor; a bin without a scene
-is nodata.
+is nodata. :func:`select_bins` makes the same choices from the clear and valid masks alone, and
+:func:`compose_selected_bins` the image of a part of the grid from them (a worker's chips' box).
 """
 
 from __future__ import annotations

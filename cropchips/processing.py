@@ -29,7 +29,7 @@ from cropchips.sources.hrefs import HrefPolicy
 from cropchips.fields.classes import IGNORE_LABEL
 from cropchips.raster.labels import (load_rasterizer, chip_instances, classes_of_instances, field_boundaries, mask_nodata,
                                      rasterize_instances)
-from cropchips.raster.temporal import Binned, compose_bins, compose_selected_bins, select_bins
+from cropchips.raster.temporal import Binned, BinSelection, compose_bins, compose_selected_bins, select_bins
 from cropchips.output.leases import LEASES_DIR, CellLeases, Lease, Starts, read_starts, write_starts
 from cropchips.output.manifest import chips_from_manifest, read_complete_manifest, remove_other_chips, write_manifest
 from cropchips.queue.messages import Cell, ChipRecord, Result, Task, compact_chip
@@ -130,8 +130,10 @@ class TaskProcessor:
         self._layers: dict[str | None, tuple[FieldLayer, str]] = {}  # spec layer -> (layer, fingerprint)
         self._folder_specs: set[str] = set()  # dataset digests checked against the folder's dataset.yaml
         # geocube's imports (1.4 CPU s) would otherwise fall on the first task: they run now, beside the
-        # group join (a task that needs them first waits for them on Python's import lock).
-        threading.Thread(target=load_rasterizer, name="load-rasterizer", daemon=True).start()
+        # group join. A task waits for them to end before it rasterizes: importing the same packages from
+        # two threads at once can fail (seen: KeyError 'numpy.polynomial' from the task's own import).
+        self._rasterizer = threading.Thread(target=load_rasterizer, name="load-rasterizer", daemon=True)
+        self._rasterizer.start()
         # Band files stay open across tasks, so that the next cell reuses the decoded tiles it shares.
         # With a tile cache, the bytes of remote files are fetched once per host whichever worker needs them.
         tiles = (TileCache(options.tile_cache_dir, options.tile_cache_mb * 2**20, threads=options.read_threads)
@@ -293,6 +295,7 @@ class TaskProcessor:
             fields = self._fields(task, grid)
         if fields is None:
             return self._result(task, "no_fields", watch, error="no field polygon lies in the cell")
+        self._rasterizer.join()  # at once after the first task
         chips_first = None if self.options.read_whole_cell else self._chips_first(task, source, grid, fields, watch)
         if chips_first is not None:
             made, labels, windows, skipped = chips_first
@@ -335,9 +338,10 @@ class TaskProcessor:
 
         Which scenes take part (and, in a time series, which days make each bin), where the cell is
         covered and clear, the labels and so the chips depend on the quality bands and the fields only:
-        they are found first, over the whole grid; then the bands of the scenes used are read over the
-        box that holds the chips, and composited there. Each step is the one of the whole-cell path
-        (:func:`composite_cell`), so the chips are the same.
+        they are found first, over the whole grid (:func:`choose_from_masks`); then the bands of the
+        scenes used are read over the box that holds the chips, and composited there
+        (:func:`compose_box`). Each step is the one of the whole-cell path (:func:`composite_cell`), so
+        the chips are the same.
 
         None when the task has to go the whole-cell way: a compositor that chooses on the bands (no
         :meth:`~cropchips.raster.composite.Compositor.select`), a reader without the part reads, or a
@@ -345,8 +349,7 @@ class TaskProcessor:
         leaves such a scene out, and with it its coverage: known only once its bands are read).
         """
         spec, scenes, reader = task.spec, task.scenes, self.reader
-        compositor = composite_method(spec.composite)
-        if type(compositor).select is Compositor.select or not all(
+        if type(composite_method(spec.composite)).select is Compositor.select or not all(
                 callable(getattr(reader, name, None)) for name in ("quality", "clear_fractions", "bands", "has_data")):
             return None
         budget = self._memory_budget(task.cell, grid)
@@ -359,72 +362,43 @@ class TaskProcessor:
             budget(len(chosen))
             quality = reader.quality([scenes[i] for i in chosen], grid, source)
         with watch.stage("composite"):
-            valid = source.valid_mask(quality)
-            usable = valid.reshape(len(valid), -1).any(axis=1)
-            positions = [int(p) for p in np.flatnonzero(usable)]
-            if not positions:
-                return None, {}, [], {}
-            clear = source.clear_mask(quality, spec.clear_classes)
-            if spec.cloud_buffer_px:
-                clear = buffer_clear(clear, source.cloud_mask(quality), spec.cloud_buffer_px)
+            choice = choose_from_masks(spec, source, quality, [scenes[i].datetime[:10] for i in chosen])
             del quality
-            selection = binned = None
-            if spec.temporal_period:
-                dates = [scenes[i].datetime[:10] for i in chosen]
-                selection = select_bins(clear, valid, dates, spec.bins(), spec.composite, usable)
-                if selection is None:
-                    return None
-                used_positions = list(selection.used)
-                checked = positions  # every scene with data is in the coverage, used or not
-                covered = valid[positions].any(axis=0)
-                binned = selection.binned(np.zeros((0, 0, 0), dtype="uint16"))
-                clear_fraction = binned.clear_fraction
-            else:
-                picked = compositor.select(clear[positions])
-                if picked is None:
-                    return None
-                used_positions = [positions[i] for i in picked.used]
-                checked = used_positions
-                covered = valid[used_positions].any(axis=0)
-                clear_fraction = picked.clear_fraction
+        if choice is None:
+            return None
+        if not choice.positions:
+            return None, {}, [], {}
         with watch.stage("rasterize"):
-            labels = cell_labels(fields, grid, covered, spec)
-        windows, skipped = self._plan(task, fields, grid, labels, chip_rejecter(covered, clear_fraction, binned, spec))
-        used = [chosen[p] for p in used_positions]
+            labels = cell_labels(fields, grid, choice.covered, spec)
+        windows, skipped = self._plan(task, fields, grid, labels,
+                                      chip_rejecter(choice.covered, choice.clear_fraction, choice.binned, spec))
+        used = [chosen[p] for p in choice.used]
         box = chips_box(windows)
         with watch.stage("read"):
             data = (reader.bands([scenes[i] for i in used], grid, source, bands=spec.bands, within=box)
                     if box is not None and used else None)
-            seen = {p for k, p in enumerate(used_positions) if data is not None and data[k].any()}
-            if any(not reader.has_data(scenes[chosen[p]], grid, spec.bands) for p in checked if p not in seen):
+            seen = {p for k, p in enumerate(choice.used) if data is not None and data[k].any()}
+            if any(not reader.has_data(scenes[chosen[p]], grid, spec.bands) for p in choice.checked if p not in seen):
                 log.info("task %s: a scene's quality band has data over the cell but its bands have none: "
                          "reading the whole cell", task.task_id)
                 return None
         with watch.stage("composite"):
-            radio = {chosen[p]: source.radiometry(scenes[chosen[p]], spec.harmonize) for p in positions}
-            descriptions = (binned.descriptions(spec.bands) if binned is not None else
-                            compositor.descriptions(spec.bands, [scenes[i].datetime[:10] for i in used]))
-            image = np.zeros((len(descriptions), *(box[2:] if box is not None else (0, 0))), dtype="uint16")
+            radio = {chosen[p]: source.radiometry(scenes[chosen[p]], spec.harmonize) for p in choice.positions}
             if data is not None:
                 for k, i in enumerate(used):
                     remove_offset(data[k], radio[i].applied_dn)
-                row, col, height, width = box
-                part = (slice(None), slice(row, row + height), slice(col, col + width))
-                if selection is not None:
-                    made = compose_selected_bins(selection, data, {p: k for k, p in enumerate(used_positions)},
-                                                 clear[part], valid[part], spec.composite)
-                else:
-                    composed = compositor.compose(data, clear[used_positions][part])
-                    made = composed.image if composed.used == tuple(range(len(used))) else None
-                if made is None:
-                    log.warning("task %s: compositor %r left out scenes it selected: reading the whole cell",
-                                task.task_id, compositor.name)
-                    return None
-                image = made
-        if binned is not None:
-            binned = replace(binned, image=image)
-        return (CellImage(image=image, descriptions=descriptions, clear_fraction=clear_fraction, covered=covered,
-                          used=tuple(used), radiometry=radio, binned=binned, origin=box[:2] if box else (0, 0)),
+            descriptions = (choice.binned.descriptions(spec.bands) if choice.binned is not None else
+                            composite_method(spec.composite).descriptions(
+                                spec.bands, [scenes[i].datetime[:10] for i in used]))
+            image = compose_box(spec, choice, data, box, len(descriptions))
+        if image is None:
+            log.warning("task %s: compositor %r left out scenes it selected: reading the whole cell",
+                        task.task_id, spec.composite)
+            return None
+        binned = replace(choice.binned, image=image) if choice.binned is not None else None
+        return (CellImage(image=image, descriptions=descriptions, clear_fraction=choice.clear_fraction,
+                          covered=choice.covered, used=tuple(used), radiometry=radio, binned=binned,
+                          origin=box[:2] if box else (0, 0)),
                 labels, windows, skipped)
 
     def _grid(self, task: Task, source: Source) -> TargetGrid:
@@ -581,6 +555,76 @@ def chip_rejecter(covered: np.ndarray, clear_fraction: np.ndarray, binned: Binne
         return None
 
     return reject
+
+
+@dataclass(frozen=True)
+class MaskChoice:
+    """What a task takes of its scenes, found from their quality bands alone (:func:`choose_from_masks`)."""
+
+    positions: list[int]
+    """Stack positions of the scenes whose quality band has data (empty: no scene covers the cell)."""
+    used: list[int]
+    """Stack positions of the scenes the image is made of, ascending."""
+    checked: list[int]
+    """Stack positions whose bands must hold data for the choice to be the whole-cell path's."""
+    valid: np.ndarray
+    """(scenes, rows, cols) inside each scene's data."""
+    clear: np.ndarray
+    """(scenes, rows, cols) clear (cloud buffer applied)."""
+    covered: np.ndarray
+    """(rows, cols) the :attr:`CellImage.covered` to be."""
+    clear_fraction: np.ndarray
+    """(rows, cols) the :attr:`CellImage.clear_fraction` to be."""
+    selection: BinSelection | None = None
+    """A time series: its bins' choices."""
+    binned: Binned | None = None
+    """A time series: its :class:`Binned`, without the image yet."""
+
+
+def choose_from_masks(spec: DatasetSpec, source: Source, quality: np.ndarray,
+                      dates: Sequence[str]) -> MaskChoice | None:
+    """The scenes, coverage and clear fraction :func:`composite_cell` would find, from the quality bands
+    (``quality``: scenes x rows x cols, ``dates``: each one's day) alone, as if every scene whose quality
+    band has data held band data too; None if the spec's compositor needs the bands to choose."""
+    valid = source.valid_mask(quality)
+    usable = valid.reshape(len(valid), -1).any(axis=1)
+    positions = [int(p) for p in np.flatnonzero(usable)]
+    clear = source.clear_mask(quality, spec.clear_classes)
+    if not positions:
+        return MaskChoice(positions=[], used=[], checked=[], valid=valid, clear=clear, covered=usable[:0],
+                          clear_fraction=usable[:0])
+    if spec.cloud_buffer_px:
+        clear = buffer_clear(clear, source.cloud_mask(quality), spec.cloud_buffer_px)
+    if spec.temporal_period:
+        selection = select_bins(clear, valid, dates, spec.bins(), spec.composite, usable)
+        if selection is None:
+            return None
+        binned = selection.binned(np.zeros((0, 0, 0), dtype="uint16"))
+        # Every scene with data is in the coverage, used or not.
+        return MaskChoice(positions=positions, used=list(selection.used), checked=positions, valid=valid, clear=clear,
+                          covered=valid[positions].any(axis=0), clear_fraction=binned.clear_fraction,
+                          selection=selection, binned=binned)
+    picked = composite_method(spec.composite).select(clear[positions])
+    if picked is None:
+        return None
+    used = [positions[i] for i in picked.used]
+    return MaskChoice(positions=positions, used=used, checked=used, valid=valid, clear=clear,
+                      covered=valid[used].any(axis=0), clear_fraction=picked.clear_fraction)
+
+
+def compose_box(spec: DatasetSpec, choice: MaskChoice, data: np.ndarray | None,
+                box: tuple[int, int, int, int] | None, n_out: int) -> np.ndarray | None:
+    """The image (``n_out`` bands) over ``box`` from ``data``, the bands of ``choice.used`` read there (None:
+    nothing to composite; zeros); None if the compositor left out a scene it selected."""
+    if data is None:
+        return np.zeros((n_out, *(box[2:] if box is not None else (0, 0))), dtype="uint16")
+    row, col, height, width = box
+    part = (slice(None), slice(row, row + height), slice(col, col + width))
+    if choice.selection is not None:
+        return compose_selected_bins(choice.selection, data, {p: k for k, p in enumerate(choice.used)},
+                                     choice.clear[part], choice.valid[part], spec.composite)
+    made = composite_method(spec.composite).compose(data, choice.clear[choice.used][part])
+    return made.image if made.used == tuple(range(len(choice.used))) else None
 
 
 def chips_box(windows: Sequence[ChipWindow]) -> tuple[int, int, int, int] | None:

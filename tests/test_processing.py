@@ -249,3 +249,26 @@ def test_chips_are_the_same_pixels_without_the_half_chip_margin_of_before(sample
                 assert np.array_equal(x.read(), y.read()) and x.transform == y.transform, rel
     pixels = {n: sum(g.width * g.height for g in grids[n]) for n in grids}
     assert pixels["old"] > 1.6 * pixels["new"]
+
+
+def test_a_task_rasterizes_only_once_the_background_import_of_geocube_has_ended(sample_area, task, tmp_path,
+                                                                                 monkeypatch):
+    """Importing the same packages from two threads at once failed a task (KeyError 'numpy.polynomial'): the
+    processor's first task waits for its start-up import thread before it rasterizes."""
+    import threading
+    import time
+
+    import cropchips.processing as processing
+
+    loaded = threading.Event()
+
+    def slow_load():
+        time.sleep(1.0)
+        loaded.set()
+
+    seen = []
+    real_labels = processing.cell_labels
+    monkeypatch.setattr(processing, "load_rasterizer", slow_load)
+    monkeypatch.setattr(processing, "cell_labels", lambda *a, **k: seen.append(loaded.is_set()) or real_labels(*a, **k))
+    result = processor(sample_area, tmp_path).process(task)
+    assert result.status == "ok" and seen and all(seen)

@@ -120,19 +120,21 @@ def merge_day(data: np.ndarray, clear: np.ndarray,
     masks, and ``pick`` (rows, cols): the scene taken per pixel, -1 where none is valid."""
     merged = np.empty(data.shape[1:], dtype=data.dtype)
     merged_clear = np.empty(clear.shape[1:], dtype=bool)
-    pick = _merge_into(merged, merged_clear, data, clear, valid, range(len(data)))
+    pick = _merge_into(merged, merged_clear, list(data), clear, valid, range(len(data)))
     return merged, merged_clear, valid.any(axis=0), pick
 
 
-def _merge_into(out: np.ndarray, out_clear: np.ndarray, data: np.ndarray, clear: np.ndarray, valid: np.ndarray,
-                positions: Sequence[int]) -> np.ndarray:
-    """:func:`merge_day` of the scenes at ``positions`` of the stack, written into ``out`` (bands, rows,
-    cols) and ``out_clear`` (rows, cols) without copying those scenes first; returns ``pick``, the
+def _merge_into(out: np.ndarray, out_clear: np.ndarray, bands: Sequence[np.ndarray | None], clear: np.ndarray,
+                valid: np.ndarray, positions: Sequence[int]) -> np.ndarray:
+    """:func:`merge_day` of the scenes at ``positions`` of the stack (masks ``clear`` and ``valid``) whose bands
+    are ``bands`` (one per position: None for a scene that gives no pixel), written into ``out`` (bands,
+    rows, cols) and ``out_clear`` (rows, cols) without copying those scenes first; returns ``pick``, the
     index into ``positions`` taken per pixel (-1: none)."""
     pick = _pick(clear, valid, positions)
     out[...] = 0
-    for i, p in enumerate(positions):
-        np.copyto(out, data[p], where=pick == i)
+    for i, scene in enumerate(bands):
+        if scene is not None:
+            np.copyto(out, scene, where=pick == i)
     out_clear[...] = False
     for p in positions:
         out_clear |= clear[p]
@@ -163,9 +165,6 @@ def compose_bins(data: np.ndarray, clear: np.ndarray, valid: np.ndarray, dates: 
                              f"= {shape}, like the stack {data.shape}")
     if len(dates) != n_scenes:
         raise InputDataError(f"{len(dates)} dates for {n_scenes} scenes: give one date per scene of the stack")
-    if not bins:
-        raise ConfigError("no time bins: the datetime range and temporal_period give none")
-
     days = _bin_days(dates, bins, has_data(data, valid) if n_scenes else np.zeros(0, dtype=bool))
     rows, cols = data.shape[2:]
     image = np.zeros((len(bins) * n_bands, rows, cols), dtype="uint16")
@@ -198,6 +197,8 @@ def _bin_compositor(method: str):
 
 def _bin_days(dates: Sequence[str], bins: tuple[tuple[str, str], ...], usable: np.ndarray) -> list[dict[str, list[int]]]:
     """Bin -> day -> the positions of its scenes, in stack order (scenes not ``usable`` or outside every bin left out)."""
+    if not bins:
+        raise ConfigError("no time bins: the datetime range and temporal_period give none")
     days: list[dict[str, list[int]]] = [{} for _ in bins]
     for p in range(len(dates)):
         day = str(dates[p])[:10]
@@ -239,8 +240,6 @@ def select_bins(clear: np.ndarray, valid: np.ndarray, dates: Sequence[str], bins
     ``has_data`` says): the days of each bin, the days its compositor takes (its ``select``), where each bin
     is clear and which scenes gave it a pixel. None if the compositor needs the bands to choose."""
     chosen = _bin_compositor(method)
-    if not bins:
-        raise ConfigError("no time bins: the datetime range and temporal_period give none")
     rows, cols = clear.shape[1:]
     bin_clear = np.zeros((len(bins), rows, cols), dtype=bool)
     day_lists, selected, bin_used = [], [], []
@@ -282,18 +281,16 @@ def compose_selected_bins(selection: BinSelection, data: np.ndarray, index: dict
     for t, (ordered, taken) in enumerate(zip(selection.days, selection.selected)):
         if not taken:
             continue
-        obs_data = np.zeros((len(taken), n_bands, rows, cols), dtype=data.dtype)
+        obs_data = np.empty((len(taken), n_bands, rows, cols), dtype=data.dtype)
         obs_clear = np.empty((len(taken), rows, cols), dtype=bool)
         for j, d in enumerate(taken):
             ps = ordered[d]
-            obs_clear[j] = clear[list(ps)].any(axis=0)
             if len(ps) == 1:
-                obs_data[j] = data[index[ps[0]]]
+                obs_data[j], obs_clear[j] = data[index[ps[0]]], clear[ps[0]]
                 continue
-            pick = _pick(clear, valid, ps)
-            for i, p in enumerate(ps):
-                if p in index:  # a scene of the day not in it gives no pixel anywhere (not in ``used``)
-                    np.copyto(obs_data[j], data[index[p]], where=pick == i)
+            # A scene of the day not in ``index`` gives no pixel anywhere (it is not in ``used``).
+            _merge_into(obs_data[j], obs_clear[j], [data[index[p]] if p in index else None for p in ps],
+                        clear, valid, ps)
         made = chosen.compose(obs_data, obs_clear)
         if made.used != tuple(range(len(taken))):
             return None
@@ -327,6 +324,6 @@ def _observations(data: np.ndarray, clear: np.ndarray, valid: np.ndarray,
             obs_data[d], obs_clear[d] = data[ps[0]], clear[ps[0]]
             contributors.append((ps[0],))
             continue
-        pick = _merge_into(obs_data[d], obs_clear[d], data, clear, valid, ps)
+        pick = _merge_into(obs_data[d], obs_clear[d], [data[p] for p in ps], clear, valid, ps)
         contributors.append(tuple(p for i, p in enumerate(ps) if (pick == i).any()))
     return obs_data, obs_clear, contributors

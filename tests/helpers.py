@@ -58,7 +58,15 @@ class WorkerProcess:
             time.sleep(0.05)
 
     def wait(self, timeout=180.0) -> int:
-        code = self.proc.wait(timeout=timeout)
+        """The exit code; a worker still running after ``timeout`` is killed and fails the test
+        with the end of its log (what it was doing is the whole diagnosis)."""
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+            self.reader.join(timeout=5)
+            raise AssertionError(f"worker {self.n} still running after {timeout:.0f} s:\n{self.log[-6000:]}") from None
         self.reader.join(timeout=5)
         return code
 

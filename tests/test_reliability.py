@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -12,7 +14,8 @@ from cropchips.demo.broker import EmbeddedBroker, free_port
 from cropchips.queue.kafka import KafkaSettings, read_topic
 from cropchips.queue.messages import Result, decode
 from cropchips.output.storage import TMP_PREFIX
-from helpers import WorkerProcess, final_summary, kill_at_random, publish_area
+from cropchips.testing.cog_server import CogServer
+from helpers import WorkerProcess, final_summary, http_items, kill_at_random, publish_area
 
 
 @pytest.fixture(scope="module")
@@ -27,18 +30,28 @@ def big_area(tmp_path_factory):
 def test_kill_9_chaos_loses_nothing_and_doubles_nothing(broker, topics, big_area, tmp_path):
     rng = random.Random(7)
     bootstrap = broker.bootstrap_servers
-    publish_area(big_area, bootstrap, topics, "--run-id", "run-chaos", "--chip-size", "64", "--max-chips-per-cell", "3")
-    # No tile cache: the 100 tiny cells share a few tiles, and with the cache the run is over before
-    # the first kill; read afresh, each task lasts long enough to be killed mid-way.
-    extra = ["--burst", "--burst-idle", "10", "--session-timeout-ms", "3000", "--read-cache-mb", "0"]
-    workers = {n: WorkerProcess(n, big_area, tmp_path, bootstrap, topics, *extra) for n in (1, 2, 3)}
-    for w in workers.values():
-        w.wait_for("partitions assigned")
-    kafka = KafkaSettings(bootstrap)
-    kills = kill_at_random(workers, lambda n: WorkerProcess(n, big_area, tmp_path, bootstrap, topics, *extra), kafka,
-                           topics["results"], tasks=100, rng=rng, pause=(2.0, 4.0), seconds=150)
-    for w in workers.values():
-        assert w.wait(timeout=180) == 0, w.log[-3000:]
+    # The scenes come over HTTP from a store answering each request after 50 ms, as object storage
+    # does, and the workers keep no copy of what they fetched (no tile cache, no block cache, GDAL's
+    # /vsicurl/ cache off): the 100 tiny cells share a few tiles, and a task that reads them afresh
+    # lasts about a second rather than a tenth of one, long enough to be killed mid-way.
+    with CogServer(big_area.root, latency_s=0.05) as server:
+        items = http_items(big_area, server, tmp_path / "items-http.json")
+        publish_area(replace(big_area, items=items), bootstrap, topics, "--run-id", "run-chaos", "--chip-size", "64",
+                     "--max-chips-per-cell", "3")
+        # A task killed with three workers would be dead-lettered (--max-task-starts): the kills here
+        # are the test's, not the task's, so a task may take more of them.
+        extra = ["--allowed-hrefs", f"{server.url}/", "--burst", "--burst-idle", "10", "--session-timeout-ms", "3000",
+                 "--read-cache-mb", "0", "--max-task-starts", "20"]
+        env = {**os.environ, "CPL_VSIL_CURL_NON_CACHED": f"/vsicurl/{server.url}/"}
+        out = tmp_path / "out"
+        workers = {n: WorkerProcess(n, big_area, out, bootstrap, topics, *extra, env=env) for n in (1, 2, 3)}
+        for w in workers.values():
+            w.wait_for("partitions assigned")
+        kafka = KafkaSettings(bootstrap)
+        kills = kill_at_random(workers, lambda n: WorkerProcess(n, big_area, out, bootstrap, topics, *extra, env=env), kafka,
+                               topics["results"], tasks=100, rng=rng, pause=(2.0, 4.0), seconds=150, max_kills=10)
+        for w in workers.values():
+            assert w.wait(timeout=180) == 0, w.log[-3000:]
     assert kills >= 3, "the run ended before the chaos began: make the tasks slower"
 
     code, summary = final_summary(bootstrap, topics, "run-chaos")
@@ -50,10 +63,10 @@ def test_kill_9_chaos_loses_nothing_and_doubles_nothing(broker, topics, big_area
         first_ok.setdefault(r.task_id, r)
     names = sorted(c.name for r in first_ok.values() for c in r.chips)
     assert len(names) == len(set(names)) == summary["chips"]
-    images = sorted(p.stem for p in (tmp_path / "images").glob("*.tif"))
-    masks = sorted(p.stem for p in (tmp_path / "masks").glob("*.tif"))
+    images = sorted(p.stem for p in (out / "images").glob("*.tif"))
+    masks = sorted(p.stem for p in (out / "masks").glob("*.tif"))
     assert images == masks == names  # every reported chip exists once, nothing else does
-    assert not list(tmp_path.rglob(f"{TMP_PREFIX}*")), "temporary files left behind"
+    assert not list(out.rglob(f"{TMP_PREFIX}*")), "temporary files left behind"
 
 
 def test_sigterm_finishes_the_current_task_commits_and_exits_0(broker, topics, sample_area, tmp_path):

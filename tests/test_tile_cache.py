@@ -115,6 +115,30 @@ def test_read_stack_through_the_cache_equals_the_plain_read_for_every_band(serve
     assert plain.data.any()
 
 
+def test_the_reads_keep_their_connections_open(scene_dir, tmp_path, real_scene):
+    """The read threads and the cache's own fetch threads share one keep-alive pool: it must hold a
+    connection for each of them, or every request beyond its size opens (and drops) a connection,
+    a TLS handshake each against a real store."""
+    from dataclasses import replace
+
+    with rasterio.open(scene_dir / "B02.tif") as src:
+        t, crs = src.transform, src.crs
+    grid = TargetGrid(epsg=crs.to_epsg(), transform=rasterio.Affine(t.a, 0, t.c, 0, t.e, t.f), width=1098, height=1098)
+    threads = 4
+    with CogServer(scene_dir.parent, latency_s=0.02) as server:
+        remote = replace(real_scene, assets={b: server.href(f"{SCENE}/{Path(h).name}")
+                                             for b, h in real_scene.assets.items()})
+        reader = CogReader(threads=threads, cache_bytes=2**20,
+                           tiles=TileCache(tmp_path / "tiles", 2**30, threads=threads))
+        try:
+            read_stack([remote], grid, SENTINEL2, threads=threads, datasets=reader.datasets)
+        finally:
+            reader.close()
+        requests, opened = server.stats.requests, server.connections_opened
+    assert requests > 4 * 2 * threads  # enough requests that a short pool would show
+    assert opened <= 2 * threads, f"{opened} connections for {requests} requests"
+
+
 _READER = r"""
 import sys, rasterio
 from rasterio.windows import Window

@@ -118,7 +118,8 @@ class HttpRanges:
                                 backoff_factor=backoff_s, status_forcelist=(429, 500, 502, 503, 504),
                                 allowed_methods=frozenset({"GET"}), raise_on_status=False, raise_on_redirect=False,
                                 respect_retry_after_header=True)
-        self.pool = urllib3.PoolManager(num_pools=64, maxsize=max(1, threads), block=False, retries=retries,
+        # A connection for each caller: the ``threads`` read threads and as many fetch threads of the cache.
+        self.pool = urllib3.PoolManager(num_pools=64, maxsize=max(1, 2 * threads), block=False, retries=retries,
                                         timeout=urllib3.Timeout(connect=connect_timeout_s, read=read_timeout_s))
 
     def get(self, url: str, offset: int, size: int) -> tuple[bytes, FileMeta]:

@@ -465,11 +465,13 @@ class _HTTPServer(ThreadingHTTPServer):
         self.owner = owner
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
+        self.connections_opened = 0
         super().__init__(address, _Handler)
 
     def track(self, conn: socket.socket, is_open: bool) -> None:
         with self._connections_lock:
             (self._connections.add if is_open else self._connections.discard)(conn)
+            self.connections_opened += is_open
 
     def handle_error(self, request: object, client_address: object) -> None:
         """A client that goes away is routine (debug); anything else is logged, never printed."""
@@ -539,6 +541,11 @@ class CogServer:
         full = Path(path) if Path(path).is_absolute() else self.root / path
         relative = full.resolve().relative_to(self.root)  # ValueError outside root
         return f"{self.url}/{urllib.parse.quote(relative.as_posix())}"
+
+    @property
+    def connections_opened(self) -> int:
+        """TCP connections accepted since the server started (keep-alive clients reuse theirs)."""
+        return self._httpd.connections_opened if self._httpd is not None else 0
 
     @property
     def stats(self) -> ServerStats:

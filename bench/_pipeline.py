@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench._floor import decode_cpu_s
 from bench._workers import Worker, wait_ready
 from bench.areas import REPO, area_options, tile_bytes, tile_index, tiles_for_bounds
 
@@ -261,6 +262,7 @@ def analyse_run(plan, results, published, workers, stats, url_to_local, server, 
                 need_task += tile_bytes(index, tiles)
                 global_tiles[local] |= tiles
     need_global = sum(tile_bytes(tile_index(p), t) for p, t in global_tiles.items())
+    decode_floor = decode_cpu_s(global_tiles)
 
     stage_names = ("fields", "read", "composite", "rasterize", "write", "total")
     stage_lists = {s: [r.seconds.get(s, 0.0) for r, _ in results.values() if r.status == "ok"] for s in stage_names}
@@ -292,6 +294,8 @@ def analyse_run(plan, results, published, workers, stats, url_to_local, server, 
             # the over-read inside a task, apart from the re-fetching of shared tiles across tasks.
             "read_amplification_per_task": round(fetched / need_task, 3) if need_task else None,
         },
+        # CPU to decode each of those distinct tiles once (bench/_floor.py): no read path decodes less.
+        "decode_floor_cpu_s_per_chip": round(decode_floor / chips, 4) if chips else None,
         "stages_median_s": {s: round(statistics.median(v), 4) if v else None for s, v in stage_lists.items()},
         "stages_sum_s": {s: round(sum(v), 3) for s, v in stage_lists.items()},
         "kafka": {

@@ -34,6 +34,16 @@ def _median(values) -> float | None:
     return statistics.median(values) if values else None
 
 
+def _cpu_floor(report: dict[str, Any], runs: list[dict[str, Any]]) -> float | None:
+    """Decoding the chips' tiles once plus writing the chips at the default codec (deflate), a chip:
+    the least CPU any worker could spend on it (bench/_floor.py)."""
+    decode = _median(r.get("decode_floor_cpu_s_per_chip") for r in runs)
+    write = ((report.get("what_if") or {}).get("writes") or {}).get("by_compression", {}).get("deflate")
+    if decode is None or not write:
+        return None
+    return decode + write["cpu_ms_per_chip"] / 1000.0
+
+
 def summarise(report: dict[str, Any]) -> dict[str, Any]:
     tp = report["throughput"]
     by_n = {n: _median(r["chips_per_s"] for r in runs) for n, runs in tp.items()}
@@ -60,6 +70,8 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
         "scaling_4_vs_1_if_balanced": (balanced["4"] / balanced["1"]
                                        if "4" in balanced and "1" in balanced and balanced["1"] else None),
         "cpu_ceiling_chips_per_s": _median(r["cpu"]["cpu_ceiling_chips_per_s"] for r in one),
+        "decode_floor_cpu_s_per_chip": _median(r.get("decode_floor_cpu_s_per_chip") for r in one),
+        "cpu_floor_s_per_chip": _cpu_floor(report, one),
     }
     what_if = {}
     wi = report.get("what_if") or {}
@@ -231,3 +243,6 @@ def print_table(report: dict[str, Any]) -> None:
           f"{d['cpu_ceiling_chips_per_s'] / s['chips_per_s_median']['1']:.2f}x one worker)"
           if d.get("cpu_ceiling_chips_per_s") and s["chips_per_s_median"].get("1") else
           f"  (read amplification against each task's own tiles: {d['read_amplification_per_task']})")
+    if d.get("cpu_floor_s_per_chip") is not None:
+        print(f"  (worker CPU floor: decoding the chips' tiles once, {d['decode_floor_cpu_s_per_chip']:.3f} s a chip, "
+              f"+ writing a chip at deflate = {d['cpu_floor_s_per_chip']:.3f} s a chip)")

@@ -35,6 +35,8 @@ def test_bench_harness_runs_at_tiny_size(tmp_path):
     assert 0 <= run["kafka"]["overhead_share"] < 1 and run["kafka"]["first_task_dispatch_s"]
     assert run["worker_peak_rss_mib"] and all(50 < x < 4096 for x in run["worker_peak_rss_mib"])
     assert run["worker_exit_codes"] == [0]
+    # Decoding the chips' tiles once is part of what the worker did: it cannot cost more than the worker's CPU.
+    assert 0 < run["decode_floor_cpu_s_per_chip"] < run["cpu"]["worker_cpu_s_per_chip"]
 
     assert report["baseline"]["chips"] > 0 and report["baseline"]["seconds_per_chip"] > 0
     assert report["baseline"]["http"]["requests"] > 0
@@ -52,6 +54,9 @@ def test_bench_harness_runs_at_tiny_size(tmp_path):
     assert list(writes) == ["deflate", "deflate:1", "zstd", "zstd:1", "lzw", "none"]
     assert all(w["cpu_ms_per_chip"] > 0 and w["kb_per_chip"] > 0 for w in writes.values())
     assert writes["none"]["kb_per_chip"] > max(w["kb_per_chip"] for k, w in writes.items() if k != "none")
+    floor = summary["diagnostics"]["cpu_floor_s_per_chip"]
+    assert abs(floor - (run["decode_floor_cpu_s_per_chip"] + writes["deflate"]["cpu_ms_per_chip"] / 1000)) < 1e-3
+    assert "worker CPU floor" in done.stdout
     assert summary["verdicts"]["scaling_4_vs_1"] == "n/a"  # only one worker count was run
 
 

@@ -431,28 +431,45 @@ def _bilinear_x2(src: rasterio.DatasetReader, grid: TargetGrid, col: int, row: i
     c0, c1 = col // 2 - 1, (col + grid.width - 1) // 2 + 2
     native = _read_padded(src, (r0, r1), (c0, c1))
     valid = native != _nodata(src)
-    everywhere = bool(valid.all())
-    values = native.astype(np.uint32)
-    if not everywhere:
-        values[~valid] = 0
+    if valid.all():
+        num = _up_rows(_up_cols(native, col % 2, grid.width, np.uint32), row % 2, grid.height, np.uint32)
+        num += 8  # the exact sum over 16, rounded half up
+        num >>= 4
+        return num.astype(native.dtype)
+    values = native.copy()
+    values[~valid] = 0
+    num = _up_rows(_up_cols(values, col % 2, grid.width, np.uint32), row % 2, grid.height, np.uint32)
+    den = _up_rows(_up_cols(valid, col % 2, grid.width, np.uint8), row % 2, grid.height, np.uint8)
+    out = ((num + 8) >> 4).astype(native.dtype)  # right where all four are valid (den 16)
+    # Elsewhere the valid ones' weights are renormalised. The parent alone weighs 9 of 16, the three
+    # neighbours 7 together: parent valid <=> den >= 9.
+    edge = (den != 16) & (den >= 9)
+    weights = den[edge].astype(np.uint32)
+    out[edge] = (2 * num[edge] + weights) // (2 * weights)
+    out[den < 9] = 0
+    return out
 
-    def up(a: np.ndarray, axis: int, start: int, size: int) -> np.ndarray:
-        """×2 along ``axis``: each parent gives a first child (3 x parent + previous) and a second
-        child (3 x parent + next); ``start`` is the first child wanted (0 or 1), ``size`` how many."""
-        a = np.moveaxis(a, axis, 0)
-        mid = 3 * a[1:-1]
-        out = np.empty((2 * mid.shape[0],) + mid.shape[1:], dtype=a.dtype)
-        np.add(mid, a[:-2], out=out[0::2])
-        np.add(mid, a[2:], out=out[1::2])
-        return np.moveaxis(out[start:start + size], 0, axis)
 
-    num = up(up(values, 0, row % 2, grid.height), 1, col % 2, grid.width)
-    if everywhere:
-        return ((num + 8) >> 4).astype(native.dtype)
-    den = up(up(valid.astype(np.uint8), 0, row % 2, grid.height), 1, col % 2, grid.width)
-    # The parent alone weighs 9 of 16, the three neighbours 7 together: parent valid <=> den >= 9.
-    out = (2 * num + den) // (2 * np.maximum(den, 1).astype(np.uint32))
-    return np.where(den >= 9, out, 0).astype(native.dtype)
+def _up_rows(a: np.ndarray, start: int, size: int, dtype: type) -> np.ndarray:
+    """×2 along the rows, in ``dtype``: each parent row ``a[1:-1]`` gives a first child (3 x parent +
+    previous row) and a second (3 x parent + next); ``start`` is the first child wanted (0 or 1),
+    ``size`` how many."""
+    out = np.empty((2 * (a.shape[0] - 2), a.shape[1]), dtype=dtype)
+    second = out[1::2]
+    np.multiply(a[1:-1], 3, out=second, dtype=dtype, casting="unsafe")  # 3 x parent, in place below
+    np.add(second, a[:-2], out=out[0::2], dtype=dtype, casting="unsafe")
+    np.add(second, a[2:], out=second, dtype=dtype, casting="unsafe")
+    return out[start:start + size]
+
+
+def _up_cols(a: np.ndarray, start: int, size: int, dtype: type) -> np.ndarray:
+    """:func:`_up_rows` along the columns."""
+    out = np.empty((a.shape[0], 2 * (a.shape[1] - 2)), dtype=dtype)
+    second = out[:, 1::2]
+    np.multiply(a[:, 1:-1], 3, out=second, dtype=dtype, casting="unsafe")
+    np.add(second, a[:, :-2], out=out[:, 0::2], dtype=dtype, casting="unsafe")
+    np.add(second, a[:, 2:], out=second, dtype=dtype, casting="unsafe")
+    return out[:, start:start + size]
 
 
 class NotAGeoTIFF(InputDataError):

@@ -257,8 +257,7 @@ def select_bins(clear: np.ndarray, valid: np.ndarray, dates: Sequence[str], bins
             if len(ps) == 1:
                 contributors.append(ps)
             else:
-                pick = _pick(clear, valid, ps)
-                contributors.append(tuple(p for i, p in enumerate(ps) if (pick == i).any()))
+                contributors.append(_contributors(_pick(clear, valid, ps), ps))
         picked = chosen.select(obs_clear)
         if picked is None:
             return None
@@ -298,6 +297,11 @@ def compose_selected_bins(selection: BinSelection, data: np.ndarray, index: dict
     return image
 
 
+def _contributors(pick: np.ndarray, positions: Sequence[int]) -> tuple[int, ...]:
+    """The positions of a merged day whose scene ``pick`` (:func:`_pick`) takes for at least one pixel."""
+    return tuple(p for i, p in enumerate(positions) if (pick == i).any())
+
+
 def _pick(clear: np.ndarray, valid: np.ndarray, positions: Sequence[int]) -> np.ndarray:
     """Per pixel, the index into ``positions`` of the first scene clear there, else the first valid there, else -1."""
     pick = np.full(clear.shape[1:], -1, dtype=np.int32)
@@ -325,5 +329,5 @@ def _observations(data: np.ndarray, clear: np.ndarray, valid: np.ndarray,
             contributors.append((ps[0],))
             continue
         pick = _merge_into(obs_data[d], obs_clear[d], [data[p] for p in ps], clear, valid, ps)
-        contributors.append(tuple(p for i, p in enumerate(ps) if (pick == i).any()))
+        contributors.append(_contributors(pick, ps))
     return obs_data, obs_clear, contributors

@@ -209,3 +209,52 @@ def test_the_task_thread_is_kept_across_tasks_and_replaced_when_a_task_was_aband
     assert failing.wait(5) and isinstance(failing.error, ZeroDivisionError)
     release.set()
     assert stuck.wait(5) and stuck.result is True
+
+
+def publish_to_partitions(broker, topic, tasks_by_partition):
+    """Publish each partition's tasks to that partition, the partitions in a shuffled order."""
+    producer = make_producer(KafkaSettings(broker.bootstrap_servers))
+    for partition in (7, 2, 9, 0, 5, 3, 8, 1, 6, 4):
+        for task in tasks_by_partition.get(partition, ()):
+            producer.send(topic, key=task.cell.id.encode(), value=encode(task), partition=partition).get(timeout=10)
+    producer.close()
+
+
+def test_a_worker_takes_its_partitions_in_order(broker, topics):
+    # The master's grid partitioning puts consecutive runs of the Hilbert curve in consecutive
+    # partitions: a worker that takes them in partition order walks its region along the curve, and
+    # neighbouring cells reuse the decoded tiles they share (the broker's fetch order jumps about).
+    by_partition = {p: [valid_task(10 * p + i, "run-order") for i in range(3)] for p in range(10)}
+    publish_to_partitions(broker, topics["tasks"], by_partition)
+    processor = ScriptedProcessor()
+    summary = Worker(worker_options(broker, topics), processor).run()
+    expected = [t.task_id for p in range(10) for t in by_partition[p]]
+    assert processor.calls == expected
+    assert summary.statuses["no_fields"] == 30
+    results = [decode(r.value) for r in read_topic(KafkaSettings(broker.bootstrap_servers), topics["results"])]
+    assert sorted(r.task_id for r in results) == sorted(expected)
+
+
+def test_tasks_taken_ahead_are_given_up_with_their_partition(broker, topics):
+    # A worker holds the tasks of its last fetch (up to FETCH_AHEAD) before it runs them; when a
+    # newcomer takes some of its partitions, those tasks are left to the newcomer: every task runs
+    # exactly once, none is lost.
+    by_partition = {p: [valid_task(10 * p + i, "run-ahead") for i in range(4)] for p in range(10)}
+    publish_to_partitions(broker, topics["tasks"], by_partition)
+    first, second = ScriptedProcessor(seconds=0.25), ScriptedProcessor(seconds=0.25)
+    opts = worker_options(broker, topics, burst_idle_s=6.0)
+    one = threading.Thread(target=lambda: Worker(opts, first).run())
+    one.start()
+    deadline = time.monotonic() + 30
+    while len(first.calls) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    two = threading.Thread(target=lambda: Worker(opts, second).run())
+    two.start()
+    one.join(timeout=120)
+    two.join(timeout=120)
+    assert not one.is_alive() and not two.is_alive()
+    every = [t.task_id for p in range(10) for t in by_partition[p]]
+    assert second.calls, "the newcomer got no partition"
+    assert sorted(first.calls + second.calls) == sorted(every)  # each once: none lost, none doubled
+    results = [decode(r.value) for r in read_topic(KafkaSettings(broker.bootstrap_servers), topics["results"])]
+    assert sorted(r.task_id for r in results) == sorted(every)

@@ -348,8 +348,13 @@ class Worker:
         records = sorted((rec for recs in batch.values() for rec in recs), key=lambda r: (r.partition, r.offset))
         with self._fetched_lock:
             if self._drops != drops:
-                # A rebalance ran while this poll's records were on their way here: keep none of them.
-                self._rewind(batch)
+                # A rebalance ran while this poll's records were on their way here: keep none of
+                # them, and fetch again those of partitions still ours (the others' new owners
+                # start from the last commit).
+                assigned = self.consumer.assignment()
+                for tp, recs in batch.items():
+                    if tp in assigned and recs:
+                        self.consumer.seek(tp, min(r.offset for r in recs))
                 return None
             self._fetched = records
             return self._fetched.pop(0) if self._fetched else None
@@ -486,18 +491,12 @@ class Worker:
     def _poll_paused(self) -> None:
         """One poll with the partitions paused: keeps this member alive and lets rebalances happen."""
         consumer = self.consumer
-        # Records come only from partitions assigned before the listener paused them: rewound, so
-        # that they are consumed later, in order.
-        self._rewind(consumer.poll(timeout_ms=0))
+        stray = consumer.poll(timeout_ms=0)
+        for tp, recs in stray.items():
+            # Only possible for partitions assigned before the listener paused them: rewind so that
+            # those records are consumed later, in order.
+            consumer.seek(tp, min(r.offset for r in recs))
         consumer.pause(*consumer.assignment())
-
-    def _rewind(self, batch: dict[TopicPartition, list[Any]]) -> None:
-        """Seek each partition of a polled ``batch`` that is still this worker's back to its first
-        record, so that the records are fetched again (the others' owners start from the last commit)."""
-        assigned = self.consumer.assignment()
-        for tp, recs in batch.items():
-            if recs and tp in assigned:
-                self.consumer.seek(tp, min(r.offset for r in recs))
 
     def _run_task(self, inflight: _InFlight) -> _TaskThread | None:
         """Run the task on its own thread while polling; the finished thread, or None when it was

@@ -15,12 +15,6 @@ guarantees, whatever arrives on the topic or goes wrong around it:
   another worker. Only a task that can never succeed reaches the dead-letter topic.
 * **Kafka errors are sorted.** A send that can never succeed (a record over the size limit,
   no authorisation) fails at once and is handled; only retriable ones are retried.
-* **Tasks are taken in partition order.** A poll fetches up to :data:`FETCH_AHEAD` tasks; the
-  worker runs them by partition, then offset (the broker's fetches jump from partition to
-  partition). The master's grid partitioning makes consecutive partitions consecutive runs of
-  the Hilbert curve, so a worker walks its region along the curve and neighbouring cells find
-  the tiles they share still decoded. Tasks fetched ahead are not started: a rebalance that
-  takes their partition drops them (the new owner fetches them from the last commit).
 * **Rebalances do not make finished work run again.** While a task runs the consumer keeps
   polling with its partitions paused, so a slow task never exceeds ``max_poll_interval_ms``.
   When a rebalance takes away the partition of the running task, the worker waits (a bounded
@@ -59,9 +53,6 @@ log = logging.getLogger(__name__)
 
 #: Commit errors that mean "the group is rebalancing or moved on": try again once it is stable.
 _REBALANCING = ("RebalanceInProgressError", "CommitFailedError", "IllegalGenerationError", "UnknownMemberIdError")
-#: Most tasks one poll fetches ahead of the one running (a task message is ~10 KB). They are run by
-#: partition, then offset, whatever order the broker's fetches return them in.
-FETCH_AHEAD = 100
 #: The start of an original message kept in a dead letter the broker refuses whole.
 DEAD_LETTER_PREVIEW_BYTES = 64 * 1024
 
@@ -243,14 +234,12 @@ class _Rebalance(AsyncConsumerRebalanceListener):
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
         self.worker.rebalancing = True  # a burst worker is not idle while the group reshuffles
-        self.worker._drop_fetched(set(revoked))
         if revoked:
             log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
             await self.worker._finish_before_revocation(set(revoked))
 
     async def on_partitions_lost(self, lost: Any) -> None:
         # Evicted (session expired): the partitions are already someone else's; nothing can be committed.
-        self.worker._drop_fetched(set(lost))
         if lost:
             log.warning("partitions lost (this worker was dropped from the group): %s",
                         sorted(tp.partition for tp in lost))
@@ -284,11 +273,6 @@ class Worker:
         self.producer: Any = None
         self.inflight: _InFlight | None = None
         self._tasks = _TaskRunner()
-        # Records fetched and not yet started, in (partition, offset) order; the rebalance listener
-        # (kafka-python's network thread) drops those of partitions taken away.
-        self._fetched: list[Any] = []
-        self._fetched_lock = threading.Lock()
-        self._drops = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -313,7 +297,7 @@ class Worker:
                                    opts.dlq_topic: 1}, wait=opts.broker_wait_s, retention_ms=opts.retention_ms)
         self.producer = make_producer(opts.kafka, wait=opts.broker_wait_s)
         self.consumer = make_consumer(opts.kafka, group_id=opts.group_id, wait=opts.broker_wait_s,
-                                      max_poll_records=FETCH_AHEAD, max_poll_interval_ms=opts.max_poll_interval_ms,
+                                      max_poll_records=1, max_poll_interval_ms=opts.max_poll_interval_ms,
                                       session_timeout_ms=opts.session_timeout_ms,
                                       heartbeat_interval_ms=max(100, opts.session_timeout_ms // 6),
                                       group_instance_id=opts.group_instance_id,
@@ -324,48 +308,22 @@ class Worker:
         self.idle_since = time.monotonic()
         try:
             while not self.stop_requested.is_set():
-                record = self._next_record()
-                if record is None:
+                batch = self.consumer.poll(timeout_ms=500)
+                records = [rec for recs in batch.values() for rec in recs]
+                if not records:
                     if opts.burst and self._burst_done():
                         log.info("no task for %.0f s: burst mode, exiting", opts.burst_idle_s)
                         break
                     continue
-                self._handle(record)
+                for record in records:
+                    self._handle(record)
+                    if self.stop_requested.is_set():
+                        break
                 self.idle_since = time.monotonic()
         finally:
             self._close()
             log.info(self.summary.line(self.worker_id, time.monotonic() - started))
         return self.summary
-
-    def _next_record(self) -> Any:
-        """The next record to run: the first fetched one, by partition then offset; polls (up to
-        0.5 s) when none is left. None when nothing came."""
-        with self._fetched_lock:
-            if self._fetched:
-                return self._fetched.pop(0)
-            drops = self._drops
-        batch = self.consumer.poll(timeout_ms=500)
-        records = sorted((rec for recs in batch.values() for rec in recs), key=lambda r: (r.partition, r.offset))
-        with self._fetched_lock:
-            if self._drops != drops:
-                # A rebalance ran while this poll's records were on their way here: keep none of
-                # them, and fetch again those of partitions still ours (the others' new owners
-                # start from the last commit).
-                assigned = self.consumer.assignment()
-                for tp, recs in batch.items():
-                    if tp in assigned and recs:
-                        self.consumer.seek(tp, min(r.offset for r in recs))
-                return None
-            self._fetched = records
-            return self._fetched.pop(0) if self._fetched else None
-
-    def _drop_fetched(self, partitions: set[TopicPartition]) -> None:
-        """Forget the fetched, unstarted records of ``partitions`` (taken away by a rebalance)."""
-        if not partitions:
-            return
-        with self._fetched_lock:
-            self._drops += 1
-            self._fetched = [r for r in self._fetched if TopicPartition(r.topic, r.partition) not in partitions]
 
     def _burst_done(self) -> bool:
         """Idle long enough to exit? Joining the group takes seconds, so idleness only counts

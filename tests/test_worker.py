@@ -209,3 +209,69 @@ def test_the_task_thread_is_kept_across_tasks_and_replaced_when_a_task_was_aband
     assert failing.wait(5) and isinstance(failing.error, ZeroDivisionError)
     release.set()
     assert stuck.wait(5) and stuck.result is True
+
+
+# --------------------------------------------------------------------------- partition order
+
+
+def publish_to_partitions(broker, topic, placed):
+    """Send each (partition, task) in the order given: the partitions interleaved."""
+    producer = make_producer(KafkaSettings(broker.bootstrap_servers))
+    for partition, task in placed:
+        producer.send(topic, key=task.cell.id.encode(), value=encode(task), partition=partition).get(timeout=10)
+    producer.close()
+
+
+def spread(run_id, per_partition=3, partitions=10):
+    """Tasks sent round the partitions, highest first: {partition: [task ids in offset order]}."""
+    placed, by_partition = [], {p: [] for p in range(partitions)}
+    for k in range(per_partition):
+        for p in reversed(range(partitions)):
+            task = valid_task(10 * k + p, run_id)
+            placed.append((p, task))
+            by_partition[p].append(task.task_id)
+    return placed, by_partition
+
+
+def test_a_worker_runs_its_partitions_one_after_another_lowest_first(broker, topics):
+    # The master's grid partitioning makes partition order curve order: a worker that follows it
+    # decodes the tiles neighbouring cells share while they are still cached.
+    placed, by_partition = spread("run-order")
+    publish_to_partitions(broker, topics["tasks"], placed)
+    processor = ScriptedProcessor()
+    summary = Worker(worker_options(broker, topics), processor).run()
+    assert processor.calls == [task_id for p in sorted(by_partition) for task_id in by_partition[p]]
+    assert summary.statuses["no_fields"] == 30 and summary.commit_failures == 0
+    again = ScriptedProcessor()  # every offset committed
+    Worker(worker_options(broker, topics), again).run()
+    assert again.calls == []
+
+
+@pytest.mark.parametrize("assignor", ["range", "cooperative-sticky"])
+def test_partitions_paused_for_the_order_lose_nothing_when_the_group_rebalances(broker, topics, assignor):
+    # The first worker fetched from all ten partitions before pausing all but one; a second
+    # worker joins and takes half of them (range: 5-9, whose records the first had fetched and
+    # parked), the first keeps the rest, positions and all.
+    placed, by_partition = spread(f"run-order-{assignor}")
+    publish_to_partitions(broker, topics["tasks"], placed)
+    first, second = ScriptedProcessor(seconds=0.4), ScriptedProcessor(seconds=0.4)
+    opts = worker_options(broker, topics, assignor=assignor, burst_idle_s=6.0, session_timeout_ms=6000)
+    workers = [Worker(opts, first), Worker(opts, second)]
+    threads = [threading.Thread(target=w.run, daemon=True) for w in workers]
+    threads[0].start()
+    deadline = time.monotonic() + 60
+    while len(first.calls) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    threads[1].start()
+    for thread in threads:
+        thread.join(timeout=180)
+    assert not any(t.is_alive() for t in threads)
+    everything = sorted(t for ids in by_partition.values() for t in ids)
+    assert sorted(first.calls + second.calls) == everything, "a task ran twice or not at all"
+    assert second.calls, "the joining worker got no partition"
+    for calls in (first.calls, second.calls):  # each worker: whole partitions, each in offset order
+        owner = {t: p for p, ids in by_partition.items() for t in ids}
+        for p in {owner[t] for t in calls}:
+            assert [t for t in calls if owner[t] == p] == [t for t in by_partition[p] if t in calls]
+    results = [decode(r.value) for r in read_topic(KafkaSettings(broker.bootstrap_servers), topics["results"])]
+    assert sorted(r.task_id for r in results) == everything

@@ -22,6 +22,13 @@ guarantees, whatever arrives on the topic or goes wrong around it:
   commit refused because the group is rebalancing is tried again once the group is stable,
   if the partition is still ours. Static membership (``group_instance_id``) lets a restarted
   worker rejoin without a rebalance.
+
+Tasks are taken **one partition at a time, lowest-numbered first** (:class:`_PartitionFocus`):
+the master's ``grid`` partitioning puts each partition's cells on one run of the Hilbert
+curve, in curve order, so a worker then runs its cells along the curve, and the scene tiles
+neighbouring cells share are decoded again while still in GDAL's block cache (the broker's
+own fetch order jumps between partitions). The other partitions are only paused: records
+are still consumed one at a time, and their offsets and commits are as without it.
 """
 
 from __future__ import annotations
@@ -222,8 +229,58 @@ class _InFlight:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+class _PartitionFocus:
+    """Which assigned partition the worker consumes now: the lowest-numbered one with tasks left.
+
+    The others are paused (kafka-python keeps what it already fetched for them and hands it out,
+    at the right position, once they are resumed). Chosen again when the focused partition runs
+    out, when an empty poll came back, and after every (re)assignment; with no partition left
+    to run, or the end offsets unknown (the broker not answering), every partition is resumed
+    and records come in the broker's order.
+    """
+
+    def __init__(self) -> None:
+        self.tp: TopicPartition | None = None
+        self.end = 0
+        self.stale = True
+
+    def choose(self, consumer: Any) -> None:
+        self.stale = False
+        self.tp = None
+        assigned = sorted(consumer.assignment(), key=lambda tp: (tp.topic, tp.partition))
+        if not assigned:
+            return
+        try:
+            ends = consumer.end_offsets(assigned, timeout_ms=5000)
+            left = [tp for tp in assigned if consumer.position(tp, timeout_ms=5000) < ends[tp]]
+        except (KafkaError, KeyError, TypeError) as exc:  # unknown ends: consume in the broker's order
+            log.debug("end offsets unknown (%s): consuming every partition", exc)
+            left = []
+        if left:
+            self.tp, self.end = left[0], ends[left[0]]
+            others = [tp for tp in assigned if tp != self.tp]
+            if others:
+                consumer.pause(*others)
+            consumer.resume(self.tp)
+        else:
+            consumer.resume(*consumer.paused())
+
+    def resume(self, consumer: Any) -> None:
+        """Resume after every partition was paused (a task ran): the focused one only."""
+        if self.tp is not None and self.tp in consumer.assignment():
+            consumer.resume(self.tp)
+        else:
+            self.stale = True
+            consumer.resume(*consumer.paused())
+
+    def taken(self, tp: TopicPartition, offset: int) -> None:
+        """A record of ``tp`` was taken: choose again if it was the focused partition's last."""
+        if tp != self.tp or offset + 1 >= self.end:
+            self.stale = True
+
+
 class _Rebalance(AsyncConsumerRebalanceListener):
-    """Pauses partitions assigned mid-task; finishes the running task before its partition goes.
+    """Pauses assigned partitions (the loop resumes them); finishes the running task before its partition goes.
 
     An async listener: kafka-python runs listeners on its network thread, and awaiting there
     (instead of blocking) keeps the heartbeats going while the task is waited for.
@@ -252,7 +309,10 @@ class _Rebalance(AsyncConsumerRebalanceListener):
         self.worker.rebalancing = False
         self.worker.assigned_once = True
         self.worker.idle_since = time.monotonic()  # burst idleness counts from a (re)assignment
-        if self.worker.busy and assigned:
+        # Paused until the loop chooses the partition to run (mid-task: until the task is done),
+        # so that this very poll returns no record in the broker's order.
+        self.worker.focus.stale = True
+        if assigned:
             self.worker.consumer.pause(*assigned)
 
 
@@ -272,6 +332,7 @@ class Worker:
         self.consumer: Any = None
         self.producer: Any = None
         self.inflight: _InFlight | None = None
+        self.focus = _PartitionFocus()
         self._tasks = _TaskRunner()
 
     # ------------------------------------------------------------------ lifecycle
@@ -308,14 +369,19 @@ class Worker:
         self.idle_since = time.monotonic()
         try:
             while not self.stop_requested.is_set():
+                if self.focus.stale:
+                    self.focus.choose(self.consumer)
                 batch = self.consumer.poll(timeout_ms=500)
                 records = [rec for recs in batch.values() for rec in recs]
                 if not records:
+                    if self.focus.tp is not None:
+                        self.focus.stale = True  # ran out, or the tasks left are elsewhere
                     if opts.burst and self._burst_done():
                         log.info("no task for %.0f s: burst mode, exiting", opts.burst_idle_s)
                         break
                     continue
                 for record in records:
+                    self.focus.taken(TopicPartition(record.topic, record.partition), record.offset)
                     self._handle(record)
                     if self.stop_requested.is_set():
                         break
@@ -444,7 +510,7 @@ class Worker:
             return not (self.stop_requested.is_set() or inflight.revoked)
         finally:
             self.busy = False
-            consumer.resume(*consumer.paused())
+            self.focus.resume(consumer)
 
     def _poll_paused(self) -> None:
         """One poll with the partitions paused: keeps this member alive and lets rebalances happen."""
@@ -480,7 +546,7 @@ class Worker:
                         return None
         finally:
             self.busy = False
-            consumer.resume(*consumer.paused())
+            self.focus.resume(consumer)
         if runner.error is None and runner.result is not None:
             result: Result = runner.result
             log.info("task %s %s: %d chips in %.1f s", task.task_id, result.status, len(result.chips),
@@ -658,7 +724,7 @@ class Worker:
                 time.sleep(0.1)
         finally:
             self.busy = False
-            self.consumer.resume(*self.consumer.paused())
+            self.focus.resume(self.consumer)
 
 
 def _poison_result(record: Any, worker_id: str, reason: str) -> Result:

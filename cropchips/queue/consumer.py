@@ -280,7 +280,7 @@ class _PartitionFocus:
 
 
 class _Rebalance(AsyncConsumerRebalanceListener):
-    """Pauses assigned partitions (the loop resumes them); finishes the running task before its partition goes.
+    """Pauses partitions assigned mid-task; finishes the running task before its partition goes.
 
     An async listener: kafka-python runs listeners on its network thread, and awaiting there
     (instead of blocking) keeps the heartbeats going while the task is waited for.
@@ -309,10 +309,8 @@ class _Rebalance(AsyncConsumerRebalanceListener):
         self.worker.rebalancing = False
         self.worker.assigned_once = True
         self.worker.idle_since = time.monotonic()  # burst idleness counts from a (re)assignment
-        # Paused until the loop chooses the partition to run (mid-task: until the task is done),
-        # so that this very poll returns no record in the broker's order.
-        self.worker.focus.stale = True
-        if assigned:
+        self.worker.focus.stale = True  # the loop chooses again before it takes a task
+        if self.worker.busy and assigned:
             self.worker.consumer.pause(*assigned)
 
 
@@ -381,7 +379,13 @@ class Worker:
                         break
                     continue
                 for record in records:
-                    self.focus.taken(TopicPartition(record.topic, record.partition), record.offset)
+                    tp = TopicPartition(record.topic, record.partition)
+                    if self.focus.stale and self.focus.tp != tp:
+                        # Fetched in the poll that (re)assigned the partitions, before the loop
+                        # could choose: give it back, it comes again in its turn.
+                        self.consumer.seek(tp, record.offset)
+                        break
+                    self.focus.taken(tp, record.offset)
                     self._handle(record)
                     if self.stop_requested.is_set():
                         break

@@ -114,10 +114,12 @@ def worker_options(broker, topics, **over):
     return WorkerOptions(**base)
 
 
-def publish(broker, topic, values):
+def publish(broker, topic, values, partitions=None):
+    """Send each (key, value) in the order given, to ``partitions[i]`` if given (else by the key's hash)."""
     producer = make_producer(KafkaSettings(broker.bootstrap_servers))
-    for key, value in values:
-        producer.send(topic, key=key, value=value).get(timeout=10)
+    for i, (key, value) in enumerate(values):
+        partition = None if partitions is None else partitions[i]
+        producer.send(topic, key=key, value=value, partition=partition).get(timeout=10)
     producer.close()
 
 
@@ -215,11 +217,8 @@ def test_the_task_thread_is_kept_across_tasks_and_replaced_when_a_task_was_aband
 
 
 def publish_to_partitions(broker, topic, placed):
-    """Send each (partition, task) in the order given: the partitions interleaved."""
-    producer = make_producer(KafkaSettings(broker.bootstrap_servers))
-    for partition, task in placed:
-        producer.send(topic, key=task.cell.id.encode(), value=encode(task), partition=partition).get(timeout=10)
-    producer.close()
+    """Send each (partition, task) in the order given."""
+    publish(broker, topic, [(task.cell.id.encode(), encode(task)) for _, task in placed], [p for p, _ in placed])
 
 
 def spread(run_id, per_partition=3, partitions=10):
@@ -269,8 +268,8 @@ def test_partitions_paused_for_the_order_lose_nothing_when_the_group_rebalances(
     everything = sorted(t for ids in by_partition.values() for t in ids)
     assert sorted(first.calls + second.calls) == everything, "a task ran twice or not at all"
     assert second.calls, "the joining worker got no partition"
+    owner = {t: p for p, ids in by_partition.items() for t in ids}
     for calls in (first.calls, second.calls):  # each worker: whole partitions, each in offset order
-        owner = {t: p for p, ids in by_partition.items() for t in ids}
         for p in {owner[t] for t in calls}:
             assert [t for t in calls if owner[t] == p] == [t for t in by_partition[p] if t in calls]
     results = [decode(r.value) for r in read_topic(KafkaSettings(broker.bootstrap_servers), topics["results"])]

@@ -26,7 +26,7 @@ from conftest import REPO, shared_data
 from cropchips.errors import InputDataError, RetryableError
 from cropchips.raster.grid import TargetGrid
 from cropchips.raster.read import CogReader, OpenDatasets, read_band, read_stack
-from cropchips.raster.tile_cache import STALE_S, TileCache
+from cropchips.raster.tile_cache import LOCK_STRIPES, LOCKS_DIR, STALE_S, TileCache
 from cropchips.sources import source_for
 from cropchips.testing.cog_server import CogServer, FaultPlan
 
@@ -198,13 +198,33 @@ def test_a_writer_killed_mid_fetch_leaves_nothing_half_written(scene_dir, tmp_pa
         tiles = TileCache(cache, 2**30)
         assert read_window(url(server, "B08"), Window(0, 0, 1098, 1098), tiles).astype("int64").sum() == expected
     # The lock it held died with it; stale leftovers go on the next eviction.
-    leftovers = [p for p in cache.rglob("*") if p.is_file() and (".tmp." in p.name or p.name.endswith(".lock"))]
-    assert any(".tmp." in p.name for p in leftovers)
+    leftovers = [p for p in cache.rglob("*") if p.is_file() and ".tmp." in p.name]
+    assert leftovers
     old = time.time() - STALE_S - 5
     for p in leftovers:
         os.utime(p, (old, old))
     tiles.evict()
-    assert not [p for p in cache.rglob("*") if p.is_file() and (".tmp." in p.name or p.name.endswith(".lock"))]
+    assert not [p for p in cache.rglob("*") if p.is_file() and ".tmp." in p.name]
+
+
+def test_the_lock_files_are_a_fixed_set_that_eviction_keeps(server, scene_dir, tmp_path):
+    cache = tmp_path / "tiles"
+    tiles = TileCache(cache, 2**30)
+    read_window(url(server, "B02"), Window(0, 0, 1098, 1098), tiles)  # every tile of a 10 m band
+    entries = [p for p in (cache / "v1").glob("[0-9a-f][0-9a-f]/*") if p.is_file()]
+    locks = sorted((cache / "v1" / LOCKS_DIR).iterdir())
+    assert len(entries) > 8
+    # One lock file per stripe used, none beside the entries (a lock file each doubled the folder's files).
+    assert not [p for p in entries if p.name.endswith(".lock")]
+    assert 0 < len(locks) <= min(len(entries), LOCK_STRIPES)
+    assert all(p.name.endswith(".lock") and 0 <= int(p.stem) < LOCK_STRIPES for p in locks)
+    # Eviction never removes them (another process may be about to lock one), however old.
+    old = time.time() - STALE_S - 5
+    for p in locks:
+        os.utime(p, (old, old))
+    TileCache(cache, 1).evict()
+    assert sorted((cache / "v1" / LOCKS_DIR).iterdir()) == locks
+    assert not [p for p in (cache / "v1").glob("[0-9a-f][0-9a-f]/*") if p.is_file()]
 
 
 def test_the_folder_stays_within_its_bound_and_keeps_what_was_used_last(server, scene_dir, tmp_path):

@@ -13,11 +13,14 @@ How it reads: GDAL opens an ``http(s)://`` scene through rasterio's Python-file 
 entry of the cache, keyed by the file's URL, its validator (ETag, else size) and the range.
 
 Safe with concurrent workers and ``kill -9``: an entry is written to a temporary file and renamed into
-place, so no reader ever sees half an entry; a per-entry ``flock`` makes the other processes that want
-the same range wait for the first fetch instead of fetching it too (the kernel drops the lock of a
-killed process). Bounded: when the entries pass ``max_bytes`` the least recently used (by mtime, which
-a hit refreshes) are removed down to 90 %; leftovers of killed writers are removed after
-:data:`STALE_S`. The cache is best effort: a full or read-only disk costs a warning and the worker
+place, so no reader ever sees half an entry; an ``flock`` on the entry's lock file makes the other
+processes (and threads) that want the same range wait for the first fetch instead of fetching it too
+(the kernel drops the lock of a killed process). The lock files are a fixed set of
+:data:`LOCK_STRIPES` in ``locks/``, an entry's chosen by its key, made once and never removed: a lock
+file per entry doubled the files of the folder and the files created per fetch, and removing one
+that another process was about to lock let two processes fetch the same range. Bounded: when the
+entries pass ``max_bytes`` the least recently used (by mtime, which a hit refreshes) are removed down
+to 90 %; leftovers of killed writers are removed after :data:`STALE_S`. The cache is best effort: a full or read-only disk costs a warning and the worker
 fetches as if there were no cache.
 
 Hostile servers: a response must be the range asked (206 with the right ``Content-Range``, or 200 for a
@@ -80,6 +83,13 @@ META_TTL_S = 3600.0
 
 #: Layout version of the cache folder (entries of another layout are never read).
 LAYOUT = "v1"
+
+#: Lock files in the folder's ``locks/`` (an entry's is picked by its key; two entries that share one
+#: only make one fetch wait for the other's).
+LOCK_STRIPES = 1024
+
+#: The folder of the lock files, beside the entries' folders (named by two hex digits).
+LOCKS_DIR = "locks"
 
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
 
@@ -436,7 +446,7 @@ class TileCache:
         if self._disabled_reason:
             yield
             return
-        lock_path = self._path(key).with_name(f"{key}.lock")
+        lock_path = self.root / LOCKS_DIR / f"{int(key[:8], 16) % LOCK_STRIPES:04d}.lock"
         try:
             self._ensure_dir(lock_path.parent)
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -480,14 +490,14 @@ class TileCache:
         now = time.time()
         try:
             for sub in os.scandir(self.root):
-                if not sub.is_dir():
+                if not sub.is_dir() or sub.name == LOCKS_DIR:
                     continue
                 for entry in os.scandir(sub.path):
                     try:
                         st = entry.stat()
                     except FileNotFoundError:
                         continue
-                    if ".tmp." in entry.name or entry.name.endswith(".lock"):
+                    if ".tmp." in entry.name or entry.name.endswith(".lock"):  # (.lock: an older version's)
                         if now - st.st_mtime > STALE_S:
                             _unlink(entry.path)
                         continue
@@ -514,7 +524,7 @@ class TileCache:
     def _scan_total(self) -> int:
         total = 0
         for sub in os.scandir(self.root):
-            if sub.is_dir():
+            if sub.is_dir() and sub.name != LOCKS_DIR:
                 for entry in os.scandir(sub.path):
                     if ".tmp." not in entry.name and not entry.name.endswith(".lock"):
                         try:

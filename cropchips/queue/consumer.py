@@ -354,7 +354,8 @@ class Worker:
         started = time.monotonic()
         ensure_topics(opts.kafka, {opts.tasks_topic: opts.tasks_partitions, opts.results_topic: 1,
                                    opts.dlq_topic: 1}, wait=opts.broker_wait_s, retention_ms=opts.retention_ms)
-        self.producer = make_producer(opts.kafka, wait=opts.broker_wait_s)
+        # A result is sent alone and waited for: lingering for company would only delay the next task.
+        self.producer = make_producer(opts.kafka, wait=opts.broker_wait_s, linger_ms=0)
         self.consumer = make_consumer(opts.kafka, group_id=opts.group_id, wait=opts.broker_wait_s,
                                       max_poll_records=1, max_poll_interval_ms=opts.max_poll_interval_ms,
                                       session_timeout_ms=opts.session_timeout_ms,

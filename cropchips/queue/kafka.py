@@ -183,8 +183,12 @@ def check_fast_checksums() -> bool:
 _WARNED_SLOW_CRC = False
 
 
-def make_producer(settings: KafkaSettings, wait: float = 60.0, **overrides: Any) -> KafkaProducer:
-    """A producer that waits for all in-sync replicas (acks=all) and retries sends."""
+def make_producer(settings: KafkaSettings, wait: float = 60.0, *, linger_ms: int = 5,
+                  **overrides: Any) -> KafkaProducer:
+    """A producer that waits for all in-sync replicas (acks=all) and retries sends.
+
+    ``linger_ms``: how long a record waits for others to share its request (the master's tasks);
+    0 for a client that sends one record and waits for it (a worker's result)."""
     check_fast_checksums()
     return connect(lambda **kw: KafkaProducer(
         **settings.client_config(),
@@ -192,7 +196,7 @@ def make_producer(settings: KafkaSettings, wait: float = 60.0, **overrides: Any)
         **overrides,
         acks="all",
         retries=5,
-        linger_ms=5,
+        linger_ms=linger_ms,
         # One request in flight keeps per-partition order even when a send is retried.
         max_in_flight_requests_per_connection=1,
     ), settings, wait)

@@ -87,6 +87,7 @@ def run_pipeline(area, items_http: Path, server, n_workers: int, setting: Settin
         server.reset_stats()
         cpu0 = _cpu_times(broker)
         workers_cpu0 = sum(_proc_cpu(w.proc.pid) for w in workers)
+        kernel0 = [sum(x) for x in zip(*(_proc_kernel(w.proc.pid) for w in workers))]
         machine0 = _machine_busy()
         consumer = make_consumer(kafka, group_id=None)
         tp = TopicPartition(topics["results"], 0)
@@ -111,6 +112,7 @@ def run_pipeline(area, items_http: Path, server, n_workers: int, setting: Settin
                     raise RuntimeError(f"worker {w.n} died:\n{w.log[-3000:]}")
         cpu1 = _cpu_times(broker)
         workers_cpu1 = sum(_proc_cpu(w.proc.pid) for w in workers)
+        kernel1 = [sum(x) for x in zip(*(_proc_kernel(w.proc.pid) for w in workers))]
         machine1 = _machine_busy()
         consumer.close()
         stats = server.stats
@@ -125,7 +127,7 @@ def run_pipeline(area, items_http: Path, server, n_workers: int, setting: Settin
                       setting.partitions)
     shutil.rmtree(output, ignore_errors=True)
     shutil.rmtree(workdir / f"tiles-{k}", ignore_errors=True)
-    # CPU seconds while the tasks ran: the workers (whole life, start-up included), this process (the COG
+    # CPU seconds while the tasks ran: the workers (from publication to the last result), this process (the COG
     # server's threads, the result consumer) and the broker; against the machine's cores x wall time.
     worker_cpu = workers_cpu1 - workers_cpu0  # from publication to the last result
     server_cpu, broker_cpu = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
@@ -140,6 +142,10 @@ def run_pipeline(area, items_http: Path, server, n_workers: int, setting: Settin
                   "utilisation": round(used / (cores * out["wall_s"]), 3) if out["wall_s"] else None,
                   "other_processes_share": round(others / (cores * out["wall_s"]), 3) if out["wall_s"] else None,
                   "worker_cpu_s_per_chip": round(worker_cpu / chips, 4),
+                  # Of it, the kernel's (system time) and the fresh pages the workers were handed (minor
+                  # page faults; each is a page the kernel zeroes): what several workers a host cost each other.
+                  "worker_kernel_share": round((kernel1[0] - kernel0[0]) / worker_cpu, 3) if worker_cpu > 0 else None,
+                  "worker_page_faults_per_chip": round((kernel1[1] - kernel0[1]) / chips),
                   # The most chips/s this machine could give if every core did nothing but this work.
                   "cpu_ceiling_chips_per_s": round(cores * chips / used, 3) if used > 0 else None}
     return out
@@ -181,6 +187,15 @@ def _proc_cpu(pid: int) -> float:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return 0.0
+
+
+def _proc_kernel(pid: int) -> tuple[float, int]:
+    """System CPU seconds and minor page faults of a live process so far, from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[12]) / os.sysconf("SC_CLK_TCK"), int(fields[7])
+    except (OSError, IndexError, ValueError):
+        return 0.0, 0
 
 
 def _cpu_times(broker) -> tuple[float, float]:

@@ -9,6 +9,21 @@ import threading
 import time
 
 from conftest import REPO, SAMPLE_CHIP_SIZE, run_script
+from cropchips.queue.kafka import KafkaSettings, make_producer
+
+
+def send_records(bootstrap, topic, values, *, keys=None, partitions=None, headers=None, **producer_settings):
+    """Send ``values`` to ``topic`` one at a time, each acknowledged before the next (so a partition holds
+    them in the order given), with ``keys[i]``, to ``partitions[i]`` and with ``headers[i]`` where given
+    (else no key, the producer's partition, no headers); return each record's partition."""
+    producer = make_producer(KafkaSettings(bootstrap), **producer_settings)
+    try:
+        return [producer.send(topic, value=value, key=None if keys is None else keys[i],
+                              partition=None if partitions is None else partitions[i],
+                              headers=headers[i] if headers else []).get(timeout=30).partition
+                for i, value in enumerate(values)]
+    finally:
+        producer.close()
 
 
 def kafka_args(bootstrap, topics):

@@ -18,9 +18,10 @@ from cropchips.queue import admin
 from cropchips.cli.options import env_table
 from cropchips.demo.broker import free_port
 from cropchips.errors import BrokerError
-from cropchips.queue.kafka import KafkaSettings, make_producer, read_topic
+from cropchips.queue.kafka import KafkaSettings, read_topic
 from cropchips.spec import DatasetSpec
 from cropchips.queue.messages import ChipRecord, Result, RunHeader, encode
+from helpers import send_records
 
 
 def kafka_args(broker, topics):
@@ -44,13 +45,7 @@ def partition_counts(broker, names):
 
 def publish(broker, topic, values, partitions=None, headers=None):
     """Send ``values`` (to partition ``partitions[i]`` if given); return the records' partitions."""
-    producer = make_producer(KafkaSettings(broker.bootstrap_servers))
-    try:
-        sent = [producer.send(topic, value=v, partition=None if partitions is None else partitions[i],
-                              headers=headers[i] if headers else []).get(timeout=10) for i, v in enumerate(values)]
-    finally:
-        producer.close()
-    return [meta.partition for meta in sent]
+    return send_records(broker.bootstrap_servers, topic, values, partitions=partitions, headers=headers)
 
 
 def fresh_names():

@@ -15,12 +15,12 @@ import pytest
 
 from conftest import REPO, SAMPLE_CHIP_SIZE, run_script
 from cropchips.testing.cog_server import CogServer
-from cropchips.queue.kafka import KafkaSettings, make_producer, read_topic
+from cropchips.queue.kafka import KafkaSettings, read_topic
 from cropchips.spec import DatasetSpec
 from cropchips.queue.messages import Cell, Result, RunHeader, Task, decode, encode
 from cropchips.processing import utc_now
 from cropchips.queue.consumer import Worker, WorkerOptions
-from helpers import WorkerProcess, final_summary, http_items, kafka_args, publish_area
+from helpers import WorkerProcess, final_summary, http_items, kafka_args, publish_area, send_records
 
 
 def master_args(sample, items):
@@ -193,10 +193,8 @@ def test_a_worker_joining_mid_task_makes_no_task_run_twice(broker, topics):
     for i in range(6):
         cell = Cell(id=f"cell-{i}", row=0, col=i, bbox=(0.0 + i, 0.0, 0.5 + i, 0.5))
         tasks.append(Task(run_id="run-join", task_id=Task.make_id(cell, []), cell=cell, scenes=(), spec=DatasetSpec()))
-    producer = make_producer(KafkaSettings(broker.bootstrap_servers))
-    for task in tasks:
-        producer.send(topics["tasks"], key=task.cell.id.encode(), value=encode(task)).get(timeout=10)
-    producer.close()
+    send_records(broker.bootstrap_servers, topics["tasks"], [encode(task) for task in tasks],
+                 keys=[task.cell.id.encode() for task in tasks])
 
     def options(instance):
         return WorkerOptions(kafka=KafkaSettings(broker.bootstrap_servers), tasks_topic=topics["tasks"],

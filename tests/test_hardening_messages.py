@@ -8,12 +8,13 @@ import threading
 import pytest
 
 from cropchips.errors import MessageError
-from cropchips.queue.kafka import KafkaSettings, is_retriable, make_producer, read_topic
+from cropchips.queue.kafka import KafkaSettings, is_retriable, read_topic
 from cropchips.spec import DatasetSpec
 from cropchips.queue.messages import Cell, ChipRecord, Result, RunHeader, Task, compact_chip, decode, encode
 from cropchips.queue.monitor import Monitor
 from cropchips.processing import utc_now
 from cropchips.queue.consumer import Worker, WorkerOptions
+from helpers import send_records
 
 DEEP = b"[" * 200_000 + b"]" * 200_000
 HUGE_INT = b'{"type": "task", "schema_version": 3, "run_id": "r", "task_id": "t", "cell": {"id": "c", "row": ' \
@@ -145,10 +146,7 @@ def options(broker, topics, **over):
 
 
 def publish(broker, topic, values):
-    producer = make_producer(KafkaSettings(broker.bootstrap_servers), max_request_size=32 * 1024 * 1024)
-    for value in values:
-        producer.send(topic, value=value).get(timeout=30)
-    producer.close()
+    send_records(broker.bootstrap_servers, topic, values, max_request_size=32 * 1024 * 1024)
 
 
 def run_worker(worker: Worker, timeout: float = 120.0) -> None:

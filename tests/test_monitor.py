@@ -8,9 +8,9 @@ import os
 import pytest
 
 from conftest import run_script
-from cropchips.queue.kafka import KafkaSettings, make_producer
 from cropchips.queue.messages import ChipRecord, Result, RunHeader, encode
 from cropchips.queue.monitor import ProgressDisplay, RunProgress, is_terminal
+from helpers import send_records
 
 
 def result(task, status, run="run-m", worker="1@a", chips=0, pixels=None):
@@ -130,10 +130,7 @@ def test_without_progress_display_the_same_goes_to_the_log(caplog):
 
 
 def publish(broker, topic, messages):
-    producer = make_producer(KafkaSettings(broker.bootstrap_servers))
-    for message in messages:
-        producer.send(topic, value=encode(message)).get(timeout=10)
-    producer.close()
+    send_records(broker.bootstrap_servers, topic, [encode(message) for message in messages])
 
 
 def monitor_args(broker, topics):
@@ -150,9 +147,7 @@ def test_follows_the_latest_run_and_exits_2_on_failure(broker, topics):
         result("a", "ok", chips=1), new, result("b", "failed"), result("a", "ok", chips=1, worker="2@b"),
         result("c", "no_scenes")])
     # An unreadable message on the topic is skipped, not fatal.
-    producer = make_producer(KafkaSettings(broker.bootstrap_servers))
-    producer.send(topics["results"], value=b"{garbage").get(timeout=10)
-    producer.close()
+    send_records(broker.bootstrap_servers, topics["results"], [b"{garbage"])
     done = run_script("monitor.py", *monitor_args(broker, topics), timeout=120)
     assert done.returncode == 2, done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])

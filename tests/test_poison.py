@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from cropchips.queue.kafka import KafkaSettings, make_producer, read_topic
+from cropchips.queue.kafka import KafkaSettings, read_topic
 from cropchips.queue.messages import Result, decode
-from helpers import WorkerProcess, final_summary, publish_area
+from helpers import WorkerProcess, final_summary, publish_area, send_records
 
 
 def test_poison_messages_are_dead_lettered_while_valid_tasks_complete(broker, topics, sample_area, tmp_path):
@@ -26,10 +26,7 @@ def test_poison_messages_are_dead_lettered_while_valid_tasks_complete(broker, to
         "forbidden": variant(lambda b: [s["assets"].update(B04="https://attacker.example.net/B04.tif")
                                         for s in b["scenes"]] and b.update(task_id=b["task_id"] + "-evil")),
     }
-    producer = make_producer(kafka)
-    for key, value in poison.items():
-        producer.send(topics["tasks"], key=key.encode(), value=value).get(timeout=10)
-    producer.close()
+    send_records(kafka.bootstrap_servers, topics["tasks"], list(poison.values()), keys=[k.encode() for k in poison])
 
     worker = WorkerProcess(1, sample_area, tmp_path, broker.bootstrap_servers, topics,
                            "--burst", "--burst-idle", "5")

@@ -10,12 +10,12 @@ import pytest
 
 from conftest import shared_data
 from cropchips.sources.hrefs import HrefPolicy
-from cropchips.queue.kafka import KafkaSettings, make_producer, read_topic
+from cropchips.queue.kafka import KafkaSettings, read_topic
 from cropchips.queue.messages import Cell, Result, Task, decode, encode
 from cropchips.processing import TaskProcessor, utc_now
 from cropchips.queue.consumer import Worker, WorkerOptions
 from cropchips.spec import DatasetSpec
-from helpers import SpecProcessor
+from helpers import SpecProcessor, send_records
 
 
 @pytest.fixture(scope="module")
@@ -116,11 +116,8 @@ def worker_options(broker, topics, **over):
 
 def publish(broker, topic, values, partitions=None):
     """Send each (key, value) in the order given, to ``partitions[i]`` if given (else by the key's hash)."""
-    producer = make_producer(KafkaSettings(broker.bootstrap_servers))
-    for i, (key, value) in enumerate(values):
-        partition = None if partitions is None else partitions[i]
-        producer.send(topic, key=key, value=value, partition=partition).get(timeout=10)
-    producer.close()
+    send_records(broker.bootstrap_servers, topic, [value for _, value in values], keys=[key for key, _ in values],
+                 partitions=partitions)
 
 
 def valid_task(i, run_id="run-w"):
@@ -139,8 +136,11 @@ def test_poison_messages_are_dead_lettered_and_valid_tasks_complete(broker, topi
                 (b"g2", encode(good[2]))]
     publish(broker, topics["tasks"], messages)
     processor = ScriptedProcessor()
-    summary = Worker(worker_options(broker, topics), processor).run()
+    worker = Worker(worker_options(broker, topics), processor)
+    summary = worker.run()
     assert sorted(processor.calls) == sorted(t.task_id for t in good)  # poison never reaches the processor
+    # A result is sent at once: the worker waits for it before the next task (a 5 ms linger each was 5 ms idle).
+    assert worker.producer.config["linger_ms"] == 0
     # One task thread for all of them (what pyproj and GDAL keep per thread is built once), not the poller's.
     assert len(set(processor.threads)) == 1 and processor.threads[0] is not threading.current_thread()
     assert summary.dead_lettered == 3 and summary.statuses["no_fields"] == 3

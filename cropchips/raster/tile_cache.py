@@ -20,8 +20,8 @@ processes (and threads) that want the same range wait for the first fetch instea
 file per entry doubled the files of the folder and the files created per fetch, and removing one
 that another process was about to lock let two processes fetch the same range. Bounded: when the
 entries pass ``max_bytes`` the least recently used (by mtime, which a hit refreshes) are removed down
-to 90 %; leftovers of killed writers are removed after :data:`STALE_S`. The cache is best effort: a full or read-only disk costs a warning and the worker
-fetches as if there were no cache.
+to 90 %; leftovers of killed writers are removed after :data:`STALE_S`. The cache is best effort: a
+full or read-only disk costs a warning and the worker fetches as if there were no cache.
 
 Hostile servers: a response must be the range asked (206 with the right ``Content-Range``, or 200 for a
 range from byte 0), bodies are read up to the bytes asked for and no further, redirects are not

@@ -37,6 +37,8 @@ def test_bench_harness_runs_at_tiny_size(tmp_path):
     assert run["worker_exit_codes"] == [0]
     # Decoding the chips' tiles once is part of what the worker did: it cannot cost more than the worker's CPU.
     assert 0 < run["decode_floor_cpu_s_per_chip"] < run["cpu"]["worker_cpu_s_per_chip"]
+    # What the kernel did for the workers: a share of their CPU, and the fresh pages they were handed.
+    assert 0 <= run["cpu"]["worker_kernel_share"] < 1 and run["cpu"]["worker_page_faults_per_chip"] > 0
 
     assert report["baseline"]["chips"] > 0 and report["baseline"]["seconds_per_chip"] > 0
     assert report["baseline"]["http"]["requests"] > 0

@@ -489,9 +489,7 @@ class TileCache:
         entries = []
         now = time.time()
         try:
-            for sub in os.scandir(self.root):
-                if not sub.is_dir() or sub.name == LOCKS_DIR:
-                    continue
+            for sub in self._entry_folders():
                 for entry in os.scandir(sub.path):
                     try:
                         st = entry.stat()
@@ -523,15 +521,18 @@ class TileCache:
 
     def _scan_total(self) -> int:
         total = 0
-        for sub in os.scandir(self.root):
-            if sub.is_dir() and sub.name != LOCKS_DIR:
-                for entry in os.scandir(sub.path):
-                    if ".tmp." not in entry.name and not entry.name.endswith(".lock"):
-                        try:
-                            total += entry.stat().st_size
-                        except FileNotFoundError:
-                            pass
+        for sub in self._entry_folders():
+            for entry in os.scandir(sub.path):
+                if ".tmp." not in entry.name and not entry.name.endswith(".lock"):
+                    try:
+                        total += entry.stat().st_size
+                    except FileNotFoundError:
+                        pass
         return total
+
+    def _entry_folders(self) -> Iterator[os.DirEntry]:
+        """The folders that hold the entries (not ``locks/``, whose files stay)."""
+        return (sub for sub in os.scandir(self.root) if sub.is_dir() and sub.name != LOCKS_DIR)
 
     def size_on_disk(self) -> int:
         """Bytes of the entries now in the folder (a scan)."""

@@ -86,8 +86,7 @@ def run_pipeline(area, items_http: Path, server, n_workers: int, setting: Settin
         plan = make_plan(options)
         server.reset_stats()
         cpu0 = _cpu_times(broker)
-        workers_cpu0 = sum(_proc_cpu(w.proc.pid) for w in workers)
-        kernel0 = [sum(x) for x in zip(*(_proc_kernel(w.proc.pid) for w in workers))]
+        workers0 = _workers_stat(workers)
         machine0 = _machine_busy()
         consumer = make_consumer(kafka, group_id=None)
         tp = TopicPartition(topics["results"], 0)
@@ -111,8 +110,7 @@ def run_pipeline(area, items_http: Path, server, n_workers: int, setting: Settin
                 if w.proc.poll() is not None:
                     raise RuntimeError(f"worker {w.n} died:\n{w.log[-3000:]}")
         cpu1 = _cpu_times(broker)
-        workers_cpu1 = sum(_proc_cpu(w.proc.pid) for w in workers)
-        kernel1 = [sum(x) for x in zip(*(_proc_kernel(w.proc.pid) for w in workers))]
+        workers1 = _workers_stat(workers)
         machine1 = _machine_busy()
         consumer.close()
         stats = server.stats
@@ -129,7 +127,7 @@ def run_pipeline(area, items_http: Path, server, n_workers: int, setting: Settin
     shutil.rmtree(workdir / f"tiles-{k}", ignore_errors=True)
     # CPU seconds while the tasks ran: the workers (from publication to the last result), this process (the COG
     # server's threads, the result consumer) and the broker; against the machine's cores x wall time.
-    worker_cpu = workers_cpu1 - workers_cpu0  # from publication to the last result
+    worker_cpu, worker_system, worker_faults = (b - a for a, b in zip(workers0, workers1))  # publication -> last result
     server_cpu, broker_cpu = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
     cores = os.cpu_count() or 1
     used = worker_cpu + server_cpu + broker_cpu
@@ -144,8 +142,8 @@ def run_pipeline(area, items_http: Path, server, n_workers: int, setting: Settin
                   "worker_cpu_s_per_chip": round(worker_cpu / chips, 4),
                   # Of it, the kernel's (system time) and the fresh pages the workers were handed (minor
                   # page faults; each is a page the kernel zeroes): what several workers a host cost each other.
-                  "worker_kernel_share": round((kernel1[0] - kernel0[0]) / worker_cpu, 3) if worker_cpu > 0 else None,
-                  "worker_page_faults_per_chip": round((kernel1[1] - kernel0[1]) / chips),
+                  "worker_kernel_share": round(worker_system / worker_cpu, 3) if worker_cpu > 0 else None,
+                  "worker_page_faults_per_chip": round(worker_faults / chips),
                   # The most chips/s this machine could give if every core did nothing but this work.
                   "cpu_ceiling_chips_per_s": round(cores * chips / used, 3) if used > 0 else None}
     return out
@@ -180,29 +178,28 @@ def _machine_busy() -> float:
     return (sum(values[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def _proc_cpu(pid: int) -> float:
-    """CPU seconds (user + system) a live process has used, from /proc."""
+def _proc_stat(pid: int) -> tuple[float, float, int]:
+    """CPU seconds (user + system), of them the system's, and minor page faults of a live process so
+    far, from one read of /proc (zeros for a process that is gone)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        tick = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / tick, int(fields[12]) / tick, int(fields[7])
     except (OSError, IndexError, ValueError):
-        return 0.0
+        return 0.0, 0.0, 0
 
 
-def _proc_kernel(pid: int) -> tuple[float, int]:
-    """System CPU seconds and minor page faults of a live process so far, from /proc."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[12]) / os.sysconf("SC_CLK_TCK"), int(fields[7])
-    except (OSError, IndexError, ValueError):
-        return 0.0, 0
+def _workers_stat(workers) -> tuple[float, float, int]:
+    """:func:`_proc_stat` summed over the worker processes."""
+    cpu, system, faults = zip(*(_proc_stat(w.proc.pid) for w in workers))
+    return sum(cpu), sum(system), sum(faults)
 
 
 def _cpu_times(broker) -> tuple[float, float]:
     """CPU seconds used so far by this process and by the broker process."""
     own = os.times()
     mine = own.user + own.system
-    return mine, _proc_cpu(broker.process.pid) if broker.process is not None else 0.0
+    return mine, _proc_stat(broker.process.pid)[0] if broker.process is not None else 0.0
 
 
 def analyse_run(plan, results, published, workers, stats, url_to_local, server, n_workers, settle_s,

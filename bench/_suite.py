@@ -79,13 +79,21 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                         ("no_tile_cache", max(counts), uncached, {}),
                         ("zstd_level_1", 1, zstd_1, {}),
                         ("whole_cell", 1, setting, {"worker_env": {"CROPCHIPS_READ_WHOLE_CELL": "1"}})):
-                    runs = []
+                    runs, defaults = [], []
                     for rep in range(reps):
+                        if name in ("zstd_level_1", "whole_cell"):  # held against the default (bench/_report.py)
+                            # A default run beside each what-if run: identical runs of one bench get slower as
+                            # it goes on (the worker's CPU a chip rose ~20 % over 8 runs in a row, 2026-12-02), so
+                            # the what-if is held against runs made next to it, not the throughput runs before.
+                            defaults.append(run_pipeline(area, items_http, server, n, setting, broker, workdir, urls))
                         t = time.perf_counter()
                         runs.append(run_pipeline(area, items_http, server, n, s_, broker, workdir, urls, **kwargs))
                         log(f"what-if {name}, {n} worker(s), run {rep + 1}/{reps}: {runs[-1]['chips_per_s']:.3f} chips/s "
-                            f"({time.perf_counter() - t:.1f} s with start-up)")
+                            f"({time.perf_counter() - t:.1f} s with start-up)"
+                            + (f", the default beside it {defaults[-1]['chips_per_s']:.3f}" if defaults else ""))
                     report["what_if"][name] = runs
+                    if defaults:
+                        report["what_if"][f"{name}_default"] = defaults
             if baseline_cells > 0:
                 t = time.perf_counter()
                 report["baseline"] = run_baseline(area, items_http, server, setting, baseline_cells, workdir)

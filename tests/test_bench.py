@@ -114,3 +114,27 @@ def test_churn_bench_runs_at_tiny_size(tmp_path):
     for run in (case["fault_free"], case["churn"]):
         assert run["lost"] == 0 and run["done"] == 120 and run["tasks_per_s"] > 0
     assert 0 < case["throughput_kept"] <= 1.5
+
+
+def test_a_one_worker_what_if_is_held_against_the_default_runs_made_beside_it():
+    from bench._report import summarise
+
+    report = json.loads((REPO / "bench" / "results.json").read_text())
+    wi = report["what_if"]
+    # A report without default runs beside the what-if (before 2026-12-02): the throughput runs stand in.
+    old = summarise(report)["what_if"]["zstd_level_1"]
+    assert old["chips_per_s_default"] == sorted(r["chips_per_s"] for r in report["throughput"]["1"])[1]
+
+    beside = []
+    for run, (speed, cpu, write) in zip(wi["zstd_level_1"], [(11.0, 0.07, 0.5), (13.0, 0.05, 0.3), (12.0, 0.06, 0.4)]):
+        twin = json.loads(json.dumps(run))
+        twin["chips_per_s"], twin["cpu"]["worker_cpu_s_per_chip"], twin["stages_median_s"]["write"] = speed, cpu, write
+        beside.append(twin)
+    wi["zstd_level_1_default"] = beside
+    wi["whole_cell_default"] = beside
+    got = summarise(report)["what_if"]
+    for name in ("zstd_level_1", "whole_cell"):
+        assert got[name]["chips_per_s_default"] == 12.0 and got[name]["worker_cpu_s_per_chip_default"] == 0.06
+    assert got["zstd_level_1"]["write_s_per_task_default"] == 0.4
+    # The what-if's own figures are its runs', whatever ran beside them.
+    assert got["zstd_level_1"]["chips_per_s"] == old["chips_per_s"]

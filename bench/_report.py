@@ -44,13 +44,18 @@ def _cpu_floor(report: dict[str, Any], runs: list[dict[str, Any]]) -> float | No
     return decode + write["cpu_ms_per_chip"] / 1000.0
 
 
-def _against_default(runs: list[dict[str, Any]], beside: list[dict[str, Any]]) -> dict[str, Any]:
-    """A one-worker what-if's speed and CPU against the default setting's: the default runs made beside it
-    (bench/_suite.py) where the report has them, else the throughput runs (reports before 2026-12-02)."""
-    return {"chips_per_s": _median(r["chips_per_s"] for r in runs),
-            "chips_per_s_default": _median(r["chips_per_s"] for r in beside),
-            "worker_cpu_s_per_chip": _median(r["cpu"]["worker_cpu_s_per_chip"] for r in runs),
-            "worker_cpu_s_per_chip_default": _median(r["cpu"]["worker_cpu_s_per_chip"] for r in beside)}
+def _against_default(runs: list[dict[str, Any]], beside: list[dict[str, Any]],
+                     stages: tuple[str, ...]) -> dict[str, Any]:
+    """A one-worker what-if's speed, CPU and ``stages`` (median seconds a task) against the default
+    setting's: the default runs made beside it (bench/_suite.py) where the report has them, else the
+    throughput runs (reports before 2026-12-02)."""
+    out = {}
+    for suffix, rs in (("", runs), ("_default", beside)):
+        out[f"chips_per_s{suffix}"] = _median(r["chips_per_s"] for r in rs)
+        out[f"worker_cpu_s_per_chip{suffix}"] = _median(r["cpu"]["worker_cpu_s_per_chip"] for r in rs)
+        out.update({f"{stage}_s_per_task{suffix}": _median(r["stages_median_s"][stage] for r in rs)
+                    for stage in stages})
+    return out
 
 
 def summarise(report: dict[str, Any]) -> dict[str, Any]:
@@ -114,17 +119,13 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
     if wi.get("zstd_level_1"):
         runs, beside = wi["zstd_level_1"], wi.get("zstd_level_1_default") or one
         what_if["zstd_level_1"] = {
-            "workers": 1, **_against_default(runs, beside),
-            **{f"write_s_per_task{suffix}": _median(r["stages_median_s"]["write"] for r in rs)
-               for suffix, rs in (("", runs), ("_default", beside))}}
+            "workers": 1, **_against_default(runs, beside, stages=("write",))}
     if wi.get("whole_cell"):
         runs, beside = wi["whole_cell"], wi.get("whole_cell_default") or one
         what_if["whole_cell"] = {
-            "workers": 1, **_against_default(runs, beside),
+            "workers": 1, **_against_default(runs, beside, stages=("read", "composite")),
             "bytes_per_chip": _median(r["http"]["bytes_per_chip"] for r in runs),
-            "bytes_per_chip_default": _median(r["http"]["bytes_per_chip"] for r in beside),
-            **{f"{stage}_s_per_task{suffix}": _median(r["stages_median_s"][stage] for r in rs)
-               for stage in ("read", "composite") for suffix, rs in (("", runs), ("_default", beside))}}
+            "bytes_per_chip_default": _median(r["http"]["bytes_per_chip"] for r in beside)}
     for key in ("read_paths", "writes"):
         if wi.get(key):
             what_if[key] = wi[key]

@@ -74,17 +74,17 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 rr = Setting(**{**asdict(setting), "partitions": partitions})
                 uncached = Setting(**{**asdict(setting), "tile_cache": False})
                 zstd_1 = Setting(**{**asdict(setting), "compression": "zstd", "compression_level": 1})
-                for name, n, s_, kwargs in (
-                        ("round_robin_partitions", max(counts), rr, {"round_robin": True}),
-                        ("no_tile_cache", max(counts), uncached, {}),
-                        ("zstd_level_1", 1, zstd_1, {}),
-                        ("whole_cell", 1, setting, {"worker_env": {"CROPCHIPS_READ_WHOLE_CELL": "1"}})):
+                # beside: a default run just before each what-if run, which the report holds it against:
+                # identical runs of one bench get slower as it goes on (the worker's CPU a chip rose ~20 % over
+                # 8 runs in a row, 2026-12-02), so not against the throughput runs made minutes before.
+                for name, n, s_, kwargs, beside in (
+                        ("round_robin_partitions", max(counts), rr, {"round_robin": True}, False),
+                        ("no_tile_cache", max(counts), uncached, {}, False),
+                        ("zstd_level_1", 1, zstd_1, {}, True),
+                        ("whole_cell", 1, setting, {"worker_env": {"CROPCHIPS_READ_WHOLE_CELL": "1"}}, True)):
                     runs, defaults = [], []
                     for rep in range(reps):
-                        if name in ("zstd_level_1", "whole_cell"):  # held against the default (bench/_report.py)
-                            # A default run beside each what-if run: identical runs of one bench get slower as
-                            # it goes on (the worker's CPU a chip rose ~20 % over 8 runs in a row, 2026-12-02), so
-                            # the what-if is held against runs made next to it, not the throughput runs before.
+                        if beside:
                             defaults.append(run_pipeline(area, items_http, server, n, setting, broker, workdir, urls))
                         t = time.perf_counter()
                         runs.append(run_pipeline(area, items_http, server, n, s_, broker, workdir, urls, **kwargs))

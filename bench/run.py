@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the partitions (4 workers), a 512 MiB GDAL /vsicurl/ cache (1 worker), plain windowed reads "
                         "instead of WarpedVRT (default: on, off with --quick)")
     p.add_argument("--cache", default=str(CACHE), help="where generated inputs are kept")
+    p.add_argument("--workdir", default=None,
+                   help="folder for the runs' outputs and tile caches (default: /dev/shm when it is writable with 2 GiB "
+                        "free, else the system's temporary folder; see bench/README.md)")
     p.add_argument("--show", metavar="JSON", default=None, help="print the table of a saved report and exit")
     return p
 

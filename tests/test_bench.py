@@ -60,6 +60,7 @@ def test_bench_harness_runs_at_tiny_size(tmp_path):
     assert abs(floor - (run["decode_floor_cpu_s_per_chip"] + writes["deflate"]["cpu_ms_per_chip"] / 1000)) < 1e-3
     assert "worker CPU floor" in done.stdout
     assert summary["verdicts"]["scaling_4_vs_1"] == "n/a"  # only one worker count was run
+    assert report["params"]["workdir"]  # where the runs wrote their files
 
 
 def test_fleet_bench_runs_at_tiny_size(tmp_path):
@@ -138,3 +139,13 @@ def test_a_one_worker_what_if_is_held_against_the_default_runs_made_beside_it():
     assert got["zstd_level_1"]["write_s_per_task_default"] == 0.4
     # The what-if's own figures are its runs', whatever ran beside them.
     assert got["zstd_level_1"]["chips_per_s"] == old["chips_per_s"]
+
+
+def test_the_runs_go_to_ram_when_it_has_room_and_to_the_temporary_folder_otherwise(tmp_path, monkeypatch):
+    import bench._suite as suite
+
+    monkeypatch.setattr(suite, "RUN_FOLDER_MIN_FREE", 1)
+    assert suite.run_folder_parent(str(tmp_path)) == str(tmp_path)
+    assert suite.run_folder_parent(str(tmp_path / "missing")) is None
+    monkeypatch.setattr(suite, "RUN_FOLDER_MIN_FREE", 2**62)  # more than any disk has free
+    assert suite.run_folder_parent(str(tmp_path)) is None

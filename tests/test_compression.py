@@ -31,6 +31,32 @@ def test_zstd_chips_hold_the_deflate_chips_pixels(sample_area, sample_task, tmp_
                 assert a.profile["dtype"] == b.profile["dtype"] and (a.read() == b.read()).all()
 
 
+def _zlib_levels(path) -> set[int]:
+    """FLEVEL of the zlib header of each band's first tile (RFC 1950: 0 fastest, 1 fast, 2 default, 3 best),
+    which zlib and libdeflate write from the level they compressed at (1 -> 0, 6 -> 2, 9 -> 3)."""
+    levels = set()
+    with rasterio.open(path) as src:
+        offsets = [int(src.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=b)) for b in src.indexes]
+    data = path.read_bytes()
+    for offset in offsets:
+        cmf, flg = data[offset], data[offset + 1]
+        assert cmf & 0x0F == 8 and (cmf * 256 + flg) % 31 == 0  # a zlib stream of deflate
+        levels.add(flg >> 6)
+    return levels
+
+
+@pytest.mark.parametrize("fmt", ["gtiff", "cog"])
+def test_deflate_chips_are_written_at_level_1_unless_the_spec_names_another(sample_area, sample_task, tmp_path, fmt):
+    default = _process(sample_area, sample_task, tmp_path / "default", format=fmt)
+    usual = _process(sample_area, sample_task, tmp_path / "six", format=fmt, compression_level=6)
+    for chip in default.chips:
+        for rel in (chip.image, chip.mask):
+            assert _zlib_levels(tmp_path / "default" / rel) == {0}  # level 1
+            assert _zlib_levels(tmp_path / "six" / rel) == {2}  # GDAL's usual 6
+            with rasterio.open(tmp_path / "default" / rel) as a, rasterio.open(tmp_path / "six" / rel) as b:
+                assert (a.read() == b.read()).all()
+
+
 def test_no_compression_writes_raw_tiles(sample_area, sample_task, tmp_path):
     result = _process(sample_area, sample_task, tmp_path / "raw", compression="none")
     with rasterio.open(tmp_path / "raw" / result.chips[0].image) as src:

@@ -61,7 +61,7 @@ def add_spec_options(parser: EnvArgumentParser) -> None:
         kind = _inner(types[key])
         default = getattr(defaults, key)
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        help_text = docs.get(key, key)
+        help_text = docs.get(key, key).replace("%", "%%")  # argparse formats help with %
         if default is not None and not help_text.rstrip(".").endswith(")"):
             help_text = f"{help_text} (default: {shown})"
         group = group_of.get(key, chips)

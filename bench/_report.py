@@ -116,10 +116,10 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
             "read_amplification": _median(r["http"]["read_amplification"] for r in runs),
             "read_amplification_with_cache": amplification.get(n),
             "worker_cpu_s_per_chip": _median(r["cpu"]["worker_cpu_s_per_chip"] for r in runs)}
-    if wi.get("zstd_level_1"):
-        runs, beside = wi["zstd_level_1"], wi.get("zstd_level_1_default") or one
-        what_if["zstd_level_1"] = {
-            "workers": 1, **_against_default(runs, beside, stages=("write",))}
+    for name in ("deflate_level_6", "zstd_level_1"):
+        if wi.get(name):
+            runs, beside = wi[name], wi.get(f"{name}_default") or one
+            what_if[name] = {"workers": 1, **_against_default(runs, beside, stages=("write",))}
     if wi.get("whole_cell"):
         runs, beside = wi["whole_cell"], wi.get("whole_cell_default") or one
         what_if["whole_cell"] = {
@@ -217,12 +217,13 @@ def print_table(report: dict[str, Any]) -> None:
         print(f"  no --tile-cache-dir, {x['workers']} workers: {x['chips_per_s']:.3f} chips/s (with the cache "
               f"{x['chips_per_s_with_cache']:.3f}), read amplification {x['read_amplification']} (with "
               f"{x['read_amplification_with_cache']}), worker CPU {x['worker_cpu_s_per_chip']} s/chip")
-    if "zstd_level_1" in w:
-        x = w["zstd_level_1"]
-        print(f"  spec compression zstd, level 1, 1 worker: {x['chips_per_s']:.3f} chips/s (deflate "
-              f"{x['chips_per_s_default']:.3f}), worker CPU {x['worker_cpu_s_per_chip']} s/chip (deflate "
-              f"{x['worker_cpu_s_per_chip_default']}), write {x['write_s_per_task']} s a task (deflate "
-              f"{x['write_s_per_task_default']})")
+    for name, what in (("deflate_level_6", "deflate, level 6 (GDAL's usual)"), ("zstd_level_1", "zstd, level 1")):
+        if name in w:
+            x = w[name]
+            print(f"  spec compression {what}, 1 worker: {x['chips_per_s']:.3f} chips/s (the default, deflate 1: "
+                  f"{x['chips_per_s_default']:.3f}), worker CPU {x['worker_cpu_s_per_chip']} s/chip "
+                  f"({x['worker_cpu_s_per_chip_default']}), write {x['write_s_per_task']} s a task "
+                  f"({x['write_s_per_task_default']})")
     if "whole_cell" in w:
         x = w["whole_cell"]
         print(f"  bands read and composited over the whole cell (--read-whole-cell), 1 worker: {x['chips_per_s']:.3f} "

@@ -76,12 +76,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 rr = Setting(**{**asdict(setting), "partitions": partitions})
                 uncached = Setting(**{**asdict(setting), "tile_cache": False})
                 zstd_1 = Setting(**{**asdict(setting), "compression": "zstd", "compression_level": 1})
+                deflate_6 = Setting(**{**asdict(setting), "compression_level": 6})
                 # beside: a default run just before each what-if run, which the report holds it against:
                 # identical runs of one bench get slower as it goes on (the worker's CPU a chip rose ~20 % over
                 # 8 runs in a row, 2026-12-02), so not against the throughput runs made minutes before.
                 for name, n, s_, kwargs, beside in (
                         ("round_robin_partitions", max(counts), rr, {"round_robin": True}, False),
                         ("no_tile_cache", max(counts), uncached, {}, False),
+                        ("deflate_level_6", 1, deflate_6, {}, True),
                         ("zstd_level_1", 1, zstd_1, {}, True),
                         ("whole_cell", 1, setting, {"worker_env": {"CROPCHIPS_READ_WHOLE_CELL": "1"}}, True)):
                     runs, defaults = [], []

@@ -53,7 +53,7 @@ def test_bench_harness_runs_at_tiny_size(tmp_path):
     assert summary["values"]["read_amplification"] >= 1.0
     assert summary["values"]["worker_cpu_s_per_chip"] == run["cpu"]["worker_cpu_s_per_chip"] > 0
     writes = report["what_if"]["writes"]["by_compression"]
-    assert list(writes) == ["deflate", "deflate:1", "zstd", "zstd:1", "lzw", "none"]
+    assert list(writes) == ["deflate", "deflate:6", "zstd", "zstd:1", "lzw", "none"]
     assert all(w["cpu_ms_per_chip"] > 0 and w["kb_per_chip"] > 0 for w in writes.values())
     assert writes["none"]["kb_per_chip"] > max(w["kb_per_chip"] for k, w in writes.items() if k != "none")
     floor = summary["diagnostics"]["cpu_floor_s_per_chip"]

@@ -49,8 +49,9 @@ COMPRESSIONS = ("deflate", "zstd", "lzw", "none")
 COMPRESSION_LEVELS = {"deflate": 9, "zstd": 22}
 #: The level a codec is written at when the spec says 0. Deflate at 1, not GDAL's 6: a 256 px chip of
 #: 10 bands and its mask is 1.5 % larger (477 against 470 KB) and takes a third of the CPU to write
-#: (8.8 against 27.5 ms; ``bench/results.json`` *writes*); in the bench's worker that is 13 % of its CPU
-#: a chip (0.170 against 0.195 s, 2026-12-03, alternating runs). Zstd stays at its usual 9.
+#: (17.9 against 46.0 ms; ``bench/results.json`` *writes*, 2026-12-03); in the bench's one worker, 4-13 % of
+#: its CPU a chip (0.178 against 0.186 s beside default runs; 0.17 against 0.195 in alternating runs).
+#: Zstd stays at its usual 9.
 DEFAULT_LEVELS = {"deflate": 1}
 
 

@@ -77,9 +77,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 uncached = Setting(**{**asdict(setting), "tile_cache": False})
                 zstd_1 = Setting(**{**asdict(setting), "compression": "zstd", "compression_level": 1})
                 deflate_6 = Setting(**{**asdict(setting), "compression_level": 6})
-                # beside: a default run just before each what-if run, which the report holds it against:
-                # identical runs of one bench get slower as it goes on (the worker's CPU a chip rose ~20 % over
-                # 8 runs in a row, 2026-12-02), so not against the throughput runs made minutes before.
+                # beside: a default run just before each what-if run, which the report holds it against, not the
+                # throughput runs made minutes before: on disk identical runs got slower as the bench went on (the
+                # worker's CPU a chip rose ~20 % over 8 runs in a row, 2026-12-02; see run_folder_parent), and the
+                # VM's speed drifts too.
                 for name, n, s_, kwargs, beside in (
                         ("round_robin_partitions", max(counts), rr, {"round_robin": True}, False),
                         ("no_tile_cache", max(counts), uncached, {}, False),

@@ -134,7 +134,6 @@ def test_a_one_worker_what_if_is_held_against_the_default_runs_made_beside_it():
         twin["chips_per_s"], twin["cpu"]["worker_cpu_s_per_chip"], twin["stages_median_s"]["write"] = speed, cpu, write
         beside.append(twin)
     wi["zstd_level_1_default"] = wi["whole_cell_default"] = wi["deflate_level_6_default"] = beside
-    wi.setdefault("deflate_level_6", wi["zstd_level_1"])
     got = summarise(report)["what_if"]
     for name in ("zstd_level_1", "whole_cell", "deflate_level_6"):
         assert got[name]["chips_per_s_default"] == 12.0 and got[name]["worker_cpu_s_per_chip_default"] == 0.06

@@ -49,6 +49,7 @@ def _zlib_levels(path) -> set[int]:
 def test_deflate_chips_are_written_at_level_1_unless_the_spec_names_another(sample_area, sample_task, tmp_path, fmt):
     default = _process(sample_area, sample_task, tmp_path / "default", format=fmt)
     usual = _process(sample_area, sample_task, tmp_path / "six", format=fmt, compression_level=6)
+    assert [c.name for c in default.chips] == [c.name for c in usual.chips]
     for chip in default.chips:
         for rel in (chip.image, chip.mask):
             assert _zlib_levels(tmp_path / "default" / rel) == {0}  # level 1

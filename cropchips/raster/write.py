@@ -90,7 +90,8 @@ def write_tiff(path: Path, array: np.ndarray, *, crs: str, transform: Affine,
                descriptions: tuple[str, ...] | None = None, fmt: str = "gtiff", categorical: bool = False,
                nodata: int | None = IMAGE_NODATA, compression: str = "deflate", level: int = 0) -> None:
     """Encode ``array`` (bands, rows, cols) as a GeoTIFF (or COG) at ``path``, declaring ``nodata``
-    (None: no nodata value), compressed with ``compression`` at ``level`` (0: :data:`DEFAULT_LEVELS`, else the codec's default)."""
+    (None: no nodata value), compressed with ``compression`` at ``level`` (0: :data:`DEFAULT_LEVELS`, else the
+    codec's default)."""
     profile = _profile(array.shape[0], array.dtype.name, array.shape[1:], crs, transform, fmt, categorical, nodata,
                        compression, level)
     with rasterio.open(path, "w", **profile) as dst:

@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -76,10 +77,15 @@ class ProcessingOptions:
     """A cell's lease expires this long after its holder last renewed it (every third of it)."""
     read_whole_cell: bool = False
     """Read and composite the bands over the whole cell, not only over the box of its chips (same chips)."""
+    write_threads: int = 4
+    """Chips of a task written at once (encoding releases the GIL; on NFS and object stores each file is
+    round trips: fsync, rename, upload)."""
 
     def __post_init__(self) -> None:
         if self.read_threads < 1:
             raise ConfigError("--read-threads must be >= 1")
+        if self.write_threads < 1:
+            raise ConfigError(f"--write-threads must be >= 1, got {self.write_threads}")
         if self.max_task_starts < 1:
             raise ConfigError("--max-task-starts must be >= 1")
         if self.lease_ttl_s < 3:
@@ -140,6 +146,8 @@ class TaskProcessor:
                  if options.tile_cache_dir and reader is None else None)
         self.reader = reader or CogReader(threads=options.read_threads, cache_bytes=options.read_cache_mb * 2**20,
                                           tiles=tiles)
+        self._writers = (ThreadPoolExecutor(max_workers=options.write_threads, thread_name_prefix="write")
+                         if options.write_threads > 1 else None)
 
     def layer(self, spec: DatasetSpec) -> FieldLayer:
         """The spec's layer of this host's GeoPackage, checked against the master's fingerprint."""
@@ -160,8 +168,10 @@ class TaskProcessor:
         return {"dataset_digest": spec.dataset_digest(), "split": split or "", "software": __version__}
 
     def close(self) -> None:
-        """Close the band files kept open across tasks."""
+        """Close the band files kept open across tasks, and end the chip writers' threads."""
         self.reader.close()
+        if self._writers is not None:
+            self._writers.shutdown(wait=True)
 
     def _result(self, task: Task, status: str, watch: Stopwatch, **kwargs) -> Result:
         return Result(run_id=task.run_id, task_id=task.task_id, cell_id=task.cell.id, worker_id=self.worker_id,
@@ -435,48 +445,17 @@ class TaskProcessor:
 
     def _write(self, task: Task, grid: TargetGrid, made: CellImage, labels: Mapping[str, np.ndarray],
                windows: list[ChipWindow], skipped: dict[str, int]) -> list[ChipRecord]:
-        """Write each chip (image, label layers, provenance sidecar), then, if the cell is still ours, remove
-        the cell's chips this run no longer makes and write the manifest."""
+        """Write each chip (image, label layers, provenance sidecar), up to ``write_threads`` at once; then,
+        once all have ended, if the cell is still ours, remove the cell's chips this run no longer makes
+        and write the manifest. A chip that fails fails the task, after the others have ended."""
         spec, cell = task.spec, task.cell
-        source = source_for(spec.collection)
-        records = []
-        for k, window in enumerate(windows):
-            rows, cols = window.slices()
-            name = f"{cell.id}-chip{k:02d}"
-            chip_mask = labels["classes"][rows, cols]
-            transform = grid.transform * Affine.translation(window.col, window.row)
-            image_rel, mask_rel = write_chip(self.storage, name, made.chip(window), chip_mask,
-                                             crs=grid.crs, transform=transform, descriptions=made.descriptions,
-                                             fmt=spec.format, compression=spec.compression,
-                                             level=spec.compression_level)
-            extra = {layer: labels[layer][rows, cols] for layer in spec.labels if layer != "classes"}
-            if "instances" in extra:
-                extra["instances"] = chip_instances(extra["instances"])  # ids unique within the chip
-            layers = {"classes": mask_rel, **write_layers(self.storage, name, extra, crs=grid.crs,
-                                                          transform=transform, fmt=spec.format,
-                                                          compression=spec.compression,
-                                                          level=spec.compression_level)}
-            classes, counts = np.unique(chip_mask, return_counts=True)
-            left, top = transform.c, transform.f
-            size = window.size * grid.resolution
-            record = ChipRecord(
-                name=name, image=image_rel, mask=mask_rel, crs=grid.crs,
-                bounds=(left, top - size, left + size, top),
-                class_pixels={str(int(c)): int(n) for c, n in zip(classes, counts)}, field_id=window.field_id,
-                cell_id=cell.id, method=spec.composite, scenes=made.provenance(task), bands=made.descriptions,
-                clear_fraction=round(float(made.clear_fraction[rows, cols].mean()), 4),
-                nodata_fraction=round(float(1.0 - made.covered[rows, cols].mean()), 4),
-                resolution=grid.resolution, format=spec.format, software=__version__,
-                dataset_id=spec.dataset_id(), split=task.split or "", layers=layers, **made.bin_record(window, spec))
-            # The provenance sidecar sits beside the chip for tools that never see Kafka.
-            self.storage.write_json(f"{METADATA_DIR}/{name}.json",
-                                    {"task_id": task.task_id, "run_id": task.run_id, "worker_id": self.worker_id,
-                                     **asdict(record),
-                                     "masking": {"quality_band": source.quality_band,
-                                                 "clear_classes": list(spec.clear_classes),
-                                                 "cloud_buffer_px": spec.cloud_buffer_px,
-                                                 "unmapped_label": spec.unmapped_label}})
-            records.append(record)
+        if self._writers is None or len(windows) <= 1:
+            records = [self._write_chip(task, grid, made, labels, k, window) for k, window in enumerate(windows)]
+        else:
+            futures = [self._writers.submit(self._write_chip, task, grid, made, labels, k, window)
+                       for k, window in enumerate(windows)]
+            wait(futures)  # none still writing once the task has ended, whatever happened
+            records = [future.result() for future in futures]  # the first failure, in chip order, is raised
         self._check_lease()  # another writer must not have taken the cell meanwhile
         remove_other_chips(self.storage, cell.id, keep={r.name for r in records}, layers=spec.labels)
         write_manifest(self.storage, cell.id, {
@@ -484,6 +463,48 @@ class TaskProcessor:
             "chips": [asdict(r) for r in records], "scenes_used": [task.scenes[i].id for i in made.used],
             "chips_skipped": dict(skipped), "worker_id": self.worker_id, "written_at": utc_now()})
         return records
+
+    def _write_chip(self, task: Task, grid: TargetGrid, made: CellImage, labels: Mapping[str, np.ndarray], k: int,
+                    window: ChipWindow) -> ChipRecord:
+        """The files of chip ``k``: image, classes mask and the spec's other label layers, then its sidecar."""
+        spec, cell = task.spec, task.cell
+        source = source_for(spec.collection)
+        rows, cols = window.slices()
+        name = f"{cell.id}-chip{k:02d}"
+        chip_mask = labels["classes"][rows, cols]
+        transform = grid.transform * Affine.translation(window.col, window.row)
+        image_rel, mask_rel = write_chip(self.storage, name, made.chip(window), chip_mask,
+                                         crs=grid.crs, transform=transform, descriptions=made.descriptions,
+                                         fmt=spec.format, compression=spec.compression,
+                                         level=spec.compression_level)
+        extra = {layer: labels[layer][rows, cols] for layer in spec.labels if layer != "classes"}
+        if "instances" in extra:
+            extra["instances"] = chip_instances(extra["instances"])  # ids unique within the chip
+        layers = {"classes": mask_rel, **write_layers(self.storage, name, extra, crs=grid.crs,
+                                                      transform=transform, fmt=spec.format,
+                                                      compression=spec.compression,
+                                                      level=spec.compression_level)}
+        classes, counts = np.unique(chip_mask, return_counts=True)
+        left, top = transform.c, transform.f
+        size = window.size * grid.resolution
+        record = ChipRecord(
+            name=name, image=image_rel, mask=mask_rel, crs=grid.crs,
+            bounds=(left, top - size, left + size, top),
+            class_pixels={str(int(c)): int(n) for c, n in zip(classes, counts)}, field_id=window.field_id,
+            cell_id=cell.id, method=spec.composite, scenes=made.provenance(task), bands=made.descriptions,
+            clear_fraction=round(float(made.clear_fraction[rows, cols].mean()), 4),
+            nodata_fraction=round(float(1.0 - made.covered[rows, cols].mean()), 4),
+            resolution=grid.resolution, format=spec.format, software=__version__,
+            dataset_id=spec.dataset_id(), split=task.split or "", layers=layers, **made.bin_record(window, spec))
+        # The provenance sidecar sits beside the chip for tools that never see Kafka.
+        self.storage.write_json(f"{METADATA_DIR}/{name}.json",
+                                {"task_id": task.task_id, "run_id": task.run_id, "worker_id": self.worker_id,
+                                 **asdict(record),
+                                 "masking": {"quality_band": source.quality_band,
+                                             "clear_classes": list(spec.clear_classes),
+                                             "cloud_buffer_px": spec.cloud_buffer_px,
+                                             "unmapped_label": spec.unmapped_label}})
+        return record
 
 
 @dataclass(frozen=True)

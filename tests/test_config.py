@@ -15,6 +15,14 @@ def test_worker_defaults_are_the_seed_values():
     assert not options.burst and args.number == "3"
 
 
+def test_write_threads_come_from_the_flag_or_its_environment_twin_and_must_be_positive():
+    assert worker.parse_args(["3"], env={})[0].write_threads == 4
+    assert worker.parse_args(["3", "--write-threads", "1"], env={})[0].write_threads == 1
+    assert worker.parse_args(["3"], env={"CROPCHIPS_WRITE_THREADS": "2"})[0].write_threads == 2
+    with pytest.raises(SystemExit):
+        worker.parse_args(["3", "--write-threads", "0"], env={})
+
+
 def test_switches_and_toggles_read_the_environment():
     env = {"CROPCHIPS_BURST": "yes", "CROPCHIPS_HARMONIZE": "false", "CROPCHIPS_FORCE": "1",
            "CROPCHIPS_COMPOSITE": "least-cloudy"}

@@ -272,3 +272,73 @@ def test_a_task_rasterizes_only_once_the_background_import_of_geocube_has_ended(
     monkeypatch.setattr(processing, "cell_labels", lambda *a, **k: seen.append(loaded.is_set()) or real_labels(*a, **k))
     result = processor(sample_area, tmp_path).process(task)
     assert result.status == "ok" and seen and all(seen)
+
+
+def _tree(out):
+    return {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and p.parent.name in ("images", "masks", "instances", "boundaries")}
+
+
+def test_chips_written_at_once_are_the_files_and_records_of_chips_written_one_by_one(sample_area, task, tmp_path):
+    one, four = tmp_path / "one", tmp_path / "four"
+    settings = {"labels": ("classes", "instances", "boundaries")}
+    first = processor(sample_area, one, write_threads=1, **settings).process(task)
+    second = processor(sample_area, four, write_threads=4, **settings).process(task)
+    assert first.status == second.status == "ok" and len(first.chips) >= 2
+    assert [c.name for c in first.chips] == [c.name for c in second.chips]
+    assert first.chips == second.chips
+    assert _tree(one) == _tree(four) and len(_tree(one)) == 4 * len(first.chips)
+    manifests = [json.loads((out / manifest_path(task.cell.id)).read_text()) for out in (one, four)]
+    assert [m["chips"] for m in manifests][0] == [m["chips"] for m in manifests][1]
+
+
+def test_a_tasks_chips_are_written_concurrently(sample_area, task, tmp_path):
+    """Two chips' images must be in the middle of being written at the same moment: the first two wait for
+    each other (one after the other, the first would wait out the barrier's timeout and fail the task)."""
+    import threading
+
+    sp = processor(sample_area, tmp_path, write_threads=2)
+    storage = sp.processor.storage
+    real_publish = storage.publish
+    together = threading.Barrier(2, timeout=60)
+    waited = []
+
+    def publish(rel, produce):
+        if rel.startswith("images/") and len(waited) < 2:
+            waited.append(rel)
+            together.wait()
+        real_publish(rel, produce)
+
+    storage.publish = publish
+    result = sp.process(task)
+    assert result.status == "ok", result.error
+    assert sorted(waited) == [f"images/{task.cell.id}-chip00.tif", f"images/{task.cell.id}-chip01.tif"]
+
+
+def test_a_chip_that_cannot_be_written_fails_the_task_after_the_others_ended_and_writes_no_manifest(
+        sample_area, task, tmp_path):
+    import errno
+    import threading
+
+    sp = processor(sample_area, tmp_path, write_threads=4)
+    storage = sp.processor.storage
+    real_publish = storage.publish
+    running, lock = [0], threading.Lock()
+    bad = f"images/{task.cell.id}-chip01.tif"
+
+    def publish(rel, produce):
+        if rel == bad:
+            raise PermissionError(errno.EACCES, "refused", rel)
+        with lock:
+            running[0] += 1
+        try:
+            real_publish(rel, produce)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    storage.publish = publish
+    result = sp.process(task)
+    assert result.status == "failed" and "refused" in result.error
+    assert running[0] == 0  # no chip still being written once the task has its result
+    assert not (tmp_path / manifest_path(task.cell.id)).exists()

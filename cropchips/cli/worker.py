@@ -33,6 +33,9 @@ def build_parser(env: Mapping[str, str] | None = None) -> config.EnvArgumentPars
     p.option("--local-scenes-dir", default=None, group=c,
              help="comma-separated folders from which local scene files may be read (default: none)")
     p.option("--read-threads", type=config.positive_int, default=8, group=c, help="band files read concurrently")
+    p.option("--write-threads", type=config.positive_int, default=4, group=c,
+             help="chips of a task written concurrently (encoding, fsync and rename, or the upload to an object "
+                  "store); 1: one after the other")
     p.option("--read-cache-mb", type=config.non_negative_int, default=256, group=c,
              help="MiB of decoded COG tiles kept across tasks, with the band files left open, so that neighbouring "
                   "cells do not fetch and decode shared tiles again (0: close every file after reading it)")
@@ -116,7 +119,7 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         output_dir=args.output_dir, gpkg=args.gpkg, read_threads=args.read_threads, read_cache_mb=args.read_cache_mb,
         tile_cache_dir=args.tile_cache_dir or None, tile_cache_mb=args.tile_cache_mb,
         max_task_memory_mb=args.max_task_memory_mb, read_whole_cell=args.read_whole_cell,
-        max_task_starts=args.max_task_starts, lease_ttl_s=args.lease_ttl,
+        write_threads=args.write_threads, max_task_starts=args.max_task_starts, lease_ttl_s=args.lease_ttl,
         hrefs=HrefPolicy.from_options(args.allowed_hrefs, args.local_scenes_dir))
     worker = WorkerOptions(
         kafka=config.kafka_settings(args, f"cropchips-worker-{args.number}", env),

@@ -344,6 +344,26 @@ def test_a_failed_read_drops_the_kept_file_and_the_retry_reopens_it(scene, tmp_p
     datasets.close()
 
 
+def test_the_grid_origin_comes_from_the_kept_open_file_that_the_task_then_reads(scene, monkeypatch):
+    """A task opens its origin band once: for the grid's origin and for its pixels."""
+    import cropchips.raster.read as reading
+    from cropchips.raster.read import CogReader
+
+    href = scene.assets["B02"]
+    expected = grid_origin(href)
+    grid = cell_grid(CELL, 32629, expected, RES, margin_px=2)
+    fresh = read_band(href, "B02", grid)
+    opened = []
+    real_open = reading.open_scene
+    monkeypatch.setattr(reading, "open_scene", lambda href, tiles=None: opened.append(href) or real_open(href, tiles))
+    reader = CogReader(threads=1, cache_bytes=16 * 2**20)
+    assert reader.origin(href, "B02") == expected  # the same corner as a fresh open gives
+    ours = reader.bands([scene], grid, SENTINEL2, bands=("B02",), within=None)
+    assert np.array_equal(ours[0, 0], fresh)
+    assert opened == [href]
+    reader.close()
+
+
 def test_the_pixel_grid_geometry_needs_no_gdal():
     """cropchips.raster.grid is arithmetic only: importing it in a fresh interpreter loads no rasterio."""
     import subprocess

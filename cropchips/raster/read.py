@@ -104,11 +104,15 @@ TASK_BYTES_PER_SCENE_PIXEL = 21 + 1 + 20 + 1 + 4 + 1
 TASK_BYTES_PER_PIXEL = 64
 
 
-def grid_origin(href: str, band: str = "B02", tiles: TileCache | None = None) -> tuple[float, float]:
-    """Upper-left corner of a file's pixel grid, from its own header (never the item's metadata)."""
+def grid_origin(href: str, band: str = "B02", tiles: TileCache | None = None,
+                datasets: OpenDatasets | FreshFiles | None = None) -> tuple[float, float]:
+    """Upper-left corner of a file's pixel grid, from its own header (never the item's metadata); with
+    ``datasets``, from the file kept open there (the task reads that band next: one open for both)."""
     def read() -> tuple[float, float]:
-        with rasterio.Env(**GDAL_OPTIONS), _surfacing(tiles), open_scene(href, tiles) as src:
-            return src.transform.c, src.transform.f
+        tiles_used = datasets.tiles if datasets is not None else tiles
+        with rasterio.Env(**GDAL_OPTIONS), _surfacing(tiles_used):
+            with (open_scene(href, tiles) if datasets is None else datasets.dataset(href)) as src:
+                return src.transform.c, src.transform.f
 
     return with_read_retries(lambda: with_shared_openers(read), band, href)
 
@@ -696,7 +700,7 @@ class CogReader:
             OpenDatasets(cache_bytes, tiles=tiles) if cache_bytes else FreshFiles(tiles) if tiles is not None else None)
 
     def origin(self, href: str, band: str) -> tuple[float, float]:
-        return grid_origin(href, band, self.tiles)
+        return grid_origin(href, band, self.tiles, self.datasets)
 
     def read(self, scenes: Sequence[Scene], grid: TargetGrid, source: Source, *, bands: Sequence[str],
              clear_classes: Sequence[int], max_scenes: int,

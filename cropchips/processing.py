@@ -32,7 +32,8 @@ from cropchips.raster.labels import (load_rasterizer, chip_instances, classes_of
                                      rasterize_instances)
 from cropchips.raster.temporal import Binned, BinSelection, compose_bins, compose_selected_bins, select_bins
 from cropchips.output.leases import LEASES_DIR, CellLeases, Lease, Starts, read_starts, write_starts
-from cropchips.output.manifest import chips_from_manifest, read_complete_manifest, remove_other_chips, write_manifest
+from cropchips.output.manifest import (chip_name, chips_from_manifest, is_chip_of, manifest_path, read_complete_manifest,
+                                       remove_other_chips, write_manifest)
 from cropchips.queue.messages import Cell, ChipRecord, Result, Task, compact_chip
 from cropchips.sources import SceneRadiometry, Source, remove_offset, source_for
 from cropchips.raster.grid import GRID_MARGIN_PX, TargetGrid, cell_grid, choose_epsg
@@ -457,12 +458,38 @@ class TaskProcessor:
             wait(futures)  # none still writing once the task has ended, whatever happened
             records = [future.result() for future in futures]  # the first failure, in chip order, is raised
         self._check_lease()  # another writer must not have taken the cell meanwhile
-        remove_other_chips(self.storage, cell.id, keep={r.name for r in records}, layers=spec.labels)
+        remove_other_chips(self.storage, cell.id, keep={r.name for r in records}, layers=spec.labels,
+                           names=self._chip_names(task))
         write_manifest(self.storage, cell.id, {
             "task_id": task.task_id, "run_id": task.run_id, "cell_id": cell.id, "settings": self.manifest_key(spec, task.split),
             "chips": [asdict(r) for r in records], "scenes_used": [task.scenes[i].id for i in made.used],
             "chips_skipped": dict(skipped), "worker_id": self.worker_id, "written_at": utc_now()})
         return records
+
+    def _chip_names(self, task: Task) -> set[str] | None:
+        """Every name a chip of the task's cell can have in the folder, so that the stale ones are removed
+        without listing the folders (:func:`remove_other_chips`): the folder holds one dataset spec, so a
+        chip's number is below its ``max_chips_per_cell`` whoever wrote it, finished or killed; and the
+        names in the cell's manifest (a run of the spec the folder held before a ``--force``).
+
+        None (list the folders) for a task published with ``--force``, which may replace the folder's
+        spec by one of fewer chips, and when the manifest cannot be read. Left behind: chips of a run
+        killed mid-cell under a spec that a later ``--force`` run replaced without covering that cell."""
+        if task.force:
+            return None
+        cell_id = task.cell.id
+        names = {chip_name(cell_id, k) for k in range(task.spec.max_chips_per_cell)}
+        try:
+            body = self.storage.read_json(manifest_path(cell_id))
+        except FileNotFoundError:
+            return names
+        except (OSError, ValueError):
+            return None
+        chips = body.get("chips") if isinstance(body, dict) else None
+        if not isinstance(chips, list):
+            return None
+        listed = [chip.get("name") for chip in chips if isinstance(chip, dict)]
+        return names | {name for name in listed if isinstance(name, str) and is_chip_of(name, cell_id)}
 
     def _write_chip(self, task: Task, grid: TargetGrid, made: CellImage, labels: Mapping[str, np.ndarray], k: int,
                     window: ChipWindow) -> ChipRecord:
@@ -470,7 +497,7 @@ class TaskProcessor:
         spec, cell = task.spec, task.cell
         source = source_for(spec.collection)
         rows, cols = window.slices()
-        name = f"{cell.id}-chip{k:02d}"
+        name = chip_name(cell.id, k)
         chip_mask = labels["classes"][rows, cols]
         transform = grid.transform * Affine.translation(window.col, window.row)
         image_rel, mask_rel = write_chip(self.storage, name, made.chip(window), chip_mask,

@@ -290,3 +290,26 @@ def test_stale_layer_files_are_removed(tmp_path):
                                 "instances/c-chip00.tif", "metadata/c-chip00.json")
     assert chip_files({**chip, "layers": {}}) == ("images/c-chip00.tif", "masks/c-chip00.tif",
                                                   "metadata/c-chip00.json")
+
+
+def test_stale_chips_named_by_the_caller_are_removed_without_listing_the_folders(tmp_path, monkeypatch):
+    from cropchips.output.manifest import chip_name, is_chip_of, remove_other_chips
+    from cropchips.output.storage import open_storage
+
+    storage = open_storage(tmp_path)
+    for folder in ("images", "masks", "instances", "boundaries", "metadata"):
+        (tmp_path / folder).mkdir()
+        for chip in ("c-chip00", "c-chip01", "c-chip03", "c-chip07", "d-chip00"):
+            (tmp_path / folder / f"{chip}.{'json' if folder == 'metadata' else 'tif'}").write_bytes(b"x")
+    monkeypatch.setattr(storage, "list", lambda *a, **k: pytest.fail("listed a folder"))
+    names = {chip_name("c", k) for k in range(5)}
+    # c-chip01 and c-chip03 go in all five folders, c-chip00's instances and boundaries too; c-chip07
+    # (no name given) and cell d stay.
+    assert remove_other_chips(storage, "c", keep={"c-chip00"}, layers=("classes",), names=names) == 5 + 5 + 2
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.*"))
+    assert left == sorted([f"{folder}/{chip}.{'json' if folder == 'metadata' else 'tif'}"
+                           for folder in ("images", "masks", "instances", "boundaries", "metadata")
+                           for chip in ("c-chip07", "d-chip00")]
+                          + ["images/c-chip00.tif", "masks/c-chip00.tif", "metadata/c-chip00.json"])
+    assert is_chip_of("c-chip07", "c") and is_chip_of("c-chip100", "c")
+    assert not any(is_chip_of(name, "c") for name in ("d-chip00", "c-chip", "c-chip0a", "c-chip00/../x", "c-chip٣"))

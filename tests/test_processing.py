@@ -342,3 +342,31 @@ def test_a_chip_that_cannot_be_written_fails_the_task_after_the_others_ended_and
     assert result.status == "failed" and "refused" in result.error
     assert running[0] == 0  # no chip still being written once the task has its result
     assert not (tmp_path / manifest_path(task.cell.id)).exists()
+
+
+def test_a_redo_removes_the_stale_chips_of_its_cell_by_name_without_listing_the_chip_folders(
+        sample_area, task, tmp_path):
+    """The chip folders hold every cell's chips: a task must not read them whole. The stale chips it removes
+    are those a killed run of the folder's spec may have left (numbers below max_chips_per_cell) and those
+    the cell's manifest names."""
+    first = processor(sample_area, tmp_path, max_chips_per_cell=8).process(task)
+    assert first.status == "ok"
+    made = {c.name for c in first.chips}
+    cell = task.cell.id
+    stale = {f"{cell}-chip{k:02d}" for k in range(8)} - made | {f"{cell}-chip31"}
+    for name in stale:
+        for folder, ext in (("images", "tif"), ("masks", "tif"), ("metadata", "json")):
+            (tmp_path / folder / f"{name}.{ext}").write_bytes(b"left by an earlier run")
+    manifest = tmp_path / manifest_path(cell)
+    body = json.loads(manifest.read_text())
+    body["chips"].append({**body["chips"][0], "name": f"{cell}-chip31"})
+    manifest.write_text(json.dumps(body))
+    sp = processor(sample_area, tmp_path, max_chips_per_cell=8)
+    real_list = sp.processor.storage.list
+    listed = []
+    sp.processor.storage.list = lambda folder, prefix="": listed.append(folder) or real_list(folder, prefix)
+    redo = sp.process(replace(task, task_id=task.task_id + "x"))
+    assert redo.status == "ok" and not redo.reused and {c.name for c in redo.chips} == made
+    for folder in ("images", "masks", "metadata"):
+        assert {p.stem for p in (tmp_path / folder).iterdir()} == made
+    assert not set(listed) & {"images", "masks", "instances", "boundaries", "metadata"}

@@ -251,8 +251,9 @@ class Storage:
         """Relative paths of the files directly in ``folder`` whose names start with ``prefix``, sorted."""
         raise NotImplementedError
 
-    def delete(self, rel: str) -> None:
-        """Remove the file if it exists."""
+    def delete(self, rel: str) -> bool | None:
+        """Remove the file if it exists: True if this call removed it, False if there was none, None
+        where the store cannot tell (an object store's DELETE succeeds either way)."""
         raise NotImplementedError
 
     def create_exclusive(self, rel: str, data: bytes) -> bool:
@@ -414,13 +415,14 @@ class LocalStorage(Storage):
             return []
         return sorted(f"{folder}/{name}" if folder else name for name in names)
 
-    def delete(self, rel: str) -> None:
+    def delete(self, rel: str) -> bool:
         parts = split_relative(rel)
         try:
             with self._folder(parts[:-1], create=False) as dir_fd:
                 os.unlink(parts[-1], dir_fd=dir_fd)  # a link at that name is removed itself, never followed
         except FileNotFoundError:
-            pass
+            return False
+        return True
 
     def create_exclusive(self, rel: str, data: bytes) -> bool:
         # The classic NFS-safe lock (open(2), O_EXCL): write a unique temporary, then link(2) it
@@ -615,12 +617,14 @@ class ObjectStorage(Storage):
         names = (k[len(base) + 1:] for k in keys if k.startswith(base + "/"))
         return sorted(f"{folder}/{n}" for n in names if n.startswith(prefix) and "/" not in n)
 
-    def delete(self, rel: str) -> None:
+    def delete(self, rel: str) -> bool | None:
         try:
             self._retry(lambda: self.fs.rm_file(self._key(rel)), f"removal of {rel}")
         except FileNotFoundError:
-            pass
-        self.fs.invalidate_cache(self._key(rel))
+            return False
+        finally:
+            self.fs.invalidate_cache(self._key(rel))
+        return None
 
     def create_exclusive(self, rel: str, data: bytes) -> bool:
         # A conditional PUT (If-None-Match: *): the store answers 412 if the key exists, and

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
 import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -147,8 +148,7 @@ class TaskProcessor:
                  if options.tile_cache_dir and reader is None else None)
         self.reader = reader or CogReader(threads=options.read_threads, cache_bytes=options.read_cache_mb * 2**20,
                                           tiles=tiles)
-        self._writers = (ThreadPoolExecutor(max_workers=options.write_threads, thread_name_prefix="write")
-                         if options.write_threads > 1 else None)
+        self._writers = _DaemonPool(options.write_threads, "write") if options.write_threads > 1 else None
 
     def layer(self, spec: DatasetSpec) -> FieldLayer:
         """The spec's layer of this host's GeoPackage, checked against the master's fingerprint."""
@@ -172,7 +172,7 @@ class TaskProcessor:
         """Close the band files kept open across tasks, and end the chip writers' threads."""
         self.reader.close()
         if self._writers is not None:
-            self._writers.shutdown(wait=True)
+            self._writers.close()
 
     def _result(self, task: Task, status: str, watch: Stopwatch, **kwargs) -> Result:
         return Result(run_id=task.run_id, task_id=task.task_id, cell_id=task.cell.id, worker_id=self.worker_id,
@@ -532,6 +532,40 @@ class TaskProcessor:
                                              "cloud_buffer_px": spec.cloud_buffer_px,
                                              "unmapped_label": spec.unmapped_label}})
         return record
+
+
+class _DaemonPool:
+    """``n`` threads kept from task to task (GDAL and PROJ keep state per thread), daemons like the task
+    thread: the writes of a task abandoned past the shutdown grace (a hung NFS mount) cannot keep the
+    worker from exiting, as a ``ThreadPoolExecutor``'s threads, joined at exit, would."""
+
+    def __init__(self, n: int, name: str):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._serve, daemon=True, name=f"{name}_{i}") for i in range(n)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn: Callable, *args) -> Future:
+        future: Future = Future()
+        self._jobs.put((future, fn, args))
+        return future
+
+    def _serve(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            future, fn, args = job
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as exc:  # surfaced by future.result() in the task's thread
+                    future.set_exception(exc)
+
+    def close(self) -> None:
+        """Let the threads end once they are idle (not waited for)."""
+        for _ in self._threads:
+            self._jobs.put(None)
 
 
 @dataclass(frozen=True)

@@ -370,3 +370,47 @@ def test_a_redo_removes_the_stale_chips_of_its_cell_by_name_without_listing_the_
     for folder in ("images", "masks", "metadata"):
         assert {p.stem for p in (tmp_path / folder).iterdir()} == made
     assert not set(listed) & {"images", "masks", "instances", "boundaries", "metadata"}
+
+
+_HUNG_WRITE = r"""
+import sys, threading
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from cropchips.queue.messages import decode
+from cropchips.sources.hrefs import HrefPolicy
+from helpers import SpecProcessor
+
+task = decode(open(sys.argv[2], "rb").read())
+sp = SpecProcessor("p@test", output_dir=sys.argv[3], gpkg=sys.argv[4], layer=sys.argv[5], chip_size=32,
+                   hrefs=HrefPolicy(local_dirs=(Path(sys.argv[6]),)), write_threads=2)
+hung = threading.Event()
+real_publish = sp.processor.storage.publish
+
+def publish(rel, produce):
+    if rel.endswith("-chip01.tif") and rel.startswith("images/"):
+        hung.set()
+        threading.Event().wait()  # a hard NFS mount that never answers
+    real_publish(rel, produce)
+
+sp.processor.storage.publish = publish
+threading.Thread(target=sp.process, args=(task,), daemon=True).start()  # the worker's task thread is a daemon
+assert hung.wait(60)
+sp.processor.close()  # the worker gives the task up past its shutdown grace and exits
+print("exiting")
+"""
+
+
+def test_a_chip_write_that_hangs_does_not_keep_the_worker_from_exiting(sample_area, task, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from cropchips.queue.messages import encode
+
+    (tmp_path / "task.json").write_bytes(encode(task))
+    tests = Path(__file__).resolve().parent
+    proc = subprocess.run([sys.executable, "-c", _HUNG_WRITE, str(tests), str(tmp_path / "task.json"),
+                           str(tmp_path / "out"), str(sample_area.gpkg), sample_area.layer,
+                           str(sample_area.root.resolve())], capture_output=True, text=True, timeout=180,
+                          cwd=tests.parent)
+    assert proc.returncode == 0 and "exiting" in proc.stdout, proc.stderr[-2000:]

@@ -165,12 +165,19 @@ def test_a_task_longer_than_max_poll_interval_is_not_redelivered(broker, topics)
     slow = ScriptedProcessor(seconds=7.0)  # > max_poll_interval_ms below, > session timeout
     other = ScriptedProcessor()
     opts = worker_options(broker, topics, max_poll_interval_ms=4000, burst_idle_s=6.0)
-    runs = [threading.Thread(target=lambda p=p: Worker(opts, p).run()) for p in (slow, other)]
+    workers = [Worker(opts, p) for p in (slow, other)]
+    # Daemons, and stopped below: a thread left polling after the session's broker is gone kept pytest from exiting.
+    runs = [threading.Thread(target=w.run, daemon=True) for w in workers]
     for thread in runs:
         thread.start()
         time.sleep(0.5)
     for thread in runs:
         thread.join(timeout=90)
+    for w in workers:  # a worker that never got a partition waits a minute longer in burst mode
+        w.stop_requested.set()
+    for thread in runs:
+        thread.join(timeout=30)
+    assert not any(thread.is_alive() for thread in runs)
     # Each task processed exactly once in the group: nobody was evicted, nothing redelivered.
     assert sorted(slow.calls + other.calls) == sorted(t.task_id for t in tasks)
     results = [decode(r.value) for r in read_topic(KafkaSettings(broker.bootstrap_servers), topics["results"])]

@@ -189,7 +189,7 @@ def test_stop_past_the_grace_period_abandons_the_task_uncommitted(broker, topics
     publish(broker, topics["tasks"], [(task.cell.id.encode(), encode(task))])
     slow = ScriptedProcessor(seconds=8.0)
     worker = Worker(worker_options(broker, topics, shutdown_grace_s=0.5), slow)
-    thread = threading.Thread(target=worker.run)
+    thread = threading.Thread(target=worker.run, daemon=True)  # a failure here must not hang pytest at exit
     thread.start()
     deadline = time.monotonic() + 30
     while not slow.calls and time.monotonic() < deadline:

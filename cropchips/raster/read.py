@@ -104,15 +104,14 @@ TASK_BYTES_PER_SCENE_PIXEL = 21 + 1 + 20 + 1 + 4 + 1
 TASK_BYTES_PER_PIXEL = 64
 
 
-def grid_origin(href: str, band: str = "B02", tiles: TileCache | None = None,
-                datasets: OpenDatasets | FreshFiles | None = None) -> tuple[float, float]:
-    """Upper-left corner of a file's pixel grid, from its own header (never the item's metadata); with
-    ``datasets``, from the file kept open there (the task reads that band next: one open for both)."""
+def grid_origin(href: str, band: str = "B02", datasets: OpenDatasets | FreshFiles | None = None
+                ) -> tuple[float, float]:
+    """Upper-left corner of a file's pixel grid, from its own header (never the item's metadata); opened
+    as :func:`read_band` opens it: with :class:`OpenDatasets`, the file stays open for the task's read
+    of that band (one open for both)."""
     def read() -> tuple[float, float]:
-        tiles_used = datasets.tiles if datasets is not None else tiles
-        with rasterio.Env(**GDAL_OPTIONS), _surfacing(tiles_used):
-            with (open_scene(href, tiles) if datasets is None else datasets.dataset(href)) as src:
-                return src.transform.c, src.transform.f
+        with rasterio.Env(**GDAL_OPTIONS), _surfacing(_tiles_of(datasets)), _opened(href, datasets) as src:
+            return src.transform.c, src.transform.f
 
     return with_read_retries(lambda: with_shared_openers(read), band, href)
 
@@ -311,6 +310,15 @@ def _surfacing(tiles: TileCache | None) -> AbstractContextManager[None]:
     return tiles.surfacing_errors() if tiles is not None else nullcontext()
 
 
+def _tiles_of(datasets: OpenDatasets | FreshFiles | None) -> TileCache | None:
+    return None if datasets is None else datasets.tiles
+
+
+def _opened(href: str, datasets: OpenDatasets | FreshFiles | None) -> AbstractContextManager[rasterio.DatasetReader]:
+    """``href`` kept open in (or opened fresh through) ``datasets``; without, opened for this read alone."""
+    return open_scene(href) if datasets is None else datasets.dataset(href)
+
+
 def read_band(href: str, band: str, grid: TargetGrid, datasets: OpenDatasets | FreshFiles | None = None, *,
               categorical: bool = False, within: GridWindow | None = None) -> np.ndarray:
     """One band of one scene onto ``grid`` (any CRS and resolution in, ``grid`` out), 0 outside the file;
@@ -322,9 +330,9 @@ def read_band(href: str, band: str, grid: TargetGrid, datasets: OpenDatasets | F
     A ``categorical`` band (a quality band of classes) is resampled by nearest neighbour.
     """
     def read() -> np.ndarray:
-        tiles = None if datasets is None else datasets.tiles
+        tiles = _tiles_of(datasets)
         with rasterio.Env(**GDAL_OPTIONS), _surfacing(tiles):
-            with (open_scene(href) if datasets is None else datasets.dataset(href)) as src:
+            with _opened(href, datasets) as src:
                 out = read_onto_grid(src, grid, categorical=categorical, within=within)
                 if tiles is not None:
                     tiles.check()  # inside: a handle that read failed bytes is closed and dropped
@@ -700,7 +708,7 @@ class CogReader:
             OpenDatasets(cache_bytes, tiles=tiles) if cache_bytes else FreshFiles(tiles) if tiles is not None else None)
 
     def origin(self, href: str, band: str) -> tuple[float, float]:
-        return grid_origin(href, band, self.tiles, self.datasets)
+        return grid_origin(href, band, self.datasets)
 
     def read(self, scenes: Sequence[Scene], grid: TargetGrid, source: Source, *, bands: Sequence[str],
              clear_classes: Sequence[int], max_scenes: int,

@@ -281,3 +281,122 @@ def test_partitions_paused_for_the_order_lose_nothing_when_the_group_rebalances(
             assert [t for t in calls if owner[t] == p] == [t for t in by_partition[p] if t in calls]
     results = [decode(r.value) for r in read_topic(KafkaSettings(broker.bootstrap_servers), topics["results"])]
     assert sorted(r.task_id for r in results) == everything
+
+
+# --------------------------------------------------------------------------- finishing while the next runs
+
+
+class TimedProcessor(ScriptedProcessor):
+    """Also records when each call started and ended (monotonic s)."""
+
+    def __init__(self, seconds=0.0):
+        super().__init__(seconds)
+        self.spans: dict[str, tuple[float, float]] = {}
+
+    def process(self, task: Task) -> Result:
+        start = time.monotonic()
+        result = super().process(task)
+        self.spans[task.task_id] = (start, time.monotonic())
+        return result
+
+
+class SlowBrokerWorker(Worker):
+    """A worker whose broker takes ``ack_s`` to acknowledge each result (or refuses ``refuse``'s)."""
+
+    def __init__(self, options, processor, ack_s=0.0, refuse=()):
+        super().__init__(options, processor)
+        self.ack_s, self.refuse = ack_s, set(refuse)
+        self.delivered: dict[str, tuple[float, float]] = {}
+
+    def _deliver(self, inflight, result, retry_s=None):
+        from cropchips.errors import BrokerError
+
+        start = time.monotonic()
+        if result.task_id in self.refuse:
+            raise BrokerError(f"scripted: the broker does not acknowledge {result.task_id}")
+        time.sleep(self.ack_s)
+        super()._deliver(inflight, result, retry_s)
+        self.delivered[result.task_id] = (start, time.monotonic())
+
+
+def on_one_partition(broker, topics, values):
+    publish(broker, topics["tasks"], [(b"k", value) for value in values], [0] * len(values))
+
+
+def test_a_task_starts_while_the_previous_result_is_published_and_committed(broker, topics):
+    tasks = [valid_task(i, "run-overlap") for i in range(4)]
+    on_one_partition(broker, topics, [encode(t) for t in tasks])
+    processor = TimedProcessor(seconds=0.6)
+    worker = SlowBrokerWorker(worker_options(broker, topics), processor, ack_s=0.4)
+    summary = worker.run()
+    ids = [t.task_id for t in tasks]
+    assert processor.calls == ids and summary.statuses["no_fields"] == 4
+    for before, after in zip(ids, ids[1:]):
+        # The next task was running before the previous result's (slow) acknowledgement came.
+        assert processor.spans[after][0] < worker.delivered[before][1]
+    results = [decode(r.value).task_id for r in read_topic(KafkaSettings(broker.bootstrap_servers), topics["results"])]
+    assert results == ids  # one result each, in task order
+    again = ScriptedProcessor()  # every offset committed, the last one too
+    Worker(worker_options(broker, topics), again).run()
+    assert again.calls == []
+
+
+def test_a_dead_letter_after_a_task_is_committed_after_it(broker, topics):
+    first, last = valid_task(0, "run-order-dl"), valid_task(1, "run-order-dl")
+    on_one_partition(broker, topics, [encode(first), b"{not json", encode(last)])
+    processor = ScriptedProcessor()
+    summary = Worker(worker_options(broker, topics), processor).run()
+    assert processor.calls == [first.task_id, last.task_id] and summary.dead_lettered == 1
+    results = [decode(r.value) for r in read_topic(KafkaSettings(broker.bootstrap_servers), topics["results"])]
+    # The ended task is finished before the poison message after it is dead-lettered and committed.
+    assert [(r.task_id, r.status) for r in results] == [(first.task_id, "no_fields"), ("poison-0-1", "failed"),
+                                                        (last.task_id, "no_fields")]
+    again = ScriptedProcessor()
+    Worker(worker_options(broker, topics), again).run()
+    assert again.calls == []
+
+
+def test_a_result_the_broker_never_takes_stops_the_worker_after_the_running_task_ended(broker, topics):
+    from cropchips.errors import BrokerError
+
+    tasks = [valid_task(i, "run-refused") for i in range(3)]
+    on_one_partition(broker, topics, [encode(t) for t in tasks])
+    processor = TimedProcessor(seconds=0.8)
+    worker = SlowBrokerWorker(worker_options(broker, topics), processor, refuse={tasks[0].task_id})
+    with pytest.raises(BrokerError, match="does not acknowledge"):
+        worker.run()
+    returned = time.monotonic()
+    # The second task had started; the worker waited for it (no file cut off mid-write), not for a third.
+    assert processor.calls == [tasks[0].task_id, tasks[1].task_id]
+    assert processor.spans[tasks[1].task_id][1] <= returned
+    # Neither was committed: the group's next worker runs both again (and the third).
+    again = ScriptedProcessor()
+    Worker(worker_options(broker, topics), again).run()
+    assert again.calls == [t.task_id for t in tasks]
+
+
+def test_a_worker_joining_while_another_runs_a_long_task_does_not_wait_for_it(broker, topics):
+    # kafka-python completes a join only while a poll waits for it; a busy worker that polled
+    # between waits threw each JoinGroup answer away, so the group stayed stuck until its task ended.
+    placed, _ = spread("run-join", per_partition=1)
+    publish_to_partitions(broker, topics["tasks"], placed)
+    busy, newcomer = TimedProcessor(seconds=20.0), TimedProcessor(seconds=0.1)
+    opts = worker_options(broker, topics, assignor="cooperative-sticky", burst_idle_s=3.0, session_timeout_ms=6000)
+    workers = [Worker(opts, busy), Worker(opts, newcomer)]
+    threads = [threading.Thread(target=w.run, daemon=True) for w in workers]
+    threads[0].start()
+    deadline = time.monotonic() + 60
+    while not busy.calls and time.monotonic() < deadline:
+        time.sleep(0.05)
+    first_start = time.monotonic()
+    threads[1].start()
+    while not newcomer.spans and time.monotonic() < first_start + 60:
+        time.sleep(0.05)
+    assert newcomer.spans, "the newcomer never ran a task"
+    # The newcomer ran a task of its own while the busy worker's first task (20 s) was still running.
+    assert min(start for start, _ in newcomer.spans.values()) < first_start + 18.0
+    for w in workers:
+        w.stop_requested.set()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)

@@ -86,6 +86,7 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
         "cpu_ceiling_chips_per_s": _median(r["cpu"]["cpu_ceiling_chips_per_s"] for r in one),
         "decode_floor_cpu_s_per_chip": _median(r.get("decode_floor_cpu_s_per_chip") for r in one),
         "cpu_floor_s_per_chip": _cpu_floor(report, one),
+        "kafka_overhead_share_after_first_task": _median(r["kafka"].get("overhead_share_after_first_task") for r in one),
     }
     what_if = {}
     wi = report.get("what_if") or {}
@@ -250,6 +251,8 @@ def print_table(report: dict[str, Any]) -> None:
           f"{d['cpu_ceiling_chips_per_s'] / s['chips_per_s_median']['1']:.2f}x one worker)"
           if d.get("cpu_ceiling_chips_per_s") and s["chips_per_s_median"].get("1") else
           f"  (read amplification against each task's own tiles: {d['read_amplification_per_task']})")
+    if d.get("kafka_overhead_share_after_first_task") is not None:
+        print(f"  (Kafka's share once each worker has its first task: {d['kafka_overhead_share_after_first_task']:.2%})")
     if d.get("cpu_floor_s_per_chip") is not None:
         print(f"  (worker CPU floor: decoding the chips' tiles once, {d['decode_floor_cpu_s_per_chip']:.3f} s a chip, "
               f"+ writing a chip at deflate = {d['cpu_floor_s_per_chip']:.3f} s a chip)")

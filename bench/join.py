@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import threading
 import time
 from typing import Any
@@ -104,7 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         n = 0
         for static, assignor in cases:
             for _ in range(args.rounds):
-                report["rounds"].append(one_round(broker, n, args.tasks, args.task_s, static, assignor))
+                row = one_round(broker, n, args.tasks, args.task_s, static, assignor)
+                report["rounds"].append(row)
+                # A round can take minutes: each is on stderr as it ends, in case the run is cut short.
+                print(json.dumps(row), file=sys.stderr, flush=True)
                 n += 1
     for static, assignor in cases:
         rows = [r for r in report["rounds"] if r["static"] == static and r["assignor"] == assignor]

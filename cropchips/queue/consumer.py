@@ -307,7 +307,9 @@ class _Rebalance(AsyncConsumerRebalanceListener):
             log.warning("partitions lost (this worker was dropped from the group): %s",
                         sorted(tp.partition for tp in lost))
             inflight = self.worker.inflight
-            if inflight is not None and inflight.tp in lost:
+            # A task that ended (waiting for the next to start) still publishes its result:
+            # its commit is then refused, and its new owner re-reports it from the manifest.
+            if inflight is not None and inflight.tp in lost and inflight.result is None:
                 inflight.revoked = True
 
     async def on_partitions_assigned(self, assigned: Any) -> None:

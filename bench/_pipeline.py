@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._floor import decode_cpu_s
-from bench._workers import Worker, wait_ready
+from bench._workers import CpuSampler, Worker, wait_ready
 from bench.areas import REPO, area_options, tile_bytes, tile_index, tiles_for_bounds
 
 
@@ -74,6 +74,7 @@ def run_pipeline(area, items_http: Path, server, n_workers: int, setting: Settin
     if setting.tile_cache:
         args += ["--tile-cache-dir", str(workdir / f"tiles-{k}")]
     workers = [Worker(n, args, worker_env) for n in range(1, n_workers + 1)]
+    sampler = CpuSampler(workers)
     try:
         settle_s = wait_ready(workers, setting.partitions)
         time.sleep(0.3)
@@ -88,6 +89,7 @@ def run_pipeline(area, items_http: Path, server, n_workers: int, setting: Settin
         cpu0 = _cpu_times(broker)
         workers0 = _workers_stat(workers)
         machine0 = _machine_busy()
+        sampler.start()
         consumer = make_consumer(kafka, group_id=None)
         tp = TopicPartition(topics["results"], 0)
         consumer.assign([tp])
@@ -112,9 +114,11 @@ def run_pipeline(area, items_http: Path, server, n_workers: int, setting: Settin
         cpu1 = _cpu_times(broker)
         workers1 = _workers_stat(workers)
         machine1 = _machine_busy()
+        sampler.stop()
         consumer.close()
         stats = server.stats
     finally:
+        sampler.stop()
         for w in workers:
             w.stop()
     published = {}
@@ -140,6 +144,7 @@ def run_pipeline(area, items_http: Path, server, n_workers: int, setting: Settin
                   "utilisation": round(used / (cores * out["wall_s"]), 3) if out["wall_s"] else None,
                   "other_processes_share": round(others / (cores * out["wall_s"]), 3) if out["wall_s"] else None,
                   "worker_cpu_s_per_chip": round(worker_cpu / chips, 4),
+                  **_after_first_task(workers, results, sampler),
                   # Of it, the kernel's (system time) and the fresh pages the workers were handed (minor
                   # page faults; each is a page the kernel zeroes): what several workers a host cost each other.
                   "worker_kernel_share": round(worker_system / worker_cpu, 3) if worker_cpu > 0 else None,
@@ -147,6 +152,38 @@ def run_pipeline(area, items_http: Path, server, n_workers: int, setting: Settin
                   # The most chips/s this machine could give if every core did nothing but this work.
                   "cpu_ceiling_chips_per_s": round(cores * chips / used, 3) if used > 0 else None}
     return out
+
+
+def _after_first_task(workers, results, sampler: CpuSampler) -> dict[str, Any]:
+    """The workers' CPU a chip once each has ended its first task, and what that first task cost.
+
+    A worker's first task is cold: every band file opened for the first time (its header fetched and
+    parsed), every tile fetched and decoded with nothing cached yet. A long run pays that once a worker,
+    so on the bench's small areas (8 tasks on 4 x 2 cells) it weighs on ``worker_cpu_s_per_chip`` far
+    more than it does on a national run's ~100 tasks a worker: this is the figure without it, from the
+    moment each worker logged its first task's end to the last result, over the chips of its later tasks.
+    """
+    warm_cpu, warm_chips, first_cpu = 0.0, 0, []
+    for w in workers:
+        started, ended = [], {}
+        for ts, text in w.lines:
+            m = re.match(r"task (\S+) \(cell .*\) started", text)
+            if m:
+                started.append(m.group(1))
+            m = re.match(r"task (\S+) (?:ok|no_scenes|no_fields|failed): \d+ chips in", text)
+            if m:
+                ended.setdefault(m.group(1), ts)
+        samples = sampler.samples.get(w.n) or []
+        if not started or started[0] not in ended or len(samples) < 2:
+            continue
+        at_first_end = sampler.cpu_at(w.n, ended[started[0]])
+        if at_first_end is None:
+            continue
+        first_cpu.append(at_first_end - samples[0][1])
+        warm_cpu += samples[-1][1] - at_first_end
+        warm_chips += sum(len(results[i][0].chips) for i in set(started[1:]) if i in results)
+    return {"worker_cpu_s_per_chip_after_first_task": round(warm_cpu / warm_chips, 4) if warm_chips else None,
+            "first_task_worker_cpu_s": [round(x, 3) for x in first_cpu]}
 
 
 def _publish_round_robin(plan, options) -> None:

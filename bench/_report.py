@@ -87,6 +87,11 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
         "decode_floor_cpu_s_per_chip": _median(r.get("decode_floor_cpu_s_per_chip") for r in one),
         "cpu_floor_s_per_chip": _cpu_floor(report, one),
         "kafka_overhead_share_after_first_task": _median(r["kafka"].get("overhead_share_after_first_task") for r in one),
+        # Without each worker's cold first task (bench/_pipeline.py: _after_first_task); reports before
+        # 2026-12-04 do not have it.
+        "worker_cpu_s_per_chip_after_first_task": _median(r["cpu"].get("worker_cpu_s_per_chip_after_first_task")
+                                                          for r in one),
+        "first_task_worker_cpu_s": _median(x for r in one for x in r["cpu"].get("first_task_worker_cpu_s", ())),
     }
     what_if = {}
     wi = report.get("what_if") or {}
@@ -251,6 +256,10 @@ def print_table(report: dict[str, Any]) -> None:
           f"{d['cpu_ceiling_chips_per_s'] / s['chips_per_s_median']['1']:.2f}x one worker)"
           if d.get("cpu_ceiling_chips_per_s") and s["chips_per_s_median"].get("1") else
           f"  (read amplification against each task's own tiles: {d['read_amplification_per_task']})")
+    if d.get("worker_cpu_s_per_chip_after_first_task") is not None:
+        print(f"  (worker CPU a chip once each worker has ended its first task: "
+              f"{d['worker_cpu_s_per_chip_after_first_task']:.3f} s, {verdict('worker_cpu_s_per_chip', d['worker_cpu_s_per_chip_after_first_task'])}; "
+              + (f"the first task took {d['first_task_worker_cpu_s']:.2f} CPU s)" if d.get('first_task_worker_cpu_s') is not None else ")"))
     if d.get("kafka_overhead_share_after_first_task") is not None:
         print(f"  (Kafka's share once each worker has its first task: {d['kafka_overhead_share_after_first_task']:.2%})")
     if d.get("cpu_floor_s_per_chip") is not None:

@@ -85,6 +85,52 @@ class Worker:
         return "".join(self.raw)
 
 
+class CpuSampler:
+    """CPU seconds (user + system) of each worker process, sampled every ``interval_s`` in a thread, so that
+    the CPU a worker had used at any moment of the run (the end of its first task) can be read back."""
+
+    def __init__(self, workers: list[Worker], interval_s: float = 0.02):
+        self.interval_s = interval_s
+        self.samples: dict[int, list[tuple[float, float]]] = {w.n: [] for w in workers}
+        self._pids = {w.n: w.proc.pid for w in workers}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
+
+    def start(self) -> None:
+        self._sample()
+        self._thread.start()
+
+    def stop(self) -> None:
+        """End the sampling with one last sample (again: nothing more)."""
+        if self._stop.is_set() or not self._thread.is_alive():
+            return
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._sample()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def _sample(self) -> None:
+        tick = os.sysconf("SC_CLK_TCK")
+        for n, pid in self._pids.items():
+            try:
+                fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+                self.samples[n].append((time.time(), (int(fields[11]) + int(fields[12])) / tick))
+            except (OSError, IndexError, ValueError):
+                pass
+
+    def cpu_at(self, n: int, when: float) -> float | None:
+        """Worker ``n``'s CPU seconds at epoch time ``when`` (linear between the samples around it; None
+        outside the sampled span)."""
+        samples = self.samples.get(n) or []
+        for (t0, c0), (t1, c1) in zip(samples, samples[1:]):
+            if t0 <= when <= t1:
+                return c0 if t1 == t0 else c0 + (c1 - c0) * (when - t0) / (t1 - t0)
+        return None
+
+
 def wait_ready(workers: list[Worker], partitions: int, timeout: float = 120.0) -> float:
     """Wait until the group is settled: every worker holds partitions, together all of them, once each."""
     start = time.monotonic()

@@ -39,6 +39,12 @@ def test_bench_harness_runs_at_tiny_size(tmp_path):
     assert 0 < run["decode_floor_cpu_s_per_chip"] < run["cpu"]["worker_cpu_s_per_chip"]
     # What the kernel did for the workers: a share of their CPU, and the fresh pages they were handed.
     assert 0 <= run["cpu"]["worker_kernel_share"] < 1 and run["cpu"]["worker_page_faults_per_chip"] > 0
+    # Without the worker's cold first task (2 tasks, one worker): the first task's CPU is part of the
+    # worker's CPU over the run, and what came after it is the rest (sampled, so within a few ticks).
+    cpu = run["cpu"]
+    (first,) = cpu["first_task_worker_cpu_s"]
+    assert 0 < first < cpu["workers_s"] + 0.05
+    assert cpu["worker_cpu_s_per_chip_after_first_task"] > 0
 
     assert report["baseline"]["chips"] > 0 and report["baseline"]["seconds_per_chip"] > 0
     assert report["baseline"]["http"]["requests"] > 0
@@ -52,6 +58,8 @@ def test_bench_harness_runs_at_tiny_size(tmp_path):
                                         "kafka_overhead_share"}
     assert summary["values"]["read_amplification"] >= 1.0
     assert summary["values"]["worker_cpu_s_per_chip"] == run["cpu"]["worker_cpu_s_per_chip"] > 0
+    assert summary["diagnostics"]["worker_cpu_s_per_chip_after_first_task"] == cpu["worker_cpu_s_per_chip_after_first_task"]
+    assert "once each worker has ended its first task" in done.stdout
     writes = report["what_if"]["writes"]["by_compression"]
     assert list(writes) == ["deflate", "deflate:6", "zstd", "zstd:1", "lzw", "none"]
     assert all(w["cpu_ms_per_chip"] > 0 and w["kb_per_chip"] > 0 for w in writes.values())

@@ -58,6 +58,20 @@ def _against_default(runs: list[dict[str, Any]], beside: list[dict[str, Any]],
     return out
 
 
+def _default_runs_cpu(report: dict[str, Any], one: list[dict[str, Any]]) -> dict[str, Any]:
+    """The worker's CPU a chip over every one-worker run of the default setting in this report: the throughput
+    runs and the default runs made beside the what-ifs (the same setting, minutes apart). Identical runs on
+    this VM spread by ±12 % (2026-12-04: 0.075-0.096 on 16 x 4 cells), so a row of one run is a draw from it."""
+    wi = report.get("what_if") or {}
+    runs = [r for r in one if r.get("workers") == 1] + [
+        r for name, rs in wi.items() if name.endswith("_default") and isinstance(rs, list) for r in rs]
+    values = sorted(r["cpu"]["worker_cpu_s_per_chip"] for r in runs)
+    if len(values) < 2:
+        return {}
+    return {"worker_cpu_s_per_chip_default_runs": {"runs": len(values), "median": round(statistics.median(values), 4),
+                                                   "min": values[0], "max": values[-1]}}
+
+
 def summarise(report: dict[str, Any]) -> dict[str, Any]:
     tp = report["throughput"]
     by_n = {n: _median(r["chips_per_s"] for r in runs) for n, runs in tp.items()}
@@ -92,6 +106,7 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
         "worker_cpu_s_per_chip_after_first_task": _median(r["cpu"].get("worker_cpu_s_per_chip_after_first_task")
                                                           for r in one),
         "first_task_worker_cpu_s": _median(x for r in one for x in r["cpu"].get("first_task_worker_cpu_s", ())),
+        **_default_runs_cpu(report, one),
     }
     what_if = {}
     wi = report.get("what_if") or {}
@@ -146,7 +161,7 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
             "chips_per_s_median": {n: round(v, 4) for n, v in by_n.items() if v is not None},
             "balanced_chips_per_s_median": {n: round(v, 4) for n, v in balanced.items() if v is not None},
             "values": {k: (round(v, 4) if v is not None else None) for k, v in values.items()},
-            "diagnostics": {k: (round(v, 4) if v is not None else None) for k, v in extra.items()},
+            "diagnostics": {k: (round(v, 4) if isinstance(v, (int, float)) else v) for k, v in extra.items()},
             "targets": {k: f"{op} {goal:g}" for k, (op, goal) in TARGETS.items()},
             "verdicts": {k: verdict(k, v) for k, v in values.items()}}
 
@@ -260,6 +275,10 @@ def print_table(report: dict[str, Any]) -> None:
         print(f"  (worker CPU a chip once each worker has ended its first task: "
               f"{d['worker_cpu_s_per_chip_after_first_task']:.3f} s, {verdict('worker_cpu_s_per_chip', d['worker_cpu_s_per_chip_after_first_task'])}; "
               + (f"the first task took {d['first_task_worker_cpu_s']:.2f} CPU s)" if d.get('first_task_worker_cpu_s') is not None else ")"))
+    if d.get("worker_cpu_s_per_chip_default_runs"):
+        x = d["worker_cpu_s_per_chip_default_runs"]
+        print(f"  (worker CPU a chip over all {x['runs']} one-worker runs of the default setting in this report: median "
+              f"{x['median']:.3f}, {x['min']:.3f}-{x['max']:.3f})")
     if d.get("kafka_overhead_share_after_first_task") is not None:
         print(f"  (Kafka's share once each worker has its first task: {d['kafka_overhead_share_after_first_task']:.2%})")
     if d.get("cpu_floor_s_per_chip") is not None:

@@ -150,6 +150,23 @@ def test_a_one_worker_what_if_is_held_against_the_default_runs_made_beside_it():
     assert got["zstd_level_1"]["chips_per_s"] == old["chips_per_s"]
 
 
+def test_the_cpu_a_chip_of_every_identical_one_worker_run_is_reported_beside_the_row():
+    from bench._report import summarise
+
+    report = json.loads((REPO / "bench" / "results.json").read_text())
+    wi = report["what_if"]
+    for run, cpu in zip(report["throughput"]["1"], (0.09, 0.11, 0.10)):
+        run["cpu"]["worker_cpu_s_per_chip"] = cpu
+    for name in [n for n in wi if n.endswith("_default")]:
+        del wi[name]
+    wi["zstd_level_1_default"] = [json.loads(json.dumps(report["throughput"]["1"][0])) for _ in range(2)]
+    for run, cpu in zip(wi["zstd_level_1_default"], (0.07, 0.08)):
+        run["cpu"]["worker_cpu_s_per_chip"] = cpu
+    wi["zstd_level_1"][0]["cpu"]["worker_cpu_s_per_chip"] = 0.01  # not the default setting: left out
+    got = summarise(report)["diagnostics"]["worker_cpu_s_per_chip_default_runs"]
+    assert got == {"runs": 5, "median": 0.09, "min": 0.07, "max": 0.11}
+
+
 def test_the_runs_go_to_ram_when_it_has_room_and_to_the_temporary_folder_otherwise(tmp_path, monkeypatch):
     import bench._suite as suite
 

@@ -42,7 +42,8 @@ class Sleeper:
                       status="no_fields", finished_at=utc_now())
 
 
-def one_round(broker: EmbeddedBroker, n: int, tasks: int, task_s: float, static: bool, assignor: str) -> dict[str, Any]:
+def one_round(broker: EmbeddedBroker, n: int, tasks: int, task_s: float, static: bool, assignor: str,
+              session_timeout_ms: int = 10000) -> dict[str, Any]:
     kafka = KafkaSettings(broker.bootstrap_servers)
     names = {"tasks": f"join-tasks-{n}", "results": f"join-results-{n}", "dlq": f"join-dlq-{n}", "group": f"join-{n}"}
     ensure_topics(kafka, {names["tasks"]: 10, names["results"]: 1, names["dlq"]: 1})
@@ -57,7 +58,7 @@ def one_round(broker: EmbeddedBroker, n: int, tasks: int, task_s: float, static:
     def worker(name: str) -> Worker:
         options = WorkerOptions(kafka=kafka, tasks_topic=names["tasks"], results_topic=names["results"],
                                 dlq_topic=names["dlq"], group_id=names["group"], burst=True, burst_idle_s=8.0,
-                                session_timeout_ms=10000, group_instance_id=f"bench-{name}" if static else None,
+                                session_timeout_ms=session_timeout_ms, group_instance_id=f"bench-{name}" if static else None,
                                 assignor=assignor)
         return Worker(options, Sleeper(name, task_s, log))
 
@@ -83,7 +84,7 @@ def one_round(broker: EmbeddedBroker, n: int, tasks: int, task_s: float, static:
         gaps = [b[0] - a[1] for a, b in zip(mine, mine[1:]) if b[0] >= joined_at]
         pauses[name] = round(max(gaps, default=0.0), 2)
     newcomer = [s for w, _, s, _ in log if w == "w3"]
-    return {"static": static, "assignor": assignor, "pause_s": pauses,
+    return {"static": static, "assignor": assignor, "session_timeout_ms": session_timeout_ms, "pause_s": pauses,
             "newcomer_first_task_s": round(min(newcomer) - joined_at, 2) if newcomer else None,
             "tasks_run_twice": sum(1 for c in runs.values() if c > 1), "tasks_never_run": tasks - len(runs),
             "handed_over": sum(w.summary.handed_over for w in first + [late]),
@@ -97,15 +98,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--tasks", type=int, default=60)
     p.add_argument("--task-s", type=float, default=0.5)
+    p.add_argument("--session-timeout-ms", type=int, default=10000,
+                   help="the workers' session timeout (Tansu's rebalance takes about half of it)")
+    p.add_argument("--cases", default="dynamic-range,static-range,dynamic-cooperative-sticky,static-cooperative-sticky",
+                   help="membership-assignor pairs to run, comma separated")
     p.add_argument("--out", default=None, help="write the JSON report here too")
     args = p.parse_args(argv)
     report: dict[str, Any] = {"rounds": []}
-    cases = [(False, "range"), (True, "range"), (False, "cooperative-sticky"), (True, "cooperative-sticky")]
+    cases = []
+    for case in (c.strip() for c in args.cases.split(",") if c.strip()):
+        membership, _, assignor = case.partition("-")
+        if membership not in ("dynamic", "static") or assignor not in ("range", "cooperative-sticky"):
+            p.error(f"--cases: {case!r} is not dynamic|static-range|cooperative-sticky")
+        cases.append((membership == "static", assignor))
     with EmbeddedBroker() as broker:
         n = 0
         for static, assignor in cases:
             for _ in range(args.rounds):
-                row = one_round(broker, n, args.tasks, args.task_s, static, assignor)
+                row = one_round(broker, n, args.tasks, args.task_s, static, assignor, args.session_timeout_ms)
                 report["rounds"].append(row)
                 # A round can take minutes: each is on stderr as it ends, in case the run is cut short.
                 print(json.dumps(row), file=sys.stderr, flush=True)

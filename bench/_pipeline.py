@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._floor import decode_cpu_s
-from bench._workers import CpuSampler, Worker, wait_ready
+from bench._workers import CpuSampler, Worker, proc_stat, wait_ready
 from bench.areas import REPO, area_options, tile_bytes, tile_index, tiles_for_bounds
 
 
@@ -165,23 +164,17 @@ def _after_first_task(workers, results, sampler: CpuSampler) -> dict[str, Any]:
     """
     warm_cpu, warm_chips, first_cpu = 0.0, 0, []
     for w in workers:
-        started, ended = [], {}
-        for ts, text in w.lines:
-            m = re.match(r"task (\S+) \(cell .*\) started", text)
-            if m:
-                started.append(m.group(1))
-            m = re.match(r"task (\S+) (?:ok|no_scenes|no_fields|failed): \d+ chips in", text)
-            if m:
-                ended.setdefault(m.group(1), ts)
+        started, ended = w.task_times()
+        order = list(started)  # in the order the worker started them
         samples = sampler.samples.get(w.n) or []
-        if not started or started[0] not in ended or len(samples) < 2:
+        if not order or order[0] not in ended or len(samples) < 2:
             continue
-        at_first_end = sampler.cpu_at(w.n, ended[started[0]])
+        at_first_end = sampler.cpu_at(w.n, ended[order[0]])
         if at_first_end is None:
             continue
         first_cpu.append(at_first_end - samples[0][1])
         warm_cpu += samples[-1][1] - at_first_end
-        warm_chips += sum(len(results[i][0].chips) for i in set(started[1:]) if i in results)
+        warm_chips += sum(len(results[i][0].chips) for i in order[1:] if i in results)
     return {"worker_cpu_s_per_chip_after_first_task": round(warm_cpu / warm_chips, 4) if warm_chips else None,
             "first_task_worker_cpu_s": [round(x, 3) for x in first_cpu]}
 
@@ -216,14 +209,8 @@ def _machine_busy() -> float:
 
 
 def _proc_stat(pid: int) -> tuple[float, float, int]:
-    """CPU seconds (user + system), of them the system's, and minor page faults of a live process so
-    far, from one read of /proc (zeros for a process that is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        tick = os.sysconf("SC_CLK_TCK")
-        return (int(fields[11]) + int(fields[12])) / tick, int(fields[12]) / tick, int(fields[7])
-    except (OSError, IndexError, ValueError):
-        return 0.0, 0.0, 0
+    """:func:`bench._workers.proc_stat`, zeros for a process that is gone."""
+    return proc_stat(pid) or (0.0, 0.0, 0)
 
 
 def _workers_stat(workers) -> tuple[float, float, int]:
@@ -254,13 +241,11 @@ def analyse_run(plan, results, published, workers, stats, url_to_local, server, 
     starts: dict[str, float] = {}
     noticed: dict[str, float] = {}
     for w in workers:
-        for ts, text in w.lines:
-            m = re.match(r"task (\S+) \(cell .*\) started", text)
-            if m:
-                starts.setdefault(m.group(1), ts)
-            m = re.match(r"task (\S+) (ok|no_scenes|no_fields|failed): \d+ chips in", text)
-            if m:
-                noticed.setdefault(m.group(1), ts)
+        started, ended = w.task_times()
+        for task_id, ts in started.items():
+            starts.setdefault(task_id, ts)
+        for task_id, ts in ended.items():
+            noticed.setdefault(task_id, ts)
     per_worker: dict[str, list[str]] = defaultdict(list)
     for task_id, (result, _) in results.items():
         per_worker[result.worker_id].append(task_id)

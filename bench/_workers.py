@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 from bench.areas import REPO
 
@@ -84,6 +85,34 @@ class Worker:
     def log(self) -> str:
         return "".join(self.raw)
 
+    _STARTED = re.compile(r"task (\S+) \(cell .*\) started")
+    _ENDED = re.compile(r"task (\S+) (?:ok|no_scenes|no_fields|failed): \d+ chips in")
+
+    def task_times(self) -> tuple[dict[str, float], dict[str, float]]:
+        """From the log: task id -> when this worker started it, and -> when it logged the task's end
+        (each the first time; the starts in the order they came)."""
+        started: dict[str, float] = {}
+        ended: dict[str, float] = {}
+        for ts, text in list(self.lines):
+            m = self._STARTED.match(text)
+            if m:
+                started.setdefault(m.group(1), ts)
+            m = self._ENDED.match(text)
+            if m:
+                ended.setdefault(m.group(1), ts)
+        return started, ended
+
+
+def proc_stat(pid: int) -> tuple[float, float, int] | None:
+    """CPU seconds (user + system), of them the system's, and minor page faults of a live process so
+    far, from one read of /proc; None for a process that is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        tick = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / tick, int(fields[12]) / tick, int(fields[7])
+    except (OSError, IndexError, ValueError):
+        return None
+
 
 class CpuSampler:
     """CPU seconds (user + system) of each worker process, sampled every ``interval_s`` in a thread, so that
@@ -113,13 +142,10 @@ class CpuSampler:
             self._sample()
 
     def _sample(self) -> None:
-        tick = os.sysconf("SC_CLK_TCK")
         for n, pid in self._pids.items():
-            try:
-                fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-                self.samples[n].append((time.time(), (int(fields[11]) + int(fields[12])) / tick))
-            except (OSError, IndexError, ValueError):
-                pass
+            stat = proc_stat(pid)
+            if stat is not None:
+                self.samples[n].append((time.time(), stat[0]))
 
     def cpu_at(self, n: int, when: float) -> float | None:
         """Worker ``n``'s CPU seconds at epoch time ``when`` (linear between the samples around it; None

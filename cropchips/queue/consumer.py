@@ -562,10 +562,11 @@ class Worker:
         """Poll for up to ``seconds`` with the partitions paused: keeps this member alive and lets
         rebalances happen.
 
-        kafka-python (3.0.12) completes a join only while a poll is waiting for it: a JoinGroup
-        answered while no poll waits is thrown away and sent again (a new round on the broker,
-        seconds each on Tansu). So a wait between polls is spent inside the poll (paused
-        partitions return nothing), not beside it.
+        kafka-python (3.0.12) runs a join round on its network thread but hands its assignment
+        over only inside a poll (and, unmended, threw away a round that ended between two polls:
+        see :func:`~cropchips.queue.kafka.collect_finished_joins`). So a wait between polls is
+        spent inside the poll (paused partitions return nothing), not beside it: the assignment
+        is taken the moment it comes.
         """
         consumer = self.consumer
         stray = consumer.poll(timeout_ms=int(seconds * 1000))

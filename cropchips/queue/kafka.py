@@ -219,7 +219,65 @@ def make_consumer(settings: KafkaSettings, *, group_id: str | None, wait: float 
         fetch_max_wait_ms=100,
     )
     config.update(overrides)
-    return connect(lambda **kw: KafkaConsumer(**config, **kw), settings, wait)
+    consumer = connect(lambda **kw: KafkaConsumer(**config, **kw), settings, wait)
+    if group_id is not None:
+        collect_finished_joins(consumer)
+    return consumer
+
+
+class _FinishedJoin:
+    """A join round that ended while no poll waited for it, shown as still under way.
+
+    kafka-python's ``join_group_async`` awaits its own pending join task, but starts a new one
+    when it finds it done: a JoinGroup/SyncGroup answered between two polls was thrown away
+    with its assignment. Shown as pending, the finished task is awaited (a done future calls
+    back at once) and its result taken as if the poll had waited for it.
+    """
+
+    is_done = False
+
+    def __init__(self, future: Any):
+        self._future = future
+
+    def add_callback(self, fn: Any, *args: Any, **kwargs: Any) -> "_FinishedJoin":
+        self._future.add_callback(fn, *args, **kwargs)
+        return self
+
+    def add_errback(self, fn: Any, *args: Any, **kwargs: Any) -> "_FinishedJoin":
+        self._future.add_errback(fn, *args, **kwargs)
+        return self
+
+    def __await__(self) -> Any:
+        return self._future.__await__()
+
+
+def collect_finished_joins(consumer: KafkaConsumer) -> bool:
+    """Keep a consumer from throwing away a join round that ended between two polls.
+
+    kafka-python 3.0.12 runs a group's JoinGroup and SyncGroup on its network thread, and a poll
+    that times out leaves the round running there; but the next poll, finding it done, sends
+    another JoinGroup instead of taking its assignment (``BaseCoordinator.join_group_async``).
+    On Tansu each extra round costs the member seconds with no partition, and in 3 of 43
+    ``bench.join`` rounds at a 3 s session timeout a member that rejoined so then held its
+    partitions without fetching from them until the others exited. Any worker that polls
+    with timeouts shorter than a rebalance meets it. Returns False (and changes nothing) for
+    a kafka-python without that code.
+    """
+    coordinator = getattr(consumer, "_coordinator", None)
+    original = getattr(coordinator, "join_group_async", None)
+    if original is None or not hasattr(coordinator, "_join_task"):
+        return False
+
+    async def join_group_async(timeout_ms: Any = None) -> Any:
+        task = coordinator._join_task
+        if task is not None and not isinstance(task, _FinishedJoin) and task.is_done:
+            # Done but still held: no poll took its result (a taken one is set to None).
+            log.debug("collecting a join round of group %s that ended between polls", coordinator.group_id)
+            coordinator._join_task = _FinishedJoin(task)
+        return await original(timeout_ms)
+
+    coordinator.join_group_async = join_group_async
+    return True
 
 
 def read_topic(settings: KafkaSettings, topic: str, *, idle_s: float = 1.0, timeout_s: float = 30.0) -> list[Any]:

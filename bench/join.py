@@ -2,6 +2,12 @@
 
     python -m bench.join                # 2 workers busy, a third joins; 3 rounds
     python -m bench.join --rounds 1 --tasks 40 --task-s 0.5
+    python -m bench.join --mend both    # each round also without the join mend, alternating
+
+``pause_s`` is the longest gap between a busy worker's tasks from the join on, ``join_pause_s`` the
+same up to the first worker's exit (a burst worker leaving at the end is a rebalance too, not the
+join's). ``--mend off`` runs the workers without :func:`cropchips.queue.kafka.collect_finished_joins`
+(kafka-python as it is), to measure what it changes.
 
 The workers are the real Kafka loop (:class:`cropchips.queue.consumer.Worker`) on the real broker
 (embedded Tansu), in threads of this process; only their task processor is a stand-in that
@@ -11,6 +17,8 @@ sleeps ``--task-s`` seconds, so the figures are the loop's and the broker's, not
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import statistics
 import sys
@@ -19,6 +27,7 @@ import time
 from typing import Any
 
 from cropchips.demo.broker import EmbeddedBroker
+from cropchips.queue import kafka as kafka_plumbing
 from cropchips.queue.kafka import KafkaSettings, ensure_topics, make_producer
 from cropchips.spec import DatasetSpec
 from cropchips.queue.messages import Cell, Result, Task, encode
@@ -42,8 +51,30 @@ class Sleeper:
                       status="no_fields", finished_at=utc_now())
 
 
+@contextlib.contextmanager
+def _join_mend(on: bool):
+    """The workers' consumers with (the product's default) or without the join mend."""
+    if on:
+        yield
+        return
+    mend = kafka_plumbing.collect_finished_joins
+    kafka_plumbing.collect_finished_joins = lambda consumer: False
+    try:
+        yield
+    finally:
+        kafka_plumbing.collect_finished_joins = mend
+
+
 def one_round(broker: EmbeddedBroker, n: int, tasks: int, task_s: float, static: bool, assignor: str,
-              session_timeout_ms: int = 10000) -> dict[str, Any]:
+              session_timeout_ms: int = 10000, mend: bool = True) -> dict[str, Any]:
+    with _join_mend(mend):
+        row = _one_round(broker, n, tasks, task_s, static, assignor, session_timeout_ms)
+    row["mend"] = mend
+    return row
+
+
+def _one_round(broker: EmbeddedBroker, n: int, tasks: int, task_s: float, static: bool, assignor: str,
+               session_timeout_ms: int) -> dict[str, Any]:
     kafka = KafkaSettings(broker.bootstrap_servers)
     names = {"tasks": f"join-tasks-{n}", "results": f"join-results-{n}", "dlq": f"join-dlq-{n}", "group": f"join-{n}"}
     ensure_topics(kafka, {names["tasks"]: 10, names["results"]: 1, names["dlq"]: 1})
@@ -62,29 +93,41 @@ def one_round(broker: EmbeddedBroker, n: int, tasks: int, task_s: float, static:
                                 assignor=assignor)
         return Worker(options, Sleeper(name, task_s, log))
 
+    exits: list[float] = []
+
+    def run(w: Worker) -> None:
+        try:
+            w.run()
+        finally:
+            exits.append(time.monotonic())
+
     first = [worker("w1"), worker("w2")]
-    threads = [threading.Thread(target=w.run, daemon=True) for w in first]
+    threads = [threading.Thread(target=run, args=(w,), daemon=True) for w in first]
     for t in threads:
         t.start()
     while len(log) < 6:  # both busy, a few tasks in
         time.sleep(0.05)
     joined_at = time.monotonic()
     late = worker("w3")
-    threads.append(threading.Thread(target=late.run, daemon=True))
+    threads.append(threading.Thread(target=run, args=(late,), daemon=True))
     threads[-1].start()
     for t in threads:
         t.join(timeout=600)
     runs: dict[str, int] = {}
     for _, task_id, _, _ in log:
         runs[task_id] = runs.get(task_id, 0) + 1
-    pauses = {}
+    first_exit = min(exits, default=float("inf"))
+    pauses, join_pauses = {}, {}
     for name in ("w1", "w2"):
         mine = sorted((s, e) for w, _, s, e in log if w == name)
-        # The longest gap between one task's end and the next start, from the join on.
-        gaps = [b[0] - a[1] for a, b in zip(mine, mine[1:]) if b[0] >= joined_at]
-        pauses[name] = round(max(gaps, default=0.0), 2)
+        # The longest gap between one task's end and the next start, from the join on (and up to
+        # the first worker's exit: the rebalance that exit makes is not the join's).
+        gaps = [(b[0] - a[1], b[0]) for a, b in zip(mine, mine[1:]) if b[0] >= joined_at]
+        pauses[name] = round(max((g for g, _ in gaps), default=0.0), 2)
+        join_pauses[name] = round(max((g for g, start in gaps if start <= first_exit), default=0.0), 2)
     newcomer = [s for w, _, s, _ in log if w == "w3"]
     return {"static": static, "assignor": assignor, "session_timeout_ms": session_timeout_ms, "pause_s": pauses,
+            "join_pause_s": join_pauses,
             "newcomer_first_task_s": round(min(newcomer) - joined_at, 2) if newcomer else None,
             "tasks_run_twice": sum(1 for c in runs.values() if c > 1), "tasks_never_run": tasks - len(runs),
             "handed_over": sum(w.summary.handed_over for w in first + [late]),
@@ -102,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the workers' session timeout (Tansu's rebalance takes about half of it)")
     p.add_argument("--cases", default="dynamic-range,static-range,dynamic-cooperative-sticky,static-cooperative-sticky",
                    help="membership-assignor pairs to run, comma separated")
+    p.add_argument("--mend", choices=("on", "off", "both"), default="on",
+                   help="the workers with the join mend (on, as in production), without it (off), or "
+                        "each round both ways, alternating (both)")
     p.add_argument("--out", default=None, help="write the JSON report here too")
     args = p.parse_args(argv)
     report: dict[str, Any] = {"rounds": []}
@@ -111,19 +157,27 @@ def main(argv: list[str] | None = None) -> int:
         if membership not in ("dynamic", "static") or assignor not in ("range", "cooperative-sticky"):
             p.error(f"--cases: {case!r} is not dynamic|static-range|cooperative-sticky")
         cases.append((membership == "static", assignor))
+    mends = {"on": (True,), "off": (False,), "both": (True, False)}[args.mend]
     with EmbeddedBroker() as broker:
         n = 0
         for static, assignor in cases:
             for _ in range(args.rounds):
-                row = one_round(broker, n, args.tasks, args.task_s, static, assignor, args.session_timeout_ms)
-                report["rounds"].append(row)
-                # A round can take minutes: each is on stderr as it ends, in case the run is cut short.
-                print(json.dumps(row), file=sys.stderr, flush=True)
-                n += 1
-    for static, assignor in cases:
-        rows = [r for r in report["rounds"] if r["static"] == static and r["assignor"] == assignor]
-        report[f"{'static' if static else 'dynamic'} {assignor}"] = {
+                for mend in mends:
+                    row = one_round(broker, n, args.tasks, args.task_s, static, assignor, args.session_timeout_ms,
+                                    mend)
+                    report["rounds"].append(row)
+                    # A round can take minutes: each is on stderr as it ends, in case the run is cut short.
+                    print(json.dumps(row), file=sys.stderr, flush=True)
+                    n += 1
+    for (static, assignor), mend in itertools.product(cases, mends):
+        rows = [r for r in report["rounds"]
+                if r["static"] == static and r["assignor"] == assignor and r["mend"] == mend]
+        report[f"{'static' if static else 'dynamic'} {assignor}{'' if mend else ' (no mend)'}"] = {
+            "rounds": len(rows),
             "median_pause_s": statistics.median(max(r["pause_s"].values()) for r in rows),
+            "median_join_pause_s": statistics.median(max(r["join_pause_s"].values()) for r in rows),
+            "max_join_pause_s": max(max(r["join_pause_s"].values()) for r in rows),
+            "rounds_with_tasks_never_run": sum(1 for r in rows if r["tasks_never_run"]),
             "tasks_run_twice": sum(r["tasks_run_twice"] for r in rows),
             "tasks_never_run": sum(r["tasks_never_run"] for r in rows),
             "median_newcomer_first_task_s": statistics.median(r["newcomer_first_task_s"] or 0.0 for r in rows)}

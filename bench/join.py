@@ -6,8 +6,9 @@
 
 ``pause_s`` is the longest gap between a busy worker's tasks from the join on, ``join_pause_s`` the
 same up to the first worker's exit (a burst worker leaving at the end is a rebalance too, not the
-join's). ``--mend off`` runs the workers without :func:`cropchips.queue.kafka.collect_finished_joins`
-(kafka-python as it is), to measure what it changes.
+join's). ``--mend off`` runs the workers without the mends of kafka-python in
+:mod:`cropchips.queue.kafka` (``collect_finished_joins``, ``hand_out_parked_records``): the library
+as it is, to measure what they change.
 
 The workers are the real Kafka loop (:class:`cropchips.queue.consumer.Worker`) on the real broker
 (embedded Tansu), in threads of this process; only their task processor is a stand-in that
@@ -51,23 +52,28 @@ class Sleeper:
                       status="no_fields", finished_at=utc_now())
 
 
+_MENDS = ("collect_finished_joins", "hand_out_parked_records")
+
+
 @contextlib.contextmanager
-def _join_mend(on: bool):
-    """The workers' consumers with (the product's default) or without the join mend."""
+def _kafka_mends(on: bool):
+    """The workers' consumers with (the product's default) or without the kafka-python mends."""
     if on:
         yield
         return
-    mend = kafka_plumbing.collect_finished_joins
-    kafka_plumbing.collect_finished_joins = lambda consumer: False
+    kept = {name: getattr(kafka_plumbing, name) for name in _MENDS}
+    for name in _MENDS:
+        setattr(kafka_plumbing, name, lambda consumer: False)
     try:
         yield
     finally:
-        kafka_plumbing.collect_finished_joins = mend
+        for name, mend in kept.items():
+            setattr(kafka_plumbing, name, mend)
 
 
 def one_round(broker: EmbeddedBroker, n: int, tasks: int, task_s: float, static: bool, assignor: str,
               session_timeout_ms: int = 10000, mend: bool = True) -> dict[str, Any]:
-    with _join_mend(mend):
+    with _kafka_mends(mend):
         row = _one_round(broker, n, tasks, task_s, static, assignor, session_timeout_ms)
     row["mend"] = mend
     return row
@@ -146,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", default="dynamic-range,static-range,dynamic-cooperative-sticky,static-cooperative-sticky",
                    help="membership-assignor pairs to run, comma separated")
     p.add_argument("--mend", choices=("on", "off", "both"), default="on",
-                   help="the workers with the join mend (on, as in production), without it (off), or "
+                   help="the workers with the kafka-python mends (on, as in production), without them (off), or "
                         "each round both ways, alternating (both)")
     p.add_argument("--out", default=None, help="write the JSON report here too")
     args = p.parse_args(argv)

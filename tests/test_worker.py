@@ -401,38 +401,3 @@ def test_a_worker_joining_while_another_runs_a_long_task_does_not_wait_for_it(br
         thread.join(timeout=60)
     assert not any(t.is_alive() for t in threads)
 
-
-def test_a_join_round_that_ends_between_two_polls_gives_its_assignment(broker, topics):
-    # kafka-python 3.0.12 runs JoinGroup/SyncGroup on its network thread; a poll that times
-    # out leaves the round running there, and the next poll, finding it done, sent a new
-    # JoinGroup instead of taking the assignment (a member then sat seconds with nothing, and
-    # on Tansu sometimes held its partitions without ever fetching from them).
-    from cropchips.queue.kafka import make_consumer
-
-    consumer = make_consumer(KafkaSettings(broker.bootstrap_servers), group_id=topics["group"],
-                             session_timeout_ms=6000, heartbeat_interval_ms=1000)
-    try:
-        consumer.subscribe([topics["tasks"]])
-        rounds: list = [None]
-        coordinator = consumer._coordinator
-        deadline = time.monotonic() + 30
-        while True:
-            # Zero-timeout polls until one has sent a JoinGroup, then none while the round runs.
-            while coordinator._join_task is None or coordinator._join_task is rounds[-1]:
-                assert consumer.poll(timeout_ms=0) == {}
-                assert time.monotonic() < deadline, "no join round started"
-                time.sleep(0.05)
-            rounds.append(coordinator._join_task)
-            while not rounds[-1].is_done:
-                assert time.monotonic() < deadline, "the join round never ended"
-                time.sleep(0.05)
-            if rounds[-1].exception is None:
-                break
-            # The broker's first answer asks for the member id it gives (KIP-394): a new round.
-            assert type(rounds[-1].exception).__name__ == "MemberIdRequiredError", rounds[-1].exception
-        assert consumer.assignment() == set()  # nobody has taken the round's result yet
-        consumer.poll(timeout_ms=0)  # no wait at all: only the finished round can assign
-        assert {tp.partition for tp in consumer.assignment()} == set(range(10))
-        assert coordinator._join_task is None and not coordinator.need_rejoin()
-    finally:
-        consumer.close()

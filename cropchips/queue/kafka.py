@@ -220,9 +220,39 @@ def make_consumer(settings: KafkaSettings, *, group_id: str | None, wait: float 
     )
     config.update(overrides)
     consumer = connect(lambda **kw: KafkaConsumer(**config, **kw), settings, wait)
+    hand_out_parked_records(consumer)
     if group_id is not None:
         collect_finished_joins(consumer)
     return consumer
+
+
+def hand_out_parked_records(consumer: KafkaConsumer) -> bool:
+    """Keep a consumer from starving a resumed partition whose fetched records were parked.
+
+    kafka-python 3.0.12 parks the records it fetched for a partition that is then paused, and
+    hands them out once it is resumed, but only if its in-line slot (``_next_partition_records``)
+    is ``None``. A slot whose records were all taken holds an empty, drained object instead,
+    and the parked partition is left out of every fetch while its records are parked: after
+    ``pause(A); resume(B)`` nothing of B ever comes again. The worker pauses and resumes
+    partitions around every task (:class:`~cropchips.queue.consumer._PartitionFocus`): in
+    ``bench.join`` a worker so held 13 tasks of its partitions unrun until it exited. An
+    empty slot is cleared before each fetch here; it has nothing to hand out. Returns False
+    (and changes nothing) for a kafka-python without that code.
+    """
+    fetcher = getattr(consumer, "_fetcher", None)
+    original = getattr(fetcher, "fetch_records", None)
+    if original is None or not hasattr(fetcher, "_next_partition_records") \
+            or not hasattr(fetcher, "_paused_partition_records"):
+        return False
+
+    def fetch_records(*args: Any, **kwargs: Any) -> Any:
+        slot = fetcher._next_partition_records
+        if slot is not None and not slot:  # drained: every record taken or dropped
+            fetcher._next_partition_records = None
+        return original(*args, **kwargs)
+
+    fetcher.fetch_records = fetch_records
+    return True
 
 
 class _FinishedJoin:

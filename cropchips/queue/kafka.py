@@ -300,8 +300,12 @@ def collect_finished_joins(consumer: KafkaConsumer) -> bool:
 
     async def join_group_async(timeout_ms: Any = None) -> Any:
         task = coordinator._join_task
-        if task is not None and not isinstance(task, _FinishedJoin) and task.is_done:
-            # Done but still held: no poll took its result (a taken one is set to None).
+        if task is not None and not isinstance(task, _FinishedJoin) and task.is_done \
+                and task.exception is None:
+            # Done but still held: no poll took its assignment (a taken round is set to None).
+            # A round that failed is left to kafka-python, which starts another, as it does
+            # after a failure it awaited (a timeout of the round itself would otherwise read
+            # as the poll's own and be awaited again and again).
             log.debug("collecting a join round of group %s that ended between polls", coordinator.group_id)
             coordinator._join_task = _FinishedJoin(task)
         return await original(timeout_ms)
